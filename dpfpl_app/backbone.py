@@ -1,0 +1,104 @@
+"""Loading a frozen CLIP (weights, tokenizer, image processor) and choosing its device.
+
+Every backbone goes through ``from_pretrained``: a hub id such as
+``openai/clip-vit-base-patch16`` and a local directory (including the project's own
+offline backbones, see ``backbone_build.py``) take exactly the same path.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer, CLIPModel, PreTrainedTokenizerBase
+from transformers.image_processing_utils import BaseImageProcessor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FrozenClip:
+    """A CLIP whose weights never change, with what is needed to feed it."""
+
+    model: CLIPModel
+    tokenizer: PreTrainedTokenizerBase
+    processor: BaseImageProcessor
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def text_width(self) -> int:
+        return int(self.model.config.text_config.hidden_size)
+
+    @property
+    def context_length(self) -> int:
+        return int(self.model.config.text_config.max_position_embeddings)
+
+
+def select_device(prefer: str = "auto") -> torch.device:
+    """CUDA when present (or asked for), CPU otherwise."""
+    if prefer == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(prefer)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={prefer!r} was requested but CUDA is not available")
+    return device
+
+
+def select_dtype(device: torch.device) -> torch.dtype:
+    """bfloat16 on a GPU that supports it (half the memory, same range), else float32.
+
+    Learned prompts and privacy arithmetic stay float32 whatever the encoder runs in.
+    """
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def resolve_model_source(name_or_path: str) -> str:
+    """Map a project backbone name to its cached directory; pass ids and paths through.
+
+    A string that looks like a filesystem path must exist: a missing local directory
+    would otherwise be sent to the hub as an id and fail with an unrelated message.
+    """
+    from dpfpl_app import backbone_build
+
+    if name_or_path in backbone_build.BACKBONES:
+        return str(backbone_build.ensure_backbone(name_or_path))
+    looks_local = name_or_path.startswith((".", "/", "~")) or Path(name_or_path).exists()
+    if looks_local:
+        path = Path(name_or_path).expanduser()
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(
+                f"model directory {str(path)!r} has no config.json; point `model` at a "
+                "directory written by save_pretrained, a hub id such as "
+                f"'openai/clip-vit-base-patch16', or one of {sorted(backbone_build.BACKBONES)}"
+            )
+        return str(path)
+    return name_or_path
+
+
+def load_frozen_clip(name_or_path: str, *, device: str = "auto") -> FrozenClip:
+    """Load a CLIP checkpoint with every weight frozen and in eval mode."""
+    from dpfpl_app import backbone_build
+
+    source = resolve_model_source(name_or_path)
+    dev = select_device(device)
+    dtype = select_dtype(dev)
+    try:
+        model = CLIPModel.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        processor = backbone_build.load_image_processor(source)
+    except OSError as err:
+        raise FileNotFoundError(
+            f"could not load CLIP {source!r}: {err}. Without internet, give a local "
+            "directory (save_pretrained of a CLIP checkpoint) or a project backbone name"
+        ) from err
+    model.requires_grad_(False)
+    model.eval()
+    model.to(dev)
+    logger.info("loaded frozen CLIP %s on %s (%s)", source, dev, dtype)
+    return FrozenClip(model, tokenizer, processor, source, dev, dtype)

@@ -1,0 +1,158 @@
+"""The run configuration: one validated pydantic model read once at each entry point.
+
+Flower passes ``[tool.flwr.app.config]`` (plus ``--run-config`` overrides) as a flat dict
+of kebab-case keys with int/float/bool/str values. ``RunConfig.from_flower`` turns it
+into a typed, frozen object or stops with one message that names every bad key, its
+value and what is allowed, so nothing runs half-configured.
+"""
+
+from __future__ import annotations
+
+import warnings
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class Method(str, Enum):
+    """Prompt structures; all are configurations of one prompt learner."""
+
+    DPFPL = "dpfpl"  # global + low-rank carriers + residual (the paper's method)
+    DPLORA = "dplora"  # as dpfpl without the residual
+    FEDPGP = "fedpgp"  # global + u v learned directly (no re-factorisation)
+    FEDOTP = "fedotp"  # global + full-rank local prompt
+    PROMPTFL = "promptfl"  # global prompt only
+    LOCAL = "local"  # local CoOp prompt only, nothing shared
+    ZEROSHOT = "zeroshot"  # hand-written template, nothing trained
+
+    @property
+    def has_global(self) -> bool:
+        return self in {Method.DPFPL, Method.DPLORA, Method.FEDPGP, Method.FEDOTP, Method.PROMPTFL}
+
+    @property
+    def has_local(self) -> bool:
+        return self in {Method.DPFPL, Method.DPLORA, Method.FEDPGP, Method.FEDOTP, Method.LOCAL}
+
+    @property
+    def low_rank(self) -> bool:
+        return self in {Method.DPFPL, Method.DPLORA, Method.FEDPGP}
+
+
+class DPMode(str, Enum):
+    """How gradients are clipped and how the noise is chosen."""
+
+    OFF = "off"
+    PAPER = "paper"  # batch-mean clipping + the paper's sigma: no formal guarantee
+    PER_SAMPLE = "per-sample"  # per-sample clipping + accountant-calibrated noise
+
+
+class Accountant(str, Enum):
+    RDP = "rdp"
+    PRV = "prv"
+
+
+class Partitioner(str, Enum):
+    PATHOLOGICAL = "pathological"
+    DIRICHLET = "dirichlet"
+    IID = "iid"
+
+
+_ALIAS = {"alias_generator": lambda name: name.replace("_", "-"), "populate_by_name": True}
+
+
+class RunConfig(BaseModel):
+    """Every hyperparameter of a run; keys are the kebab-case names of the fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, **_ALIAS)  # type: ignore[typeddict-item]
+
+    method: Method = Method.DPFPL
+    rank: int = Field(8, ge=1, description="rank r of the local carriers u (n_ctx x r), v")
+    n_ctx: int = Field(16, ge=1, le=60, description="number of learned context vectors")
+    init_std: float = Field(0.02, gt=0, description="std of the N(0, s^2) prompt init")
+    zeroshot_template: str = Field("a photo of a", description="context words for zeroshot")
+    num_server_rounds: int = Field(30, ge=1, le=100_000)
+    local_steps: int = Field(1, ge=1, le=10_000, description="local iterations per round")
+    batch_size: int = Field(32, ge=1, description="(expected) minibatch size B")
+    lr_local: float = Field(0.5, gt=0, description="SGD learning rate of the local prompt")
+    lr_global: float = Field(0.5, gt=0, description="server learning rate of the global prompt")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    dp_mode: DPMode = DPMode.PER_SAMPLE
+    epsilon_local: float = Field(4.0, gt=0, description="target epsilon, local channel")
+    epsilon_global: float = Field(4.0, gt=0, description="target epsilon, global channel")
+    delta: float = Field(1e-5, gt=0, lt=1)
+    clip_norm: float = Field(10.0, gt=0, description="per-sample (or batch) L2 clip C_th")
+    accountant: Accountant = Accountant.RDP
+    model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")
+    dataset: str = Field("digits", min_length=1)
+    partitioner: Partitioner = Partitioner.PATHOLOGICAL
+    dirichlet_alpha: float = Field(0.3, gt=0)
+    test_fraction: float = Field(0.3, gt=0, lt=1, description="share of each class for test")
+    feature_views: int = Field(0, ge=0, le=64, description="augmented views per train image")
+    seed: int = Field(0, ge=0, description="data split, partition and prompt init seed")
+    reproducible_noise: bool = Field(
+        False, description="derive DP noise from seed (tests, sweeps); else OS entropy"
+    )
+    min_nodes: int = Field(2, ge=1, description="nodes the server waits for each round")
+    fraction_train: float = Field(1.0, gt=0, le=1)
+    fraction_evaluate: float = Field(1.0, gt=0, le=1)
+    node_wait_timeout: float = Field(120.0, gt=0, description="seconds to wait for min-nodes")
+    output_dir: str = Field("runs", min_length=1)
+    run_name: str = Field("", description="subdirectory of output-dir; empty = generated")
+    state_dir: str = Field("", description="node-local dir for private state; empty = cache")
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> RunConfig:
+        if self.method.low_rank and self.rank > self.n_ctx:
+            raise ValueError(
+                f"rank={self.rank} exceeds n-ctx={self.n_ctx}; the carriers u (n_ctx x r) "
+                f"need rank <= min(n-ctx, embedding width): lower rank or raise n-ctx"
+            )
+        if self.dp_mode is DPMode.PAPER:
+            warnings.warn(
+                "dp-mode='paper' clips minibatch means, not samples: its epsilon is the "
+                "paper's nominal figure, not a formal sample-level guarantee",
+                stacklevel=2,
+            )
+        if self.reproducible_noise and self.dp_mode is not DPMode.OFF:
+            warnings.warn(
+                "reproducible-noise=true derives the DP noise from the public seed: anyone "
+                "who knows the seed can subtract it. Use it for experiments, never deployment",
+                stacklevel=2,
+            )
+        return self
+
+    @property
+    def dp_on(self) -> bool:
+        return self.dp_mode is not DPMode.OFF and self.method is not Method.ZEROSHOT
+
+    @classmethod
+    def from_flower(cls, run_config: dict[str, Any]) -> RunConfig:
+        """Validate Flower's run config, raising one readable error for all bad keys."""
+        try:
+            return cls.model_validate(dict(run_config))
+        except ValidationError as err:
+            raise ConfigError(_describe(err)) from None
+
+    def to_flower(self) -> dict[str, int | float | bool | str]:
+        """Flat kebab-case dict in the value types Flower's run config accepts."""
+        return {k: (v.value if isinstance(v, Enum) else v) for k, v in self.model_dump(by_alias=True).items()}
+
+
+class ConfigError(ValueError):
+    """A run-config value is invalid; the message names the key and what is allowed."""
+
+
+def _describe(err: ValidationError) -> str:
+    lines = ["invalid run config:"]
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(whole config)"
+        if e["type"] == "extra_forbidden":
+            known = ", ".join(sorted(RunConfig.model_fields[f].alias or f for f in RunConfig.model_fields))
+            lines.append(f"  {key}: unknown key; known keys: {known}")
+            continue
+        value = e.get("input")
+        lines.append(f"  {key}={value!r}: {e['msg']}")
+    lines.append("fix the values in pyproject.toml [tool.flwr.app.config] or --run-config")
+    return "\n".join(lines)

@@ -1,0 +1,109 @@
+"""The data a federated run trains and tests on, and one client's view of it.
+
+The offline datasets contribute only their federated pool (images the offline backbone
+never saw in pretraining); that pool is split per class into train and test with the
+run's seed, then partitioned across clients (``partition.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dpfpl_app.backbone import FrozenClip
+from dpfpl_app.config import RunConfig
+from dpfpl_app.features import FeatureCache
+from dpfpl_app.offline_data import DATASETS, LabelledImages, federated_pool
+from dpfpl_app.partition import ClientPartition, client_partitions
+
+
+@dataclass(frozen=True)
+class FederatedData:
+    train: LabelledImages
+    test: LabelledImages
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.train.class_names
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """Features of one client's images; only its own train data is ever trained on."""
+
+    train_features: Tensor  # (V, n, e): view 0 clean, 1..K augmented
+    train_labels: Tensor  # (n,)
+    local_features: Tensor  # (m, e) own-class test images
+    local_labels: Tensor
+    neighbour_features: Tensor  # (k, e) test images of the classes it lacks
+    neighbour_labels: Tensor
+    classes: tuple[int, ...]
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train_labels.numel())
+
+
+def stratified_split(labels: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-class train/test split; every class keeps at least one image on each side."""
+    rng = np.random.default_rng(seed)
+    train, test = [], []
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        n_test = min(len(members) - 1, max(1, round(test_fraction * len(members))))
+        test.append(members[:n_test])
+        train.append(members[n_test:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
+
+
+@lru_cache(maxsize=4)
+def load_federated_data(name: str, *, test_fraction: float, seed: int) -> FederatedData:
+    """Train and test pools of a dataset known to the project."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
+    pool = federated_pool(name)
+    train_idx, test_idx = stratified_split(pool.labels, test_fraction=test_fraction, seed=seed)
+    return FederatedData(pool.subset(train_idx), pool.subset(test_idx))
+
+
+def partitions_for(cfg: RunConfig, data: FederatedData, num_partitions: int) -> list[ClientPartition]:
+    return client_partitions(
+        data.train.labels, data.test.labels, num_partitions,
+        kind=cfg.partitioner, seed=cfg.seed, dirichlet_alpha=cfg.dirichlet_alpha,
+    )
+
+
+def client_data(
+    cfg: RunConfig,
+    clip: FrozenClip,
+    cache: FeatureCache,
+    *,
+    partition_id: int,
+    num_partitions: int,
+) -> ClientData:
+    """Features and labels of one client's train, local-test and neighbour-test images."""
+    if not 0 <= partition_id < num_partitions:
+        raise ValueError(
+            f"partition-id={partition_id} is outside [0, num-partitions={num_partitions}): "
+            "check the SuperNode's --node-config"
+        )
+    data = load_federated_data(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    part = partitions_for(cfg, data, num_partitions)[partition_id]
+    train = data.train.subset(part.train)
+    train_feats = cache.features(clip, train.images, views=cfg.feature_views, seed=cfg.seed)
+    # the test pool is encoded once and shared by every client on the node
+    test_feats = cache.features(clip, data.test.images, views=0, seed=cfg.seed)[0]
+    test_labels = torch.from_numpy(data.test.labels)
+    return ClientData(
+        train_features=train_feats,
+        train_labels=torch.from_numpy(train.labels),
+        local_features=test_feats[part.local_test],
+        local_labels=test_labels[part.local_test],
+        neighbour_features=test_feats[part.neighbour_test],
+        neighbour_labels=test_labels[part.neighbour_test],
+        classes=tuple(int(c) for c in part.classes),
+    )

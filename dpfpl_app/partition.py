@@ -1,0 +1,136 @@
+"""Who holds which images: the paper's pathological split, Dirichlet label skew, IID.
+
+Every function returns index arrays into the train (and test) pools, is deterministic
+for a seed, never truncates a client to the smallest client's size (a defect of the
+public code: whole classes vanished), and refuses a configuration that would leave a
+client empty. Dirichlet and IID use flwr-datasets' partitioners on the label column.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dpfpl_app.config import Partitioner
+
+
+@dataclass(frozen=True)
+class ClientPartition:
+    """One client's share: its train images, its own test images, and its neighbours'."""
+
+    train: np.ndarray  # indices into the train pool
+    local_test: np.ndarray  # indices into the test pool: the client's own test data
+    neighbour_test: np.ndarray  # test images of classes this client does not hold
+    classes: np.ndarray  # the classes present in this client's training data
+
+
+def pathological_classes(num_classes: int, num_clients: int, *, seed: int) -> list[np.ndarray]:
+    """Shuffle classes with the seed; round(C/N) each, the remainder to the last client."""
+    if num_clients < 1:
+        raise ValueError(f"num-partitions must be >= 1, got {num_clients}")
+    per_client = round(num_classes / num_clients)
+    if per_client < 1 or per_client * (num_clients - 1) >= num_classes:
+        raise ValueError(
+            f"the pathological split of {num_classes} classes over {num_clients} clients "
+            f"gives round(C/N)={per_client} classes each and leaves a client without "
+            f"classes: use at most {num_classes} clients (fewer if C/N rounds up), or the "
+            "dirichlet/iid partitioner"
+        )
+    order = np.random.default_rng(seed).permutation(num_classes)
+    groups = [order[i * per_client : (i + 1) * per_client] for i in range(num_clients - 1)]
+    groups.append(order[(num_clients - 1) * per_client :])
+    return [np.sort(g) for g in groups]
+
+
+def _flwr_partition(labels: np.ndarray, partitioner: object) -> list[np.ndarray]:
+    from datasets import Dataset
+
+    table = Dataset.from_dict({"label": labels.tolist(), "index": list(range(len(labels)))})
+    partitioner.dataset = table  # type: ignore[attr-defined]
+    n = partitioner.num_partitions  # type: ignore[attr-defined]
+    return [
+        np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))  # type: ignore[attr-defined]
+        for i in range(n)
+    ]
+
+
+def partition_train(
+    labels: np.ndarray,
+    num_clients: int,
+    *,
+    kind: Partitioner,
+    seed: int,
+    dirichlet_alpha: float = 0.3,
+) -> list[np.ndarray]:
+    """Train-pool indices of every client."""
+    if kind is Partitioner.PATHOLOGICAL:
+        groups = pathological_classes(int(labels.max()) + 1, num_clients, seed=seed)
+        return [np.flatnonzero(np.isin(labels, g)) for g in groups]
+    from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
+
+    if kind is Partitioner.IID:
+        parts = _flwr_partition(labels, IidPartitioner(num_partitions=num_clients))
+    else:
+        parts = _flwr_partition(
+            labels,
+            DirichletPartitioner(
+                num_partitions=num_clients, partition_by="label", alpha=dirichlet_alpha,
+                min_partition_size=1, self_balancing=False, seed=seed,
+            ),
+        )
+    empty = [i for i, p in enumerate(parts) if len(p) == 0]
+    if empty:
+        raise ValueError(f"partitions {empty} are empty: use fewer clients or a larger dataset")
+    return parts
+
+
+def partition_test(
+    train_labels: np.ndarray,
+    train_parts: list[np.ndarray],
+    test_labels: np.ndarray,
+    *,
+    seed: int,
+) -> list[np.ndarray]:
+    """Split the test pool so each client's test data follows its training class mix.
+
+    Each test image of class c goes to client i with probability proportional to the
+    share of class c's training images that client i holds. For the pathological split
+    (every class held by one client) this is exactly "the test set split by the same
+    classes"; for Dirichlet it gives each client test data with its own label skew.
+    """
+    num_classes = int(max(train_labels.max(), test_labels.max())) + 1
+    counts = np.zeros((len(train_parts), num_classes))
+    for i, part in enumerate(train_parts):
+        counts[i] = np.bincount(train_labels[part], minlength=num_classes)
+    rng = np.random.default_rng(seed + 1)
+    owner = np.full(len(test_labels), -1, dtype=np.int64)
+    for c in range(num_classes):
+        members = np.flatnonzero(test_labels == c)
+        total = counts[:, c].sum()
+        if total == 0 or len(members) == 0:
+            continue  # a class nobody trains on is nobody's local test data
+        owner[members] = rng.choice(len(train_parts), size=len(members), p=counts[:, c] / total)
+    return [np.flatnonzero(owner == i) for i in range(len(train_parts))]
+
+
+def client_partitions(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_clients: int,
+    *,
+    kind: Partitioner,
+    seed: int,
+    dirichlet_alpha: float = 0.3,
+) -> list[ClientPartition]:
+    """All clients' partitions; neighbour data = test images of classes a client lacks."""
+    train_parts = partition_train(
+        train_labels, num_clients, kind=kind, seed=seed, dirichlet_alpha=dirichlet_alpha
+    )
+    test_parts = partition_test(train_labels, train_parts, test_labels, seed=seed)
+    result = []
+    for train, local in zip(train_parts, test_parts):
+        classes = np.unique(train_labels[train])
+        neighbour = np.flatnonzero(~np.isin(test_labels, classes))
+        result.append(ClientPartition(train, local, neighbour, classes))
+    return result

@@ -1,0 +1,311 @@
+"""The message protocol between the DP-FPL ServerApp and ClientApp, in one place.
+
+Every record name, array key and metric key that crosses the network is defined here,
+and so are the builders that put them into a ``RecordDict`` and the parsers that take
+them out again. The parsers are the server's trust boundary: a reply that does not
+match the protocol exactly is refused with an :class:`InvalidReply` that says why, so
+the strategy can log the node and the reason and carry on without it.
+
+Protocol (all tensors float32, ``n_ctx x d``)::
+
+    server -> client, train / evaluate
+        "arrays":  ArrayRecord {"global-prompt"}
+        "config":  ConfigRecord {"server-round": int, ...}
+    client -> server, train
+        "arrays":  ArrayRecord {"global-prompt-grad"}
+        "metrics": MetricRecord {"num-examples", "train-loss", "sample-rate", "eps-local", ...}
+    client -> server, evaluate
+        "metrics": MetricRecord {"num-examples", "local-acc", "neighbour-acc",
+                                 "local-examples", "neighbour-examples", ...}
+
+Why so strict: the private local prompt must never leave a client. A reply with any
+array key other than the global-prompt gradient, any record other than the two above,
+or a list-valued metric (a list can carry a whole tensor) is refused, so that a client
+bug that leaks it fails loudly instead of silently being averaged.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+# --- record names -------------------------------------------------------------------
+ARRAYS_RECORD = "arrays"
+CONFIG_RECORD = "config"
+METRICS_RECORD = "metrics"
+
+# --- array keys ---------------------------------------------------------------------
+GLOBAL_PROMPT = "global-prompt"
+GLOBAL_PROMPT_GRAD = "global-prompt-grad"
+PROMPT_DTYPE = torch.float32
+
+# --- config keys (server -> client) -------------------------------------------------
+SERVER_ROUND = "server-round"
+
+# --- metric keys (client -> server) ---------------------------------------------------
+NUM_EXAMPLES = "num-examples"
+TRAIN_LOSS = "train-loss"
+SAMPLE_RATE = "sample-rate"
+EPS_LOCAL = "eps-local"
+LOCAL_ACC = "local-acc"
+NEIGHBOUR_ACC = "neighbour-acc"
+LOCAL_EXAMPLES = "local-examples"
+NEIGHBOUR_EXAMPLES = "neighbour-examples"
+
+# --- round metric keys (strategy -> ServerApp / results) -----------------------------
+EPS_GLOBAL = "eps-global"
+ACCEPTED = "accepted"
+REJECTED = "rejected"
+SERVER_CLIPPED = "server-clipped"
+BYTES_RECEIVED = "bytes-received"
+NOISE_STD = "noise-std"
+NOISE_MULTIPLIER = "noise-multiplier"
+GRAD_NORM = "grad-norm"
+LOCAL_ACC_WEIGHTED = "local-acc-weighted"
+NEIGHBOUR_ACC_WEIGHTED = "neighbour-acc-weighted"
+EVAL_ACCEPTED = "eval-accepted"
+EVAL_REJECTED = "eval-rejected"
+
+
+class InvalidReply(ValueError):
+    """A client reply the server must not use; the message is the reason, for the log."""
+
+
+@dataclass(frozen=True)
+class TrainReply:
+    """A train reply that passed every protocol check."""
+
+    node_id: int
+    grad: torch.Tensor
+    num_examples: int
+    sample_rate: float
+    train_loss: float
+    eps_local: float
+
+
+@dataclass(frozen=True)
+class EvaluateReply:
+    """An evaluate reply that passed every protocol check."""
+
+    node_id: int
+    num_examples: int
+    local_acc: float
+    neighbour_acc: float
+    local_examples: int
+    neighbour_examples: int
+
+
+# --- builders -----------------------------------------------------------------------
+def global_prompt_record(prompt: torch.Tensor) -> ArrayRecord:
+    """Build the ArrayRecord the server broadcasts: the global prompt and nothing else."""
+    return ArrayRecord({GLOBAL_PROMPT: Array(prompt.detach().to(PROMPT_DTYPE).contiguous())})
+
+
+def read_global_prompt(arrays: ArrayRecord) -> torch.Tensor:
+    """Read the global prompt out of a broadcast ArrayRecord (client side, or a Result).
+
+    Raises
+    ------
+    ValueError
+        If the record holds anything but one 2-D float32 ``global-prompt``.
+    """
+    if set(arrays.keys()) != {GLOBAL_PROMPT}:
+        raise ValueError(
+            f"expected exactly the array key '{GLOBAL_PROMPT}', got {sorted(arrays.keys())}"
+        )
+    prompt = torch.from_numpy(np.array(arrays[GLOBAL_PROMPT].numpy(), copy=True))
+    if prompt.dim() != 2 or prompt.dtype != PROMPT_DTYPE:
+        raise ValueError(
+            f"'{GLOBAL_PROMPT}' must be a 2-D {PROMPT_DTYPE} tensor, "
+            f"got shape {tuple(prompt.shape)} dtype {prompt.dtype}"
+        )
+    return prompt
+
+
+def train_reply_content(
+    *,
+    grad: torch.Tensor,
+    num_examples: int,
+    train_loss: float,
+    sample_rate: float,
+    eps_local: float,
+) -> RecordDict:
+    """Build a client's train reply content, exactly as the server expects it."""
+    return RecordDict(
+        {
+            ARRAYS_RECORD: ArrayRecord(
+                {GLOBAL_PROMPT_GRAD: Array(grad.detach().to(PROMPT_DTYPE).contiguous())}
+            ),
+            METRICS_RECORD: MetricRecord(
+                {
+                    NUM_EXAMPLES: int(num_examples),
+                    TRAIN_LOSS: float(train_loss),
+                    SAMPLE_RATE: float(sample_rate),
+                    EPS_LOCAL: float(eps_local),
+                }
+            ),
+        }
+    )
+
+
+def evaluate_reply_content(
+    *, local_acc: float, neighbour_acc: float, local_examples: int, neighbour_examples: int
+) -> RecordDict:
+    """Build a client's evaluate reply content (metrics only: no arrays leave)."""
+    return RecordDict(
+        {
+            METRICS_RECORD: MetricRecord(
+                {
+                    NUM_EXAMPLES: int(local_examples + neighbour_examples),
+                    LOCAL_ACC: float(local_acc),
+                    NEIGHBOUR_ACC: float(neighbour_acc),
+                    LOCAL_EXAMPLES: int(local_examples),
+                    NEIGHBOUR_EXAMPLES: int(neighbour_examples),
+                }
+            )
+        }
+    )
+
+
+# --- parsers (the server's trust boundary) -------------------------------------------
+def reply_array_bytes(msg: Message) -> int:
+    """Bytes of all ArrayRecords in a reply (0 for an error reply)."""
+    if msg.has_error():
+        return 0
+    return sum(record.count_bytes() for record in msg.content.array_records.values())
+
+
+def validate_grad_reply(
+    reply_arrays: ArrayRecord, expected_shape: tuple[int, ...], expected_dtype: torch.dtype
+) -> torch.Tensor:
+    """Return the global-prompt gradient of a reply's ArrayRecord, or raise InvalidReply.
+
+    The array is decoded (numpy, never pickle) and its actual shape and dtype are
+    checked, not the metadata the client declared, so a reply cannot lie about them.
+    """
+    keys = set(reply_arrays.keys())
+    if GLOBAL_PROMPT_GRAD not in keys:
+        raise InvalidReply(f"missing array '{GLOBAL_PROMPT_GRAD}' (got {sorted(keys)})")
+    if keys != {GLOBAL_PROMPT_GRAD}:
+        raise InvalidReply(
+            f"unexpected array keys {sorted(keys - {GLOBAL_PROMPT_GRAD})}: only "
+            f"'{GLOBAL_PROMPT_GRAD}' may leave a client (a private prompt must not)"
+        )
+    try:
+        array = reply_arrays[GLOBAL_PROMPT_GRAD].numpy()
+    except (TypeError, ValueError, OSError, EOFError) as err:
+        raise InvalidReply(f"'{GLOBAL_PROMPT_GRAD}' cannot be decoded: {err}") from err
+    expected_np = torch.empty(0, dtype=expected_dtype).numpy().dtype
+    if array.dtype != expected_np:
+        raise InvalidReply(
+            f"'{GLOBAL_PROMPT_GRAD}' has dtype {array.dtype}, expected {expected_np}"
+        )
+    if tuple(array.shape) != tuple(expected_shape):
+        raise InvalidReply(
+            f"'{GLOBAL_PROMPT_GRAD}' has shape {tuple(array.shape)}, "
+            f"expected {tuple(expected_shape)}"
+        )
+    if not np.isfinite(array).all():
+        raise InvalidReply(f"'{GLOBAL_PROMPT_GRAD}' contains NaN or Inf")
+    return torch.from_numpy(np.array(array, copy=True))
+
+
+def parse_train_reply(
+    msg: Message, *, expected_shape: tuple[int, ...], expected_dtype: torch.dtype
+) -> TrainReply:
+    """Check a train reply against the protocol; :class:`InvalidReply` says why not."""
+    _check_no_error(msg)
+    _check_records(msg.content, arrays=True)
+    grad = validate_grad_reply(
+        msg.content.array_records[ARRAYS_RECORD], expected_shape, expected_dtype
+    )
+    metrics = msg.content.metric_records[METRICS_RECORD]
+    _check_scalar_metrics(metrics)
+    return TrainReply(
+        node_id=msg.metadata.src_node_id,
+        grad=grad,
+        num_examples=_int_metric(metrics, NUM_EXAMPLES, minimum=1),
+        sample_rate=_float_metric(metrics, SAMPLE_RATE, low=0.0, high=1.0, open_low=True),
+        train_loss=_float_metric(metrics, TRAIN_LOSS, low=-math.inf, high=math.inf),
+        # Infinite eps-local is legal: it is what a client without local DP reports.
+        eps_local=_float_metric(metrics, EPS_LOCAL, low=0.0, high=math.inf, allow_inf=True),
+    )
+
+
+def parse_evaluate_reply(msg: Message) -> EvaluateReply:
+    """Check an evaluate reply against the protocol; :class:`InvalidReply` says why not."""
+    _check_no_error(msg)
+    _check_records(msg.content, arrays=False)
+    metrics = msg.content.metric_records[METRICS_RECORD]
+    _check_scalar_metrics(metrics)
+    return EvaluateReply(
+        node_id=msg.metadata.src_node_id,
+        num_examples=_int_metric(metrics, NUM_EXAMPLES, minimum=0),
+        local_acc=_float_metric(metrics, LOCAL_ACC, low=0.0, high=1.0),
+        neighbour_acc=_float_metric(metrics, NEIGHBOUR_ACC, low=0.0, high=1.0),
+        local_examples=_int_metric(metrics, LOCAL_EXAMPLES, minimum=0),
+        neighbour_examples=_int_metric(metrics, NEIGHBOUR_EXAMPLES, minimum=0),
+    )
+
+
+def _check_no_error(msg: Message) -> None:
+    if msg.has_error():
+        raise InvalidReply(f"error reply (code {msg.error.code}): {msg.error.reason}")
+    if not msg.has_content():
+        raise InvalidReply("reply has neither content nor error")
+
+
+def _check_records(content: RecordDict, *, arrays: bool) -> None:
+    """Exactly the records of the protocol: nothing more can smuggle data out."""
+    expected = {ARRAYS_RECORD, METRICS_RECORD} if arrays else {METRICS_RECORD}
+    got = set(content.keys())
+    if got - expected:
+        raise InvalidReply(
+            f"unexpected records {sorted(got - expected)} (expected {sorted(expected)})"
+        )
+    if arrays and set(content.array_records.keys()) != {ARRAYS_RECORD}:
+        raise InvalidReply(f"expected one ArrayRecord '{ARRAYS_RECORD}', got {sorted(got)}")
+    if set(content.metric_records.keys()) != {METRICS_RECORD}:
+        raise InvalidReply(f"expected one MetricRecord '{METRICS_RECORD}', got {sorted(got)}")
+
+
+def _check_scalar_metrics(metrics: MetricRecord) -> None:
+    lists = sorted(key for key, value in metrics.items() if isinstance(value, list))
+    if lists:
+        raise InvalidReply(f"list-valued metrics {lists}: every metric must be a scalar")
+
+
+def _int_metric(metrics: MetricRecord, key: str, *, minimum: int) -> int:
+    if key not in metrics:
+        raise InvalidReply(f"missing metric '{key}'")
+    value = metrics[key]
+    if not isinstance(value, int) or value < minimum:
+        raise InvalidReply(f"metric '{key}' must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _float_metric(
+    metrics: MetricRecord,
+    key: str,
+    *,
+    low: float,
+    high: float,
+    open_low: bool = False,
+    allow_inf: bool = False,
+) -> float:
+    if key not in metrics:
+        raise InvalidReply(f"missing metric '{key}'")
+    value = metrics[key]
+    if not isinstance(value, int | float) or math.isnan(value):
+        raise InvalidReply(f"metric '{key}' must be a number, got {value!r}")
+    value = float(value)
+    finite_ok = allow_inf or math.isfinite(value)
+    in_range = (low < value if open_low else low <= value) and value <= high
+    if not (finite_ok and in_range):
+        bracket = "(" if open_low else "["
+        raise InvalidReply(f"metric '{key}' must be in {bracket}{low}, {high}], got {value!r}")
+    return value

@@ -1,0 +1,578 @@
+"""DPFPLStrategy: aggregation, refusals, noise, accounting, node waiting, checkpoints."""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from flower_harness import InProcessGrid, make_reply
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
+from flwr.clientapp import ClientApp
+from opacus.accountants import RDPAccountant
+
+from dpfpl_app import strategy as strategy_module
+from dpfpl_app import wire
+from dpfpl_app.accounting import RDP_ORDERS, AccountantKind
+from dpfpl_app.strategy import DPFPLStrategy, DPMode, GlobalNoise
+
+SHAPE = (4, 8)
+LR = 0.5
+CLIP = 1.0
+BATCH = 4
+GOOD_A, GOOD_B, BAD = 1_000_011, 1_000_012, 1_000_099
+
+
+def _prompt(shape: tuple[int, int] = SHAPE) -> torch.Tensor:
+    return torch.linspace(-1.0, 1.0, shape[0] * shape[1]).reshape(shape)
+
+
+def _grad(scale: float, shape: tuple[int, int] = SHAPE) -> torch.Tensor:
+    """A gradient of norm ``scale`` (below CLIP for scale < 1)."""
+    g = torch.arange(1.0, 1.0 + shape[0] * shape[1]).reshape(shape)
+    return g / g.norm() * scale
+
+
+def _strategy(**overrides: object) -> DPFPLStrategy:
+    kwargs: dict[str, object] = {
+        "initial_prompt": _prompt(),
+        "server_lr": LR,
+        "clip_norm": CLIP,
+        "batch_size": BATCH,
+        "noise": GlobalNoise.off(),
+        "min_nodes": 1,
+        "node_wait_timeout": 1.0,
+        "seed": 0,
+    }
+    kwargs.update(overrides)
+    return DPFPLStrategy(**kwargs)  # type: ignore[arg-type]
+
+
+def _train_content(grad: torch.Tensor, **metrics: float) -> RecordDict:
+    values = {"num_examples": 10, "train_loss": 1.0, "sample_rate": 0.1, "eps_local": 2.0}
+    values.update(metrics)
+    return wire.train_reply_content(grad=grad, **values)  # type: ignore[arg-type]
+
+
+def _reply(node: int, grad: torch.Tensor, **metrics: float) -> Message:
+    return make_reply(_train_content(grad, **metrics), src_node_id=node)
+
+
+def _prompt_of(arrays: ArrayRecord | None) -> torch.Tensor:
+    assert arrays is not None
+    return wire.read_global_prompt(arrays)
+
+
+# --- aggregation ------------------------------------------------------------------------
+def test_aggregate_is_prompt_minus_lr_times_mean_with_noise_off() -> None:
+    # Prepare
+    g_a, g_b = _grad(0.3), -_grad(0.8).flip(0)
+    strategy = _strategy()
+
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, [_reply(GOOD_A, g_a), _reply(GOOD_B, g_b)])
+
+    # Assert
+    expected = _prompt() - LR * (g_a + g_b) / 2
+    torch.testing.assert_close(_prompt_of(arrays), expected, rtol=0, atol=1e-7)
+    assert metrics is not None
+    assert metrics[wire.NOISE_STD] == 0.0 and metrics[wire.ACCEPTED] == 2
+    assert metrics[wire.GRAD_NORM] == pytest.approx(float(((g_a + g_b) / 2).norm()), rel=1e-6)
+    assert metrics[wire.EPS_GLOBAL] == math.inf
+
+
+def test_mean_is_unweighted_whatever_num_examples_say() -> None:
+    # Prepare
+    g_a, g_b = _grad(0.2), _grad(0.9).flip(1)
+    replies = [_reply(GOOD_A, g_a, num_examples=1), _reply(GOOD_B, g_b, num_examples=1000)]
+
+    # Execute
+    arrays, _ = _strategy().aggregate_train(1, replies)
+
+    # Assert: 1/N each, not 1/1001 and 1000/1001
+    torch.testing.assert_close(
+        _prompt_of(arrays), _prompt() - LR * (g_a + g_b) / 2, rtol=0, atol=1e-7
+    )
+
+
+def test_server_reclips_a_huge_gradient_to_clip_norm(caplog: pytest.LogCaptureFixture) -> None:
+    # Prepare
+    g_small, g_huge = _grad(0.5), _grad(1.0e6).flip(0)
+    strategy = _strategy()
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(
+            1, [_reply(GOOD_A, g_small), _reply(BAD, g_huge)]
+        )
+
+    # Assert: the huge reply counts as a gradient of norm CLIP in the same direction
+    expected = _prompt() - LR * (g_small + g_huge / g_huge.norm() * CLIP) / 2
+    torch.testing.assert_close(_prompt_of(arrays), expected, rtol=0, atol=1e-6)
+    assert metrics is not None and metrics[wire.SERVER_CLIPPED] == 1
+    assert any(
+        str(BAD) in r.getMessage() and "re-clipped" in r.getMessage() for r in caplog.records
+    )
+
+
+def test_zero_gradient_is_accepted_without_dividing_by_zero() -> None:
+    arrays, _ = _strategy().aggregate_train(1, [_reply(GOOD_A, torch.zeros(SHAPE))])
+    torch.testing.assert_close(_prompt_of(arrays), _prompt(), rtol=0, atol=0)
+
+
+# --- refusals ---------------------------------------------------------------------------
+def _content_with(arrays: dict[str, torch.Tensor], **metric_overrides: object) -> RecordDict:
+    metrics: dict[str, object] = {
+        wire.NUM_EXAMPLES: 10,
+        wire.TRAIN_LOSS: 1.0,
+        wire.SAMPLE_RATE: 0.1,
+        wire.EPS_LOCAL: 2.0,
+    }
+    metrics.update(metric_overrides)
+    metrics = {k: v for k, v in metrics.items() if v is not None}
+    return RecordDict(
+        {
+            wire.ARRAYS_RECORD: ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            wire.METRICS_RECORD: MetricRecord(metrics),  # type: ignore[arg-type]
+        }
+    )
+
+
+def _extra_record(name: str, record: ArrayRecord | ConfigRecord) -> RecordDict:
+    content = _train_content(_grad(0.1))
+    content[name] = record
+    return content
+
+
+G = wire.GLOBAL_PROMPT_GRAD
+NAN_GRAD = _grad(0.1).index_put_((torch.tensor([0]), torch.tensor([0])), torch.tensor(math.nan))
+INF_GRAD = _grad(0.1).index_put_((torch.tensor([1]), torch.tensor([2])), torch.tensor(math.inf))
+BAD_REPLIES: dict[str, tuple[Callable[[], RecordDict | Error], str]] = {
+    "missing key": (lambda: _content_with({wire.GLOBAL_PROMPT: _grad(0.1)}), "missing array"),
+    "extra local-prompt": (
+        lambda: _content_with({G: _grad(0.1), "local-prompt": _grad(0.1)}),
+        "unexpected array keys ['local-prompt']",
+    ),
+    "wrong shape": (lambda: _content_with({G: torch.zeros(4, 9)}), "shape (4, 9)"),
+    "wrong dtype": (lambda: _content_with({G: _grad(0.1).double()}), "dtype float64"),
+    "nan": (lambda: _content_with({G: NAN_GRAD}), "NaN or Inf"),
+    "inf": (lambda: _content_with({G: INF_GRAD}), "NaN or Inf"),
+    "error message": (lambda: Error(code=2, reason="ClientApp crashed"), "error reply (code 2)"),
+    "missing num-examples": (
+        lambda: _content_with({G: _grad(0.1)}, **{wire.NUM_EXAMPLES: None}),
+        "missing metric 'num-examples'",
+    ),
+    "zero num-examples": (
+        lambda: _content_with({G: _grad(0.1)}, **{wire.NUM_EXAMPLES: 0}),
+        "'num-examples' must be an integer >= 1",
+    ),
+    "sample-rate 0": (
+        lambda: _content_with({G: _grad(0.1)}, **{wire.SAMPLE_RATE: 0.0}),
+        "'sample-rate' must be in (0.0, 1.0]",
+    ),
+    "sample-rate above 1": (
+        lambda: _content_with({G: _grad(0.1)}, **{wire.SAMPLE_RATE: 1.5}),
+        "'sample-rate' must be in (0.0, 1.0]",
+    ),
+    "missing sample-rate": (
+        lambda: _content_with({G: _grad(0.1)}, **{wire.SAMPLE_RATE: None}),
+        "missing metric 'sample-rate'",
+    ),
+    "list metric": (
+        lambda: _content_with({G: _grad(0.1)}, leak=[0.1, 0.2]),
+        "list-valued metrics ['leak']",
+    ),
+    "second ArrayRecord": (
+        lambda: _extra_record("local", ArrayRecord({"p": Array(_grad(0.1))})),
+        "unexpected records ['local']",
+    ),
+    "extra ConfigRecord": (
+        lambda: _extra_record("smuggled", ConfigRecord({"bytes": b"x"})),
+        "unexpected records ['smuggled']",
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_REPLIES))
+def test_bad_reply_is_excluded_and_logged_with_node_and_reason(
+    kind: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare
+    build, reason = BAD_REPLIES[kind]
+    g_a, g_b = _grad(0.3), _grad(0.6).flip(1)
+    replies = [_reply(GOOD_A, g_a), make_reply(build(), src_node_id=BAD), _reply(GOOD_B, g_b)]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = _strategy().aggregate_train(1, replies)
+
+    # Assert
+    torch.testing.assert_close(
+        _prompt_of(arrays), _prompt() - LR * (g_a + g_b) / 2, rtol=0, atol=1e-7
+    )
+    assert metrics is not None
+    assert (metrics[wire.ACCEPTED], metrics[wire.REJECTED]) == (2, 1)
+    refusals = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(f"node {BAD}" in m and reason in m for m in refusals), refusals
+
+
+def test_duplicate_reply_from_one_node_counts_once(caplog: pytest.LogCaptureFixture) -> None:
+    g_a, g_b = _grad(0.3), _grad(0.6).flip(1)
+    replies = [_reply(GOOD_A, g_a), _reply(GOOD_A, g_a), _reply(GOOD_B, g_b)]
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, _ = _strategy().aggregate_train(1, replies)
+
+    torch.testing.assert_close(
+        _prompt_of(arrays), _prompt() - LR * (g_a + g_b) / 2, rtol=0, atol=1e-7
+    )
+    assert any("duplicate" in r.getMessage() for r in caplog.records)
+
+
+def test_all_replies_bad_leaves_prompt_unchanged_and_spends_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    noise = GlobalNoise.per_sample(target_epsilon=1.0, delta=1e-5, total_rounds=5)
+    strategy = _strategy(noise=noise)
+    replies = [
+        make_reply(BAD_REPLIES["nan"][0](), src_node_id=BAD),
+        _reply(GOOD_A, _grad(0.1), sample_rate=2.0),
+    ]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        arrays, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert
+    assert arrays is None
+    torch.testing.assert_close(strategy.global_prompt, _prompt(), rtol=0, atol=0)
+    assert metrics is not None and (metrics[wire.ACCEPTED], metrics[wire.REJECTED]) == (0, 2)
+    assert strategy.state_dict()["accountant"]["history"] == []
+    assert strategy.epsilon() == 0.0
+    assert any("no privacy budget spent" in r.getMessage() for r in caplog.records)
+
+
+# --- noise ------------------------------------------------------------------------------
+def test_noise_std_matches_z_c_over_b_n_with_n_counting_accepted_replies_only() -> None:
+    # Prepare: 3 accepted zero-gradient replies + 1 refused; 32768 noise samples.
+    shape, z, lr = (64, 512), 2.0, 1.0
+    noise = GlobalNoise(mode=DPMode.PAPER, noise_multiplier=z, epsilon=1.0)
+    strategy = _strategy(initial_prompt=torch.zeros(shape), noise=noise, server_lr=lr)
+    replies = [_reply(1_000 + i, torch.zeros(shape)) for i in range(3)]
+    replies.append(_reply(BAD, torch.full(shape, math.nan)))
+
+    # Execute
+    arrays, metrics = strategy.aggregate_train(1, replies)
+
+    # Assert: noisy - noiseless = -lr * noise. The sample std of n i.i.d. Gaussians has
+    # relative standard error 1/sqrt(2n) (0.4% here); allow 5 standard errors. Counting
+    # the refused reply (N = 4) would be 25% off.
+    sample = -_prompt_of(arrays).double().flatten() / lr
+    n, expected_std = sample.numel(), z * CLIP / (BATCH * 3)
+    assert abs(float(sample.std()) / expected_std - 1) < 5 / math.sqrt(2 * n)
+    assert abs(float(sample.mean())) < 5 * expected_std / math.sqrt(n)
+    assert metrics is not None and metrics[wire.NOISE_STD] == pytest.approx(expected_std)
+
+
+def test_same_seed_same_noise_and_different_seed_different_noise() -> None:
+    noise = GlobalNoise(mode=DPMode.PAPER, noise_multiplier=1.0, epsilon=1.0)
+    runs = [
+        _prompt_of(
+            _strategy(noise=noise, seed=s).aggregate_train(1, [_reply(GOOD_A, _grad(0.1))])[0]
+        )
+        for s in (7, 7, 8)
+    ]
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert not torch.equal(runs[0], runs[2])
+
+
+def test_paper_mode_reports_nominal_epsilon_and_says_it_is_not_formal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    strategy = _strategy(noise=GlobalNoise.paper(epsilon=0.4, delta=1e-5, rounds=100))
+
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        for r in (1, 2):
+            _, metrics = strategy.aggregate_train(r, [_reply(GOOD_A, _grad(0.1))])
+
+    assert metrics is not None and metrics[wire.EPS_GLOBAL] == 0.4
+    assert sum("NOT a formal" in rec.getMessage() for rec in caplog.records) == 1
+
+
+# --- accounting -------------------------------------------------------------------------
+def _opacus_epsilon(history: list[tuple[float, float]], delta: float) -> float:
+    accountant = RDPAccountant()
+    for z, q in history:
+        accountant.step(noise_multiplier=z, sample_rate=q)
+    return float(accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS))
+
+
+def test_epsilon_after_t_rounds_equals_opacus_and_reaches_at_most_the_target() -> None:
+    # Prepare
+    target, delta, rounds, q = 2.0, 1e-5, 3, 0.1
+    noise = GlobalNoise.per_sample(target_epsilon=target, delta=delta, total_rounds=rounds)
+    strategy = _strategy(noise=noise)
+
+    # Execute
+    reported = []
+    for r in range(1, rounds + 1):
+        _, metrics = strategy.aggregate_train(r, [_reply(GOOD_A, _grad(0.5), sample_rate=q)])
+        assert metrics is not None
+        reported.append(metrics[wire.EPS_GLOBAL])
+
+    # Assert
+    z = strategy.noise_multiplier
+    assert z is not None
+    for t, eps in enumerate(reported, start=1):
+        assert eps == pytest.approx(_opacus_epsilon([(z, q)] * t, delta), rel=1e-9)
+    assert 0.95 * target <= reported[-1] <= target
+
+
+def test_larger_sample_rate_later_recalibrates_and_budget_still_holds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    target, delta, rounds = 2.0, 1e-5, 3
+    noise = GlobalNoise.per_sample(target_epsilon=target, delta=delta, total_rounds=rounds)
+    strategy = _strategy(noise=noise)
+    rates = [0.05, 0.2, 0.1]  # node B always reports 0.1: the rounds' maxima are 0.1, 0.2, 0.1
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        for r, q in enumerate(rates, start=1):
+            strategy.aggregate_train(
+                r, [_reply(GOOD_A, _grad(0.5), sample_rate=q), _reply(GOOD_B, _grad(0.2))]
+            )
+
+    # Assert: every step recorded with the (z, q) actually used; the total fits.
+    history = strategy.state_dict()["accountant"]["history"]
+    used = [(z, q) for z, q, n in history for _ in range(n)]
+    assert [q for _, q in used] == [0.1, 0.2, 0.1]
+    assert used[1][0] > used[0][0]
+    assert strategy.epsilon() == pytest.approx(_opacus_epsilon(used, delta), rel=1e-9)
+    assert strategy.epsilon() <= target
+    assert any("sample rate rose" in rec.getMessage() for rec in caplog.records)
+
+
+def test_sample_rate_that_no_noise_can_fit_is_refused_not_fatal(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: a budget for one round, already spent (and overrun) at q = 0.1.
+    noise = GlobalNoise.per_sample(target_epsilon=2.0, delta=1e-5, total_rounds=1)
+    strategy = _strategy(noise=noise)
+    for r in (1, 2):
+        strategy.aggregate_train(r, [_reply(GOOD_A, _grad(0.5))])
+    multiplier = strategy.noise_multiplier
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, metrics = strategy.aggregate_train(
+            3, [_reply(GOOD_A, _grad(0.5)), _reply(BAD, _grad(0.5), sample_rate=0.2)]
+        )
+
+    # Assert
+    assert metrics is not None and (metrics[wire.ACCEPTED], metrics[wire.REJECTED]) == (1, 1)
+    assert strategy.noise_multiplier == multiplier
+    assert any(
+        f"node {BAD}" in r.getMessage() and "sample-rate" in r.getMessage() for r in caplog.records
+    )
+    assert any("exceed total_rounds" in r.getMessage() for r in caplog.records)
+
+
+# --- evaluate ---------------------------------------------------------------------------
+def _eval_reply(node: int, local_acc: float, local_n: int, neighbour_acc: float) -> Message:
+    content = wire.evaluate_reply_content(
+        local_acc=local_acc,
+        neighbour_acc=neighbour_acc,
+        local_examples=local_n,
+        neighbour_examples=50,
+    )
+    return make_reply(content, src_node_id=node, message_type=MessageType.EVALUATE)
+
+
+def test_evaluate_means_over_clients_and_weighted_and_refuses_arrays(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare
+    seen: list[tuple[int, dict[str, float | int]]] = []
+    strategy = _strategy(on_round=lambda r, m: seen.append((r, m)))
+    leaking = _eval_reply(BAD, 1.0, 10, 1.0)
+    leaking.content[wire.ARRAYS_RECORD] = ArrayRecord({"local-prompt": Array(_grad(0.1))})
+    replies = [_eval_reply(GOOD_A, 0.9, 10, 0.2), _eval_reply(GOOD_B, 0.5, 30, 0.4), leaking]
+
+    # Execute
+    strategy.aggregate_train(1, [_reply(GOOD_A, _grad(0.1))])
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        metrics = strategy.aggregate_evaluate(1, replies)
+
+    # Assert
+    assert metrics is not None
+    assert metrics[wire.LOCAL_ACC] == pytest.approx(0.7)
+    assert metrics[wire.LOCAL_ACC_WEIGHTED] == pytest.approx((0.9 * 10 + 0.5 * 30) / 40)
+    assert metrics[wire.NEIGHBOUR_ACC] == pytest.approx(0.3)
+    assert (metrics[wire.EVAL_ACCEPTED], metrics[wire.EVAL_REJECTED]) == (2, 1)
+    assert any(
+        f"node {BAD}" in r.getMessage() and "unexpected records" in r.getMessage()
+        for r in caplog.records
+    )
+    ((round_, merged),) = seen
+    assert (
+        round_ == 1 and merged[wire.ACCEPTED] == 1 and merged[wire.LOCAL_ACC] == pytest.approx(0.7)
+    )
+
+
+# --- configure and node waiting ---------------------------------------------------------
+_idle_app = ClientApp()
+
+
+def test_configure_train_samples_copies_config_and_broadcasts_the_prompt() -> None:
+    # Prepare
+    grid = InProcessGrid(client_app=_idle_app, num_nodes=4, run_config={})
+    config = ConfigRecord({"lr": 0.1})
+    strategy = _strategy(fraction_train=0.5, min_nodes=1)
+
+    # Execute
+    messages = list(strategy.configure_train(3, strategy.global_arrays(), config, grid))
+
+    # Assert
+    assert len(messages) == 2 and len({m.metadata.dst_node_id for m in messages}) == 2
+    assert dict(config) == {"lr": 0.1}
+    for msg in messages:
+        assert msg.metadata.message_type == MessageType.TRAIN
+        assert msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND] == 3
+        torch.testing.assert_close(
+            wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD]), _prompt()
+        )
+
+
+def test_node_wait_timeout_raises_with_seen_needed_and_what_to_check() -> None:
+    grid = InProcessGrid(client_app=_idle_app, num_nodes=1, run_config={})
+    strategy = _strategy(min_nodes=2, node_wait_timeout=0.05)
+
+    with pytest.raises(
+        RuntimeError, match=r"only 1 node\(s\) connected .* min_nodes=2 .*SuperLink"
+    ):
+        strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(), grid)
+    with pytest.raises(RuntimeError, match="min_nodes=2"):
+        strategy.configure_evaluate(1, strategy.global_arrays(), ConfigRecord(), grid)
+
+
+class _LateNodesGrid(InProcessGrid):
+    """Transport double: reports one node for the first calls, then all of them."""
+
+    calls = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.calls += 1
+        nodes = list(super().get_node_ids())
+        return nodes[:1] if self.calls <= 2 else nodes
+
+
+def test_sampling_waits_for_late_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(strategy_module, "NODE_POLL_INTERVAL", 0.01)
+    grid = _LateNodesGrid(client_app=_idle_app, num_nodes=3, run_config={})
+    strategy = _strategy(min_nodes=3, node_wait_timeout=5.0)
+
+    messages = list(strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(), grid))
+
+    assert len(messages) == 3 and grid.calls == 3
+
+
+# --- checkpoint -------------------------------------------------------------------------
+def test_state_dict_round_trip_resumes_exactly() -> None:
+    # Prepare: two per-sample rounds, then a checkpoint through torch.save/load.
+    noise = GlobalNoise.per_sample(target_epsilon=2.0, delta=1e-5, total_rounds=5)
+    generator = torch.Generator().manual_seed(0)
+    original = _strategy(noise=noise, seed=None, generator=generator)
+    for r in (1, 2):
+        original.aggregate_train(r, [_reply(GOOD_A, _grad(0.5)), _reply(GOOD_B, _grad(0.3))])
+    buffer = io.BytesIO()
+    torch.save(original.state_dict(), buffer)
+    buffer.seek(0)
+
+    # Execute
+    resumed = _strategy(noise=noise, initial_prompt=torch.zeros(SHAPE), seed=5)
+    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    generator.manual_seed(5)  # both draw the same noise from here on
+    grid = InProcessGrid(client_app=_idle_app, num_nodes=1, run_config={})
+    (msg,) = resumed.configure_train(1, resumed.global_arrays(), ConfigRecord(), grid)
+    third = [_reply(GOOD_A, _grad(0.4))]
+    out_original, m_original = original.aggregate_train(3, third)
+    out_resumed, m_resumed = resumed.aggregate_train(1, third)  # resumed run restarts at 1
+
+    # Assert
+    torch.testing.assert_close(_prompt_of(out_resumed), _prompt_of(out_original), rtol=0, atol=0)
+    assert m_resumed is not None and m_original is not None
+    assert dict(m_resumed) == dict(m_original)
+    assert resumed.rounds_done == original.rounds_done == 3
+    assert msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND] == 3  # continues the count
+
+
+def test_load_state_dict_refuses_other_noise_settings() -> None:
+    state = _strategy(
+        noise=GlobalNoise.per_sample(target_epsilon=2.0, delta=1e-5, total_rounds=5)
+    ).state_dict()
+    other = _strategy(noise=GlobalNoise.per_sample(target_epsilon=1.0, delta=1e-5, total_rounds=5))
+    with pytest.raises(ValueError, match="noise settings"):
+        other.load_state_dict(state)
+    with pytest.raises(ValueError, match="state keys"):
+        other.load_state_dict({**state, "extra": 1})
+
+
+# --- validation -------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("server_lr", 0.0),
+        ("clip_norm", -1.0),
+        ("batch_size", 0),
+        ("min_nodes", 0),
+        ("fraction_train", 0.0),
+        ("fraction_evaluate", 1.5),
+        ("node_wait_timeout", 0.0),
+        ("noise", "off"),
+        ("initial_prompt", torch.zeros(SHAPE, dtype=torch.float64)),
+        ("initial_prompt", torch.full(SHAPE, math.nan)),
+    ],
+)
+def test_constructor_rejects_bad_arguments_by_name(name: str, value: object) -> None:
+    with pytest.raises(ValueError, match=name):
+        _strategy(**{name: value})
+
+
+def test_seed_and_generator_are_exclusive() -> None:
+    with pytest.raises(ValueError, match="seed and generator"):
+        _strategy(seed=1, generator=torch.Generator())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"mode": DPMode.PAPER, "epsilon": 1.0}, "noise_multiplier"),
+        ({"mode": DPMode.PER_SAMPLE, "epsilon": 1.0}, "total_rounds"),
+        ({"mode": DPMode.PER_SAMPLE, "epsilon": 0.0, "total_rounds": 3}, "epsilon"),
+        ({"mode": DPMode.OFF, "delta": 1.0}, "delta"),
+        ({"mode": "per-sample", "epsilon": 1.0, "total_rounds": 3, "accountant": "nope"}, "nope"),
+    ],
+)
+def test_global_noise_validation(kwargs: dict[str, object], match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        GlobalNoise(**kwargs)  # type: ignore[arg-type]
+
+
+def test_global_noise_accepts_enum_values_as_strings() -> None:
+    noise = GlobalNoise(mode="per-sample", epsilon=1.0, total_rounds=3, accountant="prv")  # type: ignore[arg-type]
+    assert noise.mode is DPMode.PER_SAMPLE and noise.accountant is AccountantKind.PRV
