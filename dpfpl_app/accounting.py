@@ -24,10 +24,12 @@ from opacus.accountants.accountant import IAccountant
 # opacus's default RDP orders stop at 63; small epsilons with large noise multipliers
 # have their optimal order far above that, and the conversion then reports a loose
 # (or no) bound. Extending the grid only tightens the bound, it never weakens it.
+# Orders above 1024 changed no calibration down to epsilon 0.01 at the paper's settings
+# and cost O(order) each in opacus, so the grid stops there.
 RDP_ORDERS: list[float] = (
     [1 + x / 10.0 for x in range(1, 100)]
     + list(range(12, 64))
-    + [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024, 1536, 2048, 4096, 8192]
+    + [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024]
 )
 
 MAX_NOISE_MULTIPLIER = 1.0e4

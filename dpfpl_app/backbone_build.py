@@ -53,6 +53,15 @@ GRAY_MEAN, GRAY_STD = 0.3, 0.35
 """Pixel statistics shared by digits (0.30/0.38) and Fashion-MNIST (0.29/0.35), for all 3
 channels: the images are grayscale repeated as RGB."""
 
+ADAM_BETAS = (0.9, 0.98)
+"""CLIP's choice. With the default 0.999 the second moment remembers the large first gradients
+for ~1000 steps, so updates stay tiny while the towers sit at the collapsed start (measured:
+zero-shot at chance after 250 steps)."""
+
+WARMUP_FRACTION = 0.2
+"""Share of steps with a linear learning-rate ramp. Shorter ramps collapse both towers to one
+embedding within 20 steps and escaping takes most of the budget (measured at 5%)."""
+
 ZERO_SHOT_EVAL_MAX = 5000
 """Images of the federated pool scored for the metadata's zero-shot accuracy (evenly spaced)."""
 
@@ -73,6 +82,7 @@ class BackboneSpec:
         Contrastive pretraining schedule (AdamW, warm-up then cosine decay).
     approx_minutes
         Rough build time on two CPU cores, shown to the user before a build starts.
+
     """
 
     name: str
@@ -231,6 +241,7 @@ def build_random_clip(out_dir: Path, *, seed: int = 0) -> Path:
         ``CLIPImageProcessor`` all load from it with ``from_pretrained``.
     seed
         Seed of the weight initialisation; equal seeds give identical weights.
+
     """
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -346,8 +357,8 @@ def _contrastive_loss(image: torch.Tensor, text: torch.Tensor, image_class: torc
 
 
 def _learning_rate(step: int, steps: int, peak: float) -> float:
-    """Linear warm-up over the first 5% of steps, then cosine decay to zero."""
-    warmup = max(1, steps // 20)
+    """Linear warm-up over the first :data:`WARMUP_FRACTION` of steps, then cosine decay to 0."""
+    warmup = max(1, round(steps * WARMUP_FRACTION))
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -360,7 +371,8 @@ def _pretrain(model: CLIPModel, data: _PretrainData, *, steps: int, batch_size: 
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate)
+                                   {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate,
+                                  betas=ADAM_BETAS)
     generator = torch.Generator().manual_seed(seed)
     max_shift = data.pixels.shape[-1] // 16
     fill = -GRAY_MEAN / GRAY_STD  # a black pixel after normalisation
@@ -440,6 +452,7 @@ def build_pretrained_backbone(
     -------
     Path
         ``out_dir``.
+
     """
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -511,6 +524,7 @@ def ensure_backbone(name: str, *, progress: bool = True) -> Path:
     -------
     Path
         ``cache_root()/backbones/<name>``.
+
     """
     spec = get_backbone_spec(name)
     parent = cache_root() / "backbones"

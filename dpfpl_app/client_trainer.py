@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -53,42 +54,67 @@ def template_context(clip: FrozenClip, template: str) -> Tensor:
     return table[torch.tensor(ids, device=table.device)].detach().float().cpu()
 
 
+@lru_cache(maxsize=64)
 def local_noise_multiplier(cfg: RunConfig, sample_rate: float) -> float:
     """The local channel's noise multiplier for this client (0 when it adds no noise)."""
     if not cfg.dp_on or not cfg.method.has_local:
         return 0.0
     steps = cfg.num_server_rounds * cfg.local_steps
     if cfg.dp_mode is DPMode.PAPER:
-        return accounting.paper_noise_multiplier(epsilon=cfg.epsilon_local, delta=cfg.delta, rounds=steps)
+        return accounting.paper_noise_multiplier(
+            epsilon=cfg.epsilon_local, delta=cfg.delta, rounds=steps
+        )
     return accounting.calibrate_noise_multiplier(
-        target_epsilon=cfg.epsilon_local, delta=cfg.delta, sample_rate=sample_rate,
-        steps=steps, kind=accounting.AccountantKind(cfg.accountant.value),
+        target_epsilon=cfg.epsilon_local,
+        delta=cfg.delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        kind=accounting.AccountantKind(cfg.accountant.value),
     )
 
 
 class ClientTrainer:
     """One client's learner, data, local accountant and noise source."""
 
-    def __init__(self, cfg: RunConfig, clip: FrozenClip, class_names: tuple[str, ...],
-                 data: ClientData, *, partition_id: int) -> None:
+    def __init__(
+        self,
+        cfg: RunConfig,
+        clip: FrozenClip,
+        class_names: tuple[str, ...],
+        data: ClientData,
+        *,
+        partition_id: int,
+    ) -> None:
         if data.num_train == 0 and cfg.method is not Method.ZEROSHOT:
             raise ValueError(f"partition {partition_id} has no training images")
         self.cfg, self.data, self.partition_id = cfg, data, partition_id
         self.sample_rate = min(1.0, cfg.batch_size / max(1, data.num_train))
         self.noise_multiplier = local_noise_multiplier(cfg, self.sample_rate)
-        template = template_context(clip, cfg.zeroshot_template) if cfg.method is Method.ZEROSHOT else None
+        template = (
+            template_context(clip, cfg.zeroshot_template) if cfg.method is Method.ZEROSHOT else None
+        )
         n_ctx = template.shape[0] if template is not None else cfg.n_ctx
         encoder = CoOpTextEncoder(clip.model, clip.tokenizer, class_names, n_ctx).to(clip.device)
         settings = LearnerSettings(
-            method=cfg.method, n_ctx=n_ctx, rank=cfg.rank, init_std=cfg.init_std,
-            lr=cfg.lr_local, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-            dp_mode=cfg.dp_mode if cfg.dp_on else DPMode.OFF, clip_norm=cfg.clip_norm,
+            method=cfg.method,
+            n_ctx=n_ctx,
+            rank=cfg.rank,
+            init_std=cfg.init_std,
+            lr=cfg.lr_local,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            dp_mode=cfg.dp_mode if cfg.dp_on else DPMode.OFF,
+            clip_norm=cfg.clip_norm,
             local_noise_multiplier=self.noise_multiplier,
         )
         init = torch.Generator().manual_seed(_derived_seed(cfg.seed, "init", partition_id))
         self.learner = PromptLearner(
-            encoder, clip.model.logit_scale.exp().cpu(), settings, generator=init,
-            width=clip.text_width, template_context=template,
+            encoder,
+            clip.model.logit_scale.exp().cpu(),
+            settings,
+            generator=init,
+            width=clip.text_width,
+            template_context=template,
         )
         self.local_accountant = accounting.ChannelAccountant(
             kind=accounting.AccountantKind(cfg.accountant.value), delta=cfg.delta
@@ -105,9 +131,13 @@ class ClientTrainer:
         for _ in range(cfg.local_steps):
             idx = self._draw(sampler)
             feats = self._views(idx, sampler)
-            step = self.learner.train_step(feats, data.train_labels[idx], expected_batch=self._expected_batch())
+            step = self.learner.train_step(
+                feats, data.train_labels[idx], expected_batch=self._expected_batch()
+            )
             if step.local_noise_std > 0 and cfg.dp_mode is DPMode.PER_SAMPLE:
-                self.local_accountant.step(noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate)
+                self.local_accountant.step(
+                    noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
+                )
             if step.global_grad is not None:
                 grads.append(step.global_grad)
             losses.append(step.loss)
@@ -116,11 +146,16 @@ class ClientTrainer:
         shared = torch.stack(grads).mean(0) if grads else torch.zeros_like(global_prompt)
         rate = 1.0 - (1.0 - self.sample_rate) ** cfg.local_steps
         finite = [x for x in losses if x == x]
-        return RoundOutcome(shared, sum(finite) / max(1, len(finite)), drawn, rate, self.eps_local())
+        return RoundOutcome(
+            shared, sum(finite) / max(1, len(finite)), drawn, rate, self.eps_local()
+        )
 
     def _expected_batch(self) -> float:
+        """Per-sample sums are divided by B even when |D_i| < B (then q = 1): the server's
+        noise assumes every client's sensitivity is at most C/B.
+        """
         if self.cfg.dp_mode is DPMode.PER_SAMPLE and self.cfg.dp_on:
-            return self.sample_rate * self.data.num_train
+            return float(self.cfg.batch_size)
         return float(min(self.cfg.batch_size, self.data.num_train))
 
     def _draw(self, generator: torch.Generator) -> Tensor:
@@ -156,7 +191,8 @@ class ClientTrainer:
         local = self._accuracy(d.local_features, d.local_labels)
         neighbour = self._accuracy(d.neighbour_features, d.neighbour_labels)
         return {
-            "local-acc": local, "neighbour-acc": neighbour,
+            "local-acc": local,
+            "neighbour-acc": neighbour,
             "local-examples": float(d.local_labels.numel()),
             "neighbour-examples": float(d.neighbour_labels.numel()),
         }
@@ -185,7 +221,9 @@ class ClientTrainer:
                 f"{self.cfg.method.value!r}: use another state-dir or run-name"
             )
         self.learner.load_private_state(tensors)
-        self.local_accountant = accounting.ChannelAccountant.from_state_dict(meta["local_accountant"])
+        self.local_accountant = accounting.ChannelAccountant.from_state_dict(
+            meta["local_accountant"]
+        )
         self.rounds_done = int(meta["rounds_done"])
 
 

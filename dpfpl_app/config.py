@@ -66,41 +66,58 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, **_ALIAS)  # type: ignore[typeddict-item]
 
-    method: Method = Method.DPFPL
+    method: Method = Field(Method.DPFPL, description="prompt structure (see Method)")
     rank: int = Field(8, ge=1, description="rank r of the local carriers u (n_ctx x r), v")
     n_ctx: int = Field(16, ge=1, le=60, description="number of learned context vectors")
     init_std: float = Field(0.02, gt=0, description="std of the N(0, s^2) prompt init")
     zeroshot_template: str = Field("a photo of a", description="context words for zeroshot")
-    num_server_rounds: int = Field(30, ge=1, le=100_000)
+    num_server_rounds: int = Field(30, ge=1, le=100_000, description="rounds T")
     local_steps: int = Field(1, ge=1, le=10_000, description="local iterations per round")
     batch_size: int = Field(32, ge=1, description="(expected) minibatch size B")
-    lr_local: float = Field(0.5, gt=0, description="SGD learning rate of the local prompt")
-    lr_global: float = Field(0.5, gt=0, description="server learning rate of the global prompt")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    dp_mode: DPMode = DPMode.PER_SAMPLE
+    lr_local: float = Field(0.01, gt=0, description="SGD learning rate of the local prompt")
+    lr_global: float = Field(0.01, gt=0, description="server learning rate of the global prompt")
+    momentum: float = Field(0.0, ge=0, lt=1, description="local SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="local SGD weight decay")
+    dp_mode: DPMode = Field(DPMode.PER_SAMPLE, description="off | paper | per-sample")
     epsilon_local: float = Field(4.0, gt=0, description="target epsilon, local channel")
     epsilon_global: float = Field(4.0, gt=0, description="target epsilon, global channel")
-    delta: float = Field(1e-5, gt=0, lt=1)
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of both channels")
     clip_norm: float = Field(10.0, gt=0, description="per-sample (or batch) L2 clip C_th")
-    accountant: Accountant = Accountant.RDP
+    accountant: Accountant = Field(Accountant.RDP, description="rdp | prv")
     model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")
-    dataset: str = Field("digits", min_length=1)
-    partitioner: Partitioner = Partitioner.PATHOLOGICAL
-    dirichlet_alpha: float = Field(0.3, gt=0)
+    dataset: str = Field("digits", min_length=1, description="digits | fashion-mnist")
+    partitioner: Partitioner = Field(
+        Partitioner.PATHOLOGICAL, description="pathological | dirichlet | iid"
+    )
+    dirichlet_alpha: float = Field(0.3, gt=0, description="Dirichlet concentration beta")
     test_fraction: float = Field(0.3, gt=0, lt=1, description="share of each class for test")
     feature_views: int = Field(0, ge=0, le=64, description="augmented views per train image")
     seed: int = Field(0, ge=0, description="data split, partition and prompt init seed")
     reproducible_noise: bool = Field(
         False, description="derive DP noise from seed (tests, sweeps); else OS entropy"
     )
-    min_nodes: int = Field(2, ge=1, description="nodes the server waits for each round")
-    fraction_train: float = Field(1.0, gt=0, le=1)
-    fraction_evaluate: float = Field(1.0, gt=0, le=1)
+    min_nodes: int = Field(10, ge=1, description="nodes the server waits for each round")
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of nodes trained per round")
+    fraction_evaluate: float = Field(1.0, gt=0, le=1, description="share of nodes evaluated")
     node_wait_timeout: float = Field(120.0, gt=0, description="seconds to wait for min-nodes")
-    output_dir: str = Field("runs", min_length=1)
+    output_dir: str = Field("runs", min_length=1, description="where run results go")
     run_name: str = Field("", description="subdirectory of output-dir; empty = generated")
     state_dir: str = Field("", description="node-local dir for private state; empty = cache")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_bools_for_numbers(cls, data: Any) -> Any:
+        """TOML's true/false must not pass as 1/0 for a numeric key."""
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(str(key).replace("-", "_"))
+                if (
+                    isinstance(value, bool)
+                    and field is not None
+                    and field.annotation in (int, float)
+                ):
+                    raise ValueError(f"{key}={value!r}: expected a number, got a boolean")
+        return data
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -137,7 +154,10 @@ class RunConfig(BaseModel):
 
     def to_flower(self) -> dict[str, int | float | bool | str]:
         """Flat kebab-case dict in the value types Flower's run config accepts."""
-        return {k: (v.value if isinstance(v, Enum) else v) for k, v in self.model_dump(by_alias=True).items()}
+        return {
+            k: (v.value if isinstance(v, Enum) else v)
+            for k, v in self.model_dump(by_alias=True).items()
+        }
 
 
 class ConfigError(ValueError):
@@ -149,7 +169,9 @@ def _describe(err: ValidationError) -> str:
     for e in err.errors():
         key = ".".join(str(p) for p in e["loc"]) or "(whole config)"
         if e["type"] == "extra_forbidden":
-            known = ", ".join(sorted(RunConfig.model_fields[f].alias or f for f in RunConfig.model_fields))
+            known = ", ".join(
+                sorted(RunConfig.model_fields[f].alias or f for f in RunConfig.model_fields)
+            )
             lines.append(f"  {key}: unknown key; known keys: {known}")
             continue
         value = e.get("input")

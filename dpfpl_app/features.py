@@ -58,7 +58,9 @@ def model_identity(clip: FrozenClip) -> str:
 
 
 def images_identity(images: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(images).tobytes() + str(images.shape).encode()).hexdigest()
+    return hashlib.sha256(
+        np.ascontiguousarray(images).tobytes() + str(images.shape).encode()
+    ).hexdigest()
 
 
 def random_resized_crop_flip(pixels: Tensor, generator: torch.Generator) -> Tensor:
@@ -121,7 +123,9 @@ class FeatureCache:
         path = self.root / f"{key}.safetensors"
         if path.is_file():
             return load_file(path)["features"]
-        logger.info("computing image features for %d images (%d augmented views)", len(images), views)
+        logger.info(
+            "computing image features for %d images (%d augmented views)", len(images), views
+        )
         feats = compute_features(clip, images, views=views, seed=seed)
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")

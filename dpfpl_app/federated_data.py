@@ -48,7 +48,9 @@ class ClientData:
         return int(self.train_labels.numel())
 
 
-def stratified_split(labels: np.ndarray, *, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, *, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Per-class train/test split; every class keeps at least one image on each side."""
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -70,10 +72,16 @@ def load_federated_data(name: str, *, test_fraction: float, seed: int) -> Federa
     return FederatedData(pool.subset(train_idx), pool.subset(test_idx))
 
 
-def partitions_for(cfg: RunConfig, data: FederatedData, num_partitions: int) -> list[ClientPartition]:
+def partitions_for(
+    cfg: RunConfig, data: FederatedData, num_partitions: int
+) -> list[ClientPartition]:
     return client_partitions(
-        data.train.labels, data.test.labels, num_partitions,
-        kind=cfg.partitioner, seed=cfg.seed, dirichlet_alpha=cfg.dirichlet_alpha,
+        data.train.labels,
+        data.test.labels,
+        num_partitions,
+        kind=cfg.partitioner,
+        seed=cfg.seed,
+        dirichlet_alpha=cfg.dirichlet_alpha,
     )
 
 

@@ -44,11 +44,13 @@ def prompt_gradients(
     """
     text, vjp_fn = torch.func.vjp(encode, prompt)  # text (C, e)
     text = text.detach()
-    per_sample_cot = torch.func.vmap(
-        torch.func.grad(_sample_loss), in_dims=(None, 0, 0, None)
-    )(text, features, labels, logit_scale)  # (B, C, e): dL_j / dT
+    per_sample_cot = torch.func.vmap(torch.func.grad(_sample_loss), in_dims=(None, 0, 0, None))(
+        text, features, labels, logit_scale
+    )  # (B, C, e): dL_j / dT
     with torch.no_grad():
-        losses = F.cross_entropy(class_logits(text, features, logit_scale), labels, reduction="none")
+        losses = F.cross_entropy(
+            class_logits(text, features, logit_scale), labels, reduction="none"
+        )
     if per_sample:
         (grads,) = torch.func.vmap(vjp_fn, chunk_size=chunk_size)(per_sample_cot)
         return grads, losses

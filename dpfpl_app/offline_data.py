@@ -65,6 +65,7 @@ class LabelledImages:
         Human-readable class names; index ``k`` names label ``k``. Prompts are built from them.
     name
         Dataset name, e.g. ``"digits"`` or ``"fashion-mnist"``.
+
     """
 
     images: np.ndarray
@@ -132,6 +133,7 @@ def read_idx(path: Path) -> np.ndarray:
     ------
     ValueError
         If the magic number, declared dimensions or payload size are inconsistent.
+
     """
     raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
@@ -189,6 +191,7 @@ def load_fashion_mnist(
         Defaults to ``$DPFPL_FASHION_MNIST_DIR``, else ``/usr/share/datasets/fashion-mnist``.
     split
         ``"train"`` (60000 images) or ``"test"`` (10000 images).
+
     """
     if split not in _FASHION_FILES:
         raise ValueError(f"split must be 'train' or 'test'; got {split!r}.")
@@ -238,6 +241,7 @@ class OfflineDataset:
     caption_templates
         Captions for contrastive pretraining; ``{}`` is replaced by the class name. The first
         one is the template used to measure zero-shot accuracy.
+
     """
 
     name: str
@@ -333,6 +337,7 @@ def split_pretrain_federated(
     tuple of np.ndarray
         ``(pretrain_indices, federated_indices)``, both int64, sorted, disjoint, covering
         ``range(n)``.
+
     """
     if n < 0:
         raise ValueError(f"n must be >= 0; got {n}.")
@@ -390,6 +395,7 @@ def federated_pool(name: str, *, directory: Path | None = None) -> LabelledImage
         ``"digits"`` or ``"fashion-mnist"``.
     directory
         Fashion-MNIST directory (see :func:`load_fashion_mnist`); ignored for digits.
+
     """
     data, _, federated = load_with_split(name, directory=directory)
     return data.subset(federated)

@@ -70,13 +70,21 @@ def partition_train(
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
     if kind is Partitioner.IID:
-        parts = _flwr_partition(labels, IidPartitioner(num_partitions=num_clients))
+        # IidPartitioner takes contiguous shards: shuffle first so a pool stored class by
+        # class still gives every client every class
+        order = np.random.default_rng(seed).permutation(len(labels))
+        shards = _flwr_partition(labels[order], IidPartitioner(num_partitions=num_clients))
+        parts = [np.sort(order[s]) for s in shards]
     else:
         parts = _flwr_partition(
             labels,
             DirichletPartitioner(
-                num_partitions=num_clients, partition_by="label", alpha=dirichlet_alpha,
-                min_partition_size=1, self_balancing=False, seed=seed,
+                num_partitions=num_clients,
+                partition_by="label",
+                alpha=dirichlet_alpha,
+                min_partition_size=1,
+                self_balancing=False,
+                seed=seed,
             ),
         )
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
@@ -129,7 +137,7 @@ def client_partitions(
     )
     test_parts = partition_test(train_labels, train_parts, test_labels, seed=seed)
     result = []
-    for train, local in zip(train_parts, test_parts):
+    for train, local in zip(train_parts, test_parts, strict=True):
         classes = np.unique(train_labels[train])
         neighbour = np.flatnonzero(~np.isin(test_labels, classes))
         result.append(ClientPartition(train, local, neighbour, classes))

@@ -74,7 +74,7 @@ def clip_rows(per_sample: Tensor, max_norm: float) -> Tensor:
     The factor is ``C / max(norm, C)``: 1 for small (and zero) gradients, so it can
     never divide by zero.
     """
-    flat = per_sample.reshape(per_sample.shape[0], -1)
+    flat = per_sample.flatten(1)  # (B, -1); also valid for an empty batch
     norms = torch.linalg.vector_norm(flat, dim=1)
     factors = max_norm / torch.clamp(norms, min=max_norm)
     return per_sample * factors.reshape(-1, *([1] * (per_sample.dim() - 1)))

@@ -142,12 +142,18 @@ class PromptLearner:
         carriers = self._carriers()
         prompt = self._compose(carriers)
         per_sample = s.dp_mode is DPMode.PER_SAMPLE
-        if labels.numel() == 0:
-            grads, loss = torch.zeros((0, *prompt.shape)), float("nan")
+        if labels.numel() == 0:  # an empty Poisson draw: no sample, only noise
+            empty = (0, *prompt.shape) if per_sample else tuple(prompt.shape)
+            grads, loss = torch.zeros(empty), float("nan")
         else:
             grads, losses = prompt_gradients(
-                self.encoder, prompt, features, labels, self.logit_scale,
-                per_sample=per_sample, chunk_size=s.chunk_size,
+                self.encoder,
+                prompt,
+                features,
+                labels,
+                self.logit_scale,
+                per_sample=per_sample,
+                chunk_size=s.chunk_size,
             )
             loss = float(losses.mean())
         global_grad = self._private_mean(grads, expected_batch) if s.method.has_global else None
@@ -157,7 +163,9 @@ class PromptLearner:
     def _carriers(self) -> tuple[Tensor, Tensor, Tensor] | None:
         m, st = self.settings.method, self._state
         if m in {Method.DPFPL, Method.DPLORA}:
-            u, v, residual = privacy.factorise(st["local_prompt"], self.settings.rank, self.generator)
+            u, v, residual = privacy.factorise(
+                st["local_prompt"], self.settings.rank, self.generator
+            )
             if m is Method.DPLORA:
                 st["u"], st["v"] = u, v  # the prediction prompt uses the latest carriers
             return u, v, residual
@@ -199,8 +207,10 @@ class PromptLearner:
             # the paper's sigma with the code's sensitivity C/B, one tensor at a time
             return s.local_noise_multiplier * s.clip_norm / expected_batch
         return privacy.local_noise_std(
-            noise_multiplier=s.local_noise_multiplier, clip_norm=s.clip_norm,
-            expected_batch=expected_batch, tensors=tensors,
+            noise_multiplier=s.local_noise_multiplier,
+            clip_norm=s.clip_norm,
+            expected_batch=expected_batch,
+            tensors=tensors,
         )
 
     def _noised(self, grads: Tensor, std: float, expected_batch: float) -> Tensor:
@@ -242,8 +252,8 @@ class PromptLearner:
     # ----- persistence of the private state (node-local only) ----------------------
     def private_state(self) -> dict[str, Tensor]:
         """Private tensors for the node's own disk; never for a Message."""
-        state = {k: v.clone() for k, v in self._state.items()}
-        state.update({f"momentum.{k}": v.clone() for k, v in self._momentum.items()})
+        state = {k: v.contiguous().clone() for k, v in self._state.items()}
+        state.update({f"momentum.{k}": v.contiguous().clone() for k, v in self._momentum.items()})
         return state
 
     def load_private_state(self, state: dict[str, Tensor]) -> None:

@@ -51,7 +51,7 @@ class CoOpTextEncoder(nn.Module):
 
         suffix_ids = [_class_suffix_ids(tokenizer, name) for name in class_names]
         longest = max(len(ids) for ids in suffix_ids)
-        for name, ids in zip(class_names, suffix_ids):
+        for name, ids in zip(class_names, suffix_ids, strict=True):
             if 1 + n_ctx + len(ids) > context_length:
                 raise ValueError(
                     f"class name {name!r} needs {len(ids)} tokens (with EOS); with n-ctx={n_ctx} "
@@ -101,9 +101,9 @@ class CoOpTextEncoder(nn.Module):
         dtype = self.sos_embed.dtype
         n_classes, length = self.num_classes, self.context_length
         embeds = torch.zeros(n_classes, length, ctx.shape[-1], dtype=dtype, device=ctx.device)
-        embeds = embeds + text_model.embeddings.token_embedding.weight[
-            int(self.suffix_ids[0, -1])
-        ]  # pad every position with EOS, as CLIP's tokenizer does
+        embeds = (
+            embeds + text_model.embeddings.token_embedding.weight[int(self.suffix_ids[0, -1])]
+        )  # pad every position with EOS, as CLIP's tokenizer does
         # (C, 77, d) = [SOS | ctx (n_ctx) | class suffix (S) | EOS padding]
         head = torch.cat([self.sos_embed, ctx.to(dtype)], dim=0).expand(n_classes, -1, -1)
         n_prefix = head.shape[1]

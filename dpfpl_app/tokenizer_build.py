@@ -83,6 +83,7 @@ def learn_bpe_merges(
     list of tuple
         Merges in the order they must be applied; the last symbol of each word carries
         the ``</w>`` suffix, as CLIP's BPE expects.
+
     """
     words = {tuple(word[:-1]) + (word[-1] + END_OF_WORD,): count
              for word, count in word_counts.items() if word}
@@ -159,6 +160,7 @@ def build_tokenizer(out_dir: Path) -> Path:
     -------
     Path
         ``out_dir``.
+
     """
     from transformers import CLIPTokenizer
 

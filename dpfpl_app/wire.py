@@ -112,6 +112,7 @@ def read_global_prompt(arrays: ArrayRecord) -> torch.Tensor:
     ------
     ValueError
         If the record holds anything but one 2-D float32 ``global-prompt``.
+
     """
     if set(arrays.keys()) != {GLOBAL_PROMPT}:
         raise ValueError(

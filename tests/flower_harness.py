@@ -131,6 +131,7 @@ class InProcessGrid(Grid):
         Run id of the contexts and messages.
     on_reply : callable, optional
         Called with every reply (after serialisation), before the server sees it.
+
     """
 
     def __init__(

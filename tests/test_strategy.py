@@ -26,7 +26,8 @@ from opacus.accountants import RDPAccountant
 from dpfpl_app import strategy as strategy_module
 from dpfpl_app import wire
 from dpfpl_app.accounting import RDP_ORDERS, AccountantKind
-from dpfpl_app.strategy import DPFPLStrategy, DPMode, GlobalNoise
+from dpfpl_app.config import DPMode
+from dpfpl_app.strategy import DPFPLStrategy, GlobalNoise
 
 SHAPE = (4, 8)
 LR = 0.5

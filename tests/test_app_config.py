@@ -1,0 +1,47 @@
+"""The app's shipped configuration: pyproject, RunConfig and README agree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import tomllib
+
+from dpfpl_app.config import RunConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _pyproject() -> dict:
+    return tomllib.loads((REPO / "pyproject.toml").read_text())
+
+
+def test_pyproject_run_config_is_valid_and_equals_the_defaults() -> None:
+    shipped = _pyproject()["tool"]["flwr"]["app"]["config"]
+
+    cfg = RunConfig.from_flower(shipped)
+
+    assert cfg == RunConfig()
+    assert set(shipped) == set(RunConfig().to_flower())
+
+
+def test_pyproject_has_no_federations_table_and_names_the_components() -> None:
+    flwr = _pyproject()["tool"]["flwr"]
+
+    assert "federations" not in flwr  # flwr run rewrites it; federations live in FLWR_HOME
+    assert flwr["app"]["components"] == {
+        "serverapp": "server_app:app",
+        "clientapp": "client_app:app",
+    }
+
+
+@pytest.mark.parametrize("key", sorted(RunConfig().to_flower()))
+def test_readme_documents_every_run_config_key(key: str) -> None:
+    assert f"| `{key}` |" in (REPO / "README.md").read_text()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")))
+def test_shipped_run_config_files_validate(path: Path) -> None:
+    overrides = tomllib.loads(path.read_text())
+
+    RunConfig.from_flower({**RunConfig().to_flower(), **overrides})
