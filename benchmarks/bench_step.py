@@ -195,13 +195,13 @@ def reference_step(clip: Any, encoder: Any, pixels: Tensor, labels: Tensor, prom
             "text_backward": t3 - t2, "dp": t4 - t3}
 
 
-def make_step(cfg: Config) -> tuple[Callable[[], dict[str, float]], dict[str, Any]]:
+def make_step(cfg: Config, clip: Any, tokenizer: Any
+              ) -> tuple[Callable[[], dict[str, float]], dict[str, Any]]:
     """Build everything outside the timed region; return the step and facts about it."""
     from dpfpl_app.config import DPMode, Method
     from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
     from dpfpl_app.text_encoder import CoOpTextEncoder
 
-    clip, tokenizer = load_model(cfg.model, cfg.backbone_dir)
     encoder = CoOpTextEncoder(clip, tokenizer, class_names(tokenizer, cfg.classes), N_CTX)
     gen = torch.Generator().manual_seed(0)
     size = int(clip.config.vision_config.image_size)
@@ -250,7 +250,10 @@ def vm_rss_mib() -> float | None:
 def run_child(cfg: Config) -> dict[str, Any]:
     """Time ``cfg`` in this process: one warm-up, then ``cfg.reps`` measured steps."""
     torch.set_num_threads(cfg.threads)
-    step, facts = make_step(cfg)
+    # The whole frozen CLIP stays loaded while the steps run, as in a client process
+    # (client_node caches it), even where the step only uses the text layers.
+    clip, tokenizer = load_model(cfg.model, cfg.backbone_dir)
+    step, facts = make_step(cfg, clip, tokenizer)
     setup_rss = vm_rss_mib()
     step()  # warm-up: allocator, lazy initialisation, vmap tracing
     runs = [step() for _ in range(cfg.reps)]
@@ -318,6 +321,12 @@ def gib(mib: float) -> str:
     return f"{mib / 1024:.2f}"
 
 
+def speedup(reference: dict[str, Any], other: dict[str, Any]) -> dict[str, float]:
+    """How many times faster ``other`` is than ``reference``, by median and by min."""
+    return {"median": reference["median_s"] / other["median_s"],
+            "min": reference["min_s"] / other["min_s"]}
+
+
 def ratios(results: list[dict[str, Any]], model: str, classes: int) -> dict[str, Any] | None:
     """Speed-ups over the reference and memory, for one (model, C); None if incomplete."""
     rows = [r for r in results if r["model"] == model and r["classes"] == classes]
@@ -331,32 +340,37 @@ def ratios(results: list[dict[str, Any]], model: str, classes: int) -> dict[str,
     default = next((r for r in per_sample if r["chunk_size"] == default_chunk_size()), None)
     return {
         "model": model, "classes": classes,
-        "paper_speedup": ref["median_s"] / paper["median_s"],
+        "paper_speedup": speedup(ref, paper),
         "per_sample_best_chunk": best["chunk_size"],
-        "per_sample_best_speedup": ref["median_s"] / best["median_s"],
-        "per_sample_default_speedup": None if default is None
-        else ref["median_s"] / default["median_s"],
+        "per_sample_best_speedup": speedup(ref, best),
+        "per_sample_default_speedup": None if default is None else speedup(ref, default),
         "reference_peak_rss_mib": ref["peak_rss_mib"],
         "ours_max_peak_rss_mib": max(r["peak_rss_mib"] for r in ours),
     }
 
 
+def times_faster(ratio: dict[str, float]) -> str:
+    return f"{ratio['median']:.2f}x by median ({ratio['min']:.2f}x by min)"
+
+
 def targets(summary: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """Check the issue's three targets at ViT-B/16, C=100 (empty when that was not run)."""
+    """Check the issue's three targets at ViT-B/16, C=100 (empty when that was not run).
+
+    Speed targets are judged on medians; the min-based ratio is shown next to them.
+    """
     if summary is None:
         return []
-    default = summary["per_sample_default_speedup"]
-    per_sample = f"{summary['per_sample_best_speedup']:.2f}x (best chunk " \
-                 f"{summary['per_sample_best_chunk']})"
+    best, default = summary["per_sample_best_speedup"], summary["per_sample_default_speedup"]
+    per_sample = f"best chunk {summary['per_sample_best_chunk']}: {times_faster(best)}"
     if default is not None:
-        per_sample += f", {default:.2f}x at the default chunk {default_chunk_size()}"
+        per_sample += f"; default chunk {default_chunk_size()}: {times_faster(default)}"
     return [
         {"target": f"ours-paper >= {PAPER_SPEEDUP_TARGET:g}x faster than the reference",
-         "measured": f"{summary['paper_speedup']:.2f}x",
-         "met": summary["paper_speedup"] >= PAPER_SPEEDUP_TARGET},
+         "measured": times_faster(summary["paper_speedup"]),
+         "met": summary["paper_speedup"]["median"] >= PAPER_SPEEDUP_TARGET},
         {"target": "ours-per-sample not slower than the reference (paper DP)",
          "measured": per_sample,
-         "met": summary["per_sample_best_speedup"] >= PER_SAMPLE_SPEEDUP_TARGET},
+         "met": best["median"] >= PER_SAMPLE_SPEEDUP_TARGET},
         {"target": "peak RSS of ours (every mode) below the reference's",
          "measured": f"{gib(summary['ours_max_peak_rss_mib'])} GiB vs "
                      f"{gib(summary['reference_peak_rss_mib'])} GiB",
@@ -376,18 +390,18 @@ def markdown(report: dict[str, Any]) -> str:
         f"Command: `{meta['command']}`",
         "",
         "| model | C | path | DP mode | chunk | median (s) | min (s) | x faster than ref "
-        "| peak RSS (GiB) | RSS after setup (GiB) | suffix tokens |",
-        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "(median) | peak RSS (GiB) | RSS after setup (GiB) | suffix tokens | load (1 min) |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         ref = next(x for x in results if x["model"] == r["model"]
                    and x["classes"] == r["classes"] and x["path"] == "reference")
-        speedup = ref["median_s"] / r["median_s"]
         setup = "-" if r["setup_rss_mib"] is None else gib(r["setup_rss_mib"])
         lines.append(
             f"| {r['model']} | {r['classes']} | {r['path']} | {r['dp_mode']} | "
             f"{r['chunk_size'] or '-'} | {r['median_s']:.3f} | {r['min_s']:.3f} | "
-            f"{speedup:.2f} | {gib(r['peak_rss_mib'])} | {setup} | {r['suffix_tokens']} |")
+            f"{speedup(ref, r)['median']:.2f} | {gib(r['peak_rss_mib'])} | {setup} | "
+            f"{r['suffix_tokens']} | {r['load_after']} |")
     lines += ["", "Reference phases (median s): " + "; ".join(
         f"{r['model']} C={r['classes']}: " + " + ".join(
             f"{k.replace('_', ' ')} {v:.3f}" for k, v in r["phase_median_s"].items())
@@ -437,7 +451,7 @@ def run_parent(args: argparse.Namespace) -> None:
         results = []
         for i, cfg in enumerate(configs, 1):
             print(f"[{i}/{len(configs)}] {cfg.label} ...", flush=True)
-            r = run_in_child(cfg)
+            r = dict(run_in_child(cfg), load_after=f"{os.getloadavg()[0]:.1f}")
             results.append(r)
             phases = ", ".join(f"{k} {v:.3f}" for k, v in r["phase_median_s"].items())
             print(f"    median {r['median_s']:.3f} s, min {r['min_s']:.3f} s, peak RSS "

@@ -62,6 +62,10 @@ WARMUP_FRACTION = 0.2
 """Share of steps with a linear learning-rate ramp. Shorter ramps collapse both towers to one
 embedding within 20 steps and escaping takes most of the budget (measured at 5%)."""
 
+GRAD_CLIP_NORM = 1.0
+"""Global gradient-norm cap. Early gradients of the near-collapsed towers reach norms of 10-25;
+capping them keeps a bad seed from stalling at chance (seed 1 stalled without it)."""
+
 ZERO_SHOT_EVAL_MAX = 5000
 """Images of the federated pool scored for the metadata's zero-shot accuracy (evenly spaced)."""
 
@@ -99,11 +103,13 @@ BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
         # Digits are 8x8: 16x16 input keeps 16 patches and builds in about a minute.
+        # Measured zero-shot on the federated pool: 97-98.5% over seeds 0, 1, 2.
         BackboneSpec("dpfpl-tiny-digits", ("digits",), image_size=16, patch_size=4,
-                     steps=400, batch_size=256, learning_rate=1e-3, approx_minutes=1.5),
+                     steps=400, batch_size=128, learning_rate=5e-4, approx_minutes=1.5),
+        # Batches are half digits, half Fashion-MNIST; 8x8 patches keep 16 tokens per image.
         BackboneSpec("dpfpl-tiny-digits-fashion", ("digits", "fashion-mnist"), image_size=32,
-                     patch_size=8, steps=500, batch_size=256, learning_rate=1e-3,
-                     approx_minutes=4.0),
+                     patch_size=8, steps=600, batch_size=128, learning_rate=5e-4,
+                     approx_minutes=3.0),
         # Random weights: only proves the plumbing (loading, shapes); useless for accuracy.
         BackboneSpec("random-plumbing-clip", (), image_size=32, patch_size=4, steps=0,
                      batch_size=0, learning_rate=0.0, approx_minutes=0.1),
@@ -258,8 +264,10 @@ def build_random_clip(out_dir: Path, *, seed: int = 0) -> Path:
 
 def zero_shot_accuracy(model_dir: Path, images: LabelledImages, template: str,
                        batch_size: int = 512) -> float:
-    """Zero-shot accuracy of the backbone in ``model_dir``: predict the class whose caption
-    ``template.format(class_name)`` is most similar to the image.
+    """Zero-shot accuracy of the backbone in ``model_dir`` on ``images``.
+
+    Each image is assigned the class whose caption ``template.format(class_name)`` has the
+    most similar embedding; the result is the fraction assigned correctly.
     """
     from transformers import CLIPModel, CLIPTokenizer
 
@@ -294,6 +302,7 @@ class _PretrainData:
     caption_class: torch.Tensor  # (K,) class id of each caption
     first_caption: torch.Tensor  # (C,) index of the first caption of each class
     caption_count: torch.Tensor  # (C,) number of captions (templates) of each class
+    dataset_slices: tuple[slice, ...]  # rows of ``pixels`` belonging to each dataset
 
 
 def _pretrain_data(datasets: tuple[str, ...], processor: Any,
@@ -301,30 +310,58 @@ def _pretrain_data(datasets: tuple[str, ...], processor: Any,
     """Load the pretraining splits and caption them; return the data and its provenance."""
     pixels, labels, captions, caption_class, first, count = [], [], [], [], [], []
     provenance: dict[str, Any] = {}
-    class_offset = 0
+    slices: list[slice] = []
+    class_offset = row = 0
     for name in datasets:
         spec = get_dataset(name)
         data, pretrain, _ = load_with_split(name)
         pool = data.subset(pretrain)
         pixels.append(images_to_pixel_values(processor, pool.images))
+        slices.append(slice(row, row + len(pool)))
+        row += len(pool)
         labels.append(torch.from_numpy(pool.labels) + class_offset)
         for class_id, class_name in enumerate(spec.class_names, start=class_offset):
             first.append(len(captions))
             count.append(len(spec.caption_templates))
             captions += [template.format(class_name) for template in spec.caption_templates]
             caption_class += [class_id] * len(spec.caption_templates)
-        provenance[name] = {"pretrain_count": len(pretrain), "federated_count": len(data) - len(pretrain),
-                            "pretrain_index_sha256": index_hash(pretrain),
-                            "pretrain_fraction": spec.pretrain_fraction,
-                            "split_seed": spec.split_seed}
+        provenance[name] = {
+            "pretrain_count": len(pretrain), "federated_count": len(data) - len(pretrain),
+            "pretrain_index_sha256": index_hash(pretrain),
+            "pretrain_fraction": spec.pretrain_fraction, "split_seed": spec.split_seed}
         class_offset += len(spec.class_names)
     tokens = tokenizer(captions, padding=True, return_tensors="pt")
     data = _PretrainData(
         pixels=torch.cat(pixels), labels=torch.cat(labels),
         caption_tokens=tokens["input_ids"], caption_mask=tokens["attention_mask"],
         caption_class=torch.tensor(caption_class), first_caption=torch.tensor(first),
-        caption_count=torch.tensor(count))
+        caption_count=torch.tensor(count), dataset_slices=tuple(slices))
     return data, provenance
+
+
+class _BalancedBatches:
+    """Seeded batches with an equal share from each dataset, each reshuffled every epoch.
+
+    Digits (about 700 pretraining images) would otherwise be drowned by Fashion-MNIST (14000).
+    """
+
+    def __init__(self, slices: tuple[slice, ...], batch_size: int,
+                 generator: torch.Generator) -> None:
+        self._slices, self._generator = slices, generator
+        self._shares = [batch_size // len(slices) + (i < batch_size % len(slices))
+                        for i in range(len(slices))]
+        self._queues = [torch.empty(0, dtype=torch.long) for _ in slices]
+
+    def next(self) -> torch.Tensor:
+        """Row indices of the next batch."""
+        parts = []
+        for i, (rows, share) in enumerate(zip(self._slices, self._shares, strict=True)):
+            while len(self._queues[i]) < share:
+                epoch = torch.randperm(rows.stop - rows.start, generator=self._generator)
+                self._queues[i] = torch.cat([self._queues[i], epoch + rows.start])
+            parts.append(self._queues[i][:share])
+            self._queues[i] = self._queues[i][share:]
+        return torch.cat(parts)
 
 
 def _random_shift(pixels: torch.Tensor, max_shift: int, fill: float,
@@ -378,13 +415,11 @@ def _pretrain(model: CLIPModel, data: _PretrainData, *, steps: int, batch_size: 
     fill = -GRAY_MEAN / GRAY_STD  # a black pixel after normalisation
     level = logging.INFO if progress else logging.DEBUG
     every = max(1, steps // 10)
-    order = torch.empty(0, dtype=torch.long)
+    batches = _BalancedBatches(data.dataset_slices, batch_size, generator)
     started, loss_value = time.perf_counter(), float("nan")
     model.train()
     for step in range(steps):
-        if len(order) < batch_size:  # fixed-seed reshuffle each epoch
-            order = torch.cat([order, torch.randperm(len(data.labels), generator=generator)])
-        batch, order = order[:batch_size], order[batch_size:]
+        batch = batches.next()
         labels = data.labels[batch]
         choice = (torch.rand(len(batch), generator=generator) * data.caption_count[labels]).long()
         captions, caption_of_image = torch.unique(data.first_caption[labels] + choice,
@@ -401,6 +436,7 @@ def _pretrain(model: CLIPModel, data: _PretrainData, *, steps: int, batch_size: 
             group["lr"] = _learning_rate(step, steps, learning_rate)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP_NORM)
         optimizer.step()
         with torch.no_grad():  # CLIP caps the temperature at 100
             model.logit_scale.clamp_(0.0, float(np.log(100.0)))
@@ -422,7 +458,7 @@ def build_pretrained_backbone(
     progress: bool,
     image_size: int = 16,
     patch_size: int = 4,
-    learning_rate: float = 1e-3,
+    learning_rate: float = 5e-4,
     name: str = "dpfpl-tiny-custom",
 ) -> Path:
     """Pretrain the tiny CLIP contrastively on the pretraining split of offline datasets.
@@ -505,6 +541,22 @@ def build_backbone(spec: BackboneSpec, out_dir: Path, *, seed: int = 0,
         patch_size=spec.patch_size, learning_rate=spec.learning_rate, name=spec.name)
 
 
+def _duration(minutes: float) -> str:
+    return "under a minute" if minutes < 1 else f"{minutes:g} minutes"
+
+
+def _make_readable(directory: Path) -> None:
+    """Open the build up to what the umask allows (mkdtemp and safetensors use 0o700/0o600).
+
+    A cache built by one user must be readable by another, e.g. Flower's uid-49999 containers.
+    """
+    umask = os.umask(0)
+    os.umask(umask)
+    directory.chmod(0o777 & ~umask)
+    for path in directory.iterdir():
+        path.chmod((0o777 if path.is_dir() else 0o666) & ~umask)
+
+
 def ensure_backbone(name: str, *, progress: bool = True) -> Path:
     """Return the cached backbone ``name``, building it once if it is missing.
 
@@ -538,11 +590,13 @@ def ensure_backbone(name: str, *, progress: bool = True) -> Path:
             return target
         for stale in parent.glob(f".{name}.building-*"):  # left by a build that died
             shutil.rmtree(stale, ignore_errors=True)
-        logger.info("building the one-off offline backbone %r (about %.0f min on 2 CPU cores; "
-                    "cached for later runs) into %s", name, max(spec.approx_minutes, 1), target)
+        logger.info("building the one-off offline backbone %r (about %s on 2 CPU cores; "
+                    "cached for later runs) into %s", name, _duration(spec.approx_minutes),
+                    target)
         building = Path(tempfile.mkdtemp(prefix=f".{name}.building-", dir=parent))
         try:
             build_backbone(spec, building, progress=progress)
+            _make_readable(building)
             if target.exists():  # an incomplete directory from elsewhere: replace it
                 shutil.rmtree(target)
             os.replace(building, target)

@@ -72,8 +72,18 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
         cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed
     ).class_names
     trainer = ClientTrainer(cfg, clip, names, data, partition_id=pid)
-    restored = _from_context(context) or _from_disk(state_directory(cfg, context, pid))
+    directory = state_directory(cfg, context, pid)
+    restored = _from_context(context) or _from_disk(directory)
     if restored is not None:
+        owner = restored[1].get("run_id")
+        if owner != context.run_id:
+            # Resuming another run's prompt would silently continue its privacy budget
+            # and its personalisation under this run's name.
+            raise ValueError(
+                f"{directory} holds the private state of run {owner}, not of this run "
+                f"({context.run_id}): choose another run-name or state-dir, or move that "
+                "directory away (it is the only copy of that run's local prompts)"
+            )
         trainer.load_state_dict(*restored)
     return trainer
 
@@ -81,6 +91,7 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
 def save_state(trainer: ClientTrainer, cfg: RunConfig, context: Context) -> None:
     """Keep the private state in ``context.state`` and on node-local disk (0600)."""
     tensors, meta = trainer.state_dict()
+    meta = {**meta, "run_id": context.run_id}
     context.state[STATE_ARRAYS] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
     context.state[STATE_META] = ConfigRecord({"json": json.dumps(meta)})
     directory = state_directory(cfg, context, trainer.partition_id)

@@ -124,7 +124,12 @@ class ClientTrainer:
     # ----- one round ---------------------------------------------------------------
     def train_round(self, global_prompt: Tensor, server_round: int) -> RoundOutcome:
         cfg, data = self.cfg, self.data
-        self.learner.set_global_prompt(global_prompt)
+        self._receive(global_prompt)
+        if cfg.method is Method.ZEROSHOT:  # nothing to train: report the template's loss
+            logits = self.learner.logits(data.train_features[0])
+            loss = float(torch.nn.functional.cross_entropy(logits, data.train_labels))
+            self.rounds_done += 1
+            return RoundOutcome(torch.zeros_like(global_prompt), loss, 0, self.sample_rate, 0.0)
         self.learner.generator = self._round_generator(server_round)
         sampler = self._round_generator(server_round, purpose="sampling")
         grads, losses, drawn = [], [], 0
@@ -184,9 +189,14 @@ class ClientTrainer:
             return self.cfg.epsilon_local  # nominal, not a formal guarantee
         return self.local_accountant.epsilon()
 
+    def _receive(self, global_prompt: Tensor) -> None:
+        """Take the broadcast global prompt; methods without one ignore it (a constant)."""
+        if self.cfg.method.has_global:
+            self.learner.set_global_prompt(global_prompt)
+
     @torch.no_grad()
     def evaluate(self, global_prompt: Tensor) -> dict[str, float]:
-        self.learner.set_global_prompt(global_prompt)
+        self._receive(global_prompt)
         d = self.data
         local = self._accuracy(d.local_features, d.local_labels)
         neighbour = self._accuracy(d.neighbour_features, d.neighbour_labels)

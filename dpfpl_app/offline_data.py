@@ -85,7 +85,8 @@ class LabelledImages:
                 f"labels must be an int64 array of shape ({self.images.shape[0]},); got dtype "
                 f"{self.labels.dtype} and shape {self.labels.shape}."
             )
-        if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= len(self.class_names)):
+        n_classes = len(self.class_names)
+        if self.labels.size and (self.labels.min() < 0 or self.labels.max() >= n_classes):
             raise ValueError(
                 f"labels must lie in [0, {len(self.class_names)}) to index class_names; got range "
                 f"[{self.labels.min()}, {self.labels.max()}]."
@@ -159,7 +160,7 @@ def read_idx(path: Path) -> np.ndarray:
 
 
 def fashion_mnist_dir(directory: Path | None = None) -> Path:
-    """Resolve the Fashion-MNIST directory: argument, else ``$DPFPL_FASHION_MNIST_DIR``, else Debian's."""
+    """Fashion-MNIST directory: the argument, else ``$DPFPL_FASHION_MNIST_DIR``, else Debian's."""
     if directory is not None:
         return Path(directory)
     from_env = os.environ.get(FASHION_MNIST_ENV)

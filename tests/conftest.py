@@ -6,7 +6,9 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
+from dpfpl_app.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.backbone_build import CACHE_ENV, build_random_clip, ensure_backbone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,3 +30,18 @@ def digits_backbone() -> Iterator[Path]:
 def plumbing_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random-weight tiny CLIP (seed 0): proves loading and shapes, never accuracy."""
     return build_random_clip(tmp_path_factory.mktemp("backbones") / "random-plumbing-clip", seed=0)
+
+
+@pytest.fixture(scope="session")
+def clip(plumbing_clip: Path) -> FrozenClip:
+    """The plumbing CLIP loaded frozen on the CPU, shared by the unit tests."""
+    return load_frozen_clip(str(plumbing_clip), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Tiny tensors on a shared 2-core machine: one thread avoids oversubscription stalls."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

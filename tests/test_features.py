@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,19 +15,9 @@ from dpfpl_app import features as features_module
 from dpfpl_app.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.features import FeatureCache, compute_features
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def clip(plumbing_clip: Path) -> FrozenClip:
-    return load_frozen_clip(str(plumbing_clip), device="cpu")
 
 
 @pytest.fixture

@@ -178,3 +178,21 @@ def test_invalid_run_config_stops_the_run_before_anything_runs(
     with pytest.raises(ConfigError, match=r"rank=40 exceeds n-ctx=16"):
         run_server_app(server_module.app, client_app=client_module.app, num_nodes=2, run_config=cfg)
     assert not (tmp_path / "runs").exists()
+
+
+def test_state_of_another_run_is_never_resumed(digits_backbone: Path, tmp_path: Path) -> None:
+    # Prepare: run 7 leaves its private state under run-name "t"
+    cfg = RunConfig.from_flower(_config(tmp_path))
+    node_config = {"partition-id": 0, "num-partitions": 4}
+    first = Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(),
+                    run_config=cfg.to_flower())
+    trainer = build_trainer(cfg, first)
+    trainer.train_round(torch.zeros_like(trainer.learner.global_prompt), 1)
+    save_state(trainer, cfg, first)
+    other = Context(run_id=8, node_id=1, node_config=node_config, state=RecordDict(),
+                    run_config=cfg.to_flower())
+
+    # Execute / Assert: a new run with the same run-name refuses instead of inheriting
+    # run 7's prompt and privacy budget
+    with pytest.raises(ValueError, match="holds the private state of run 7"):
+        build_trainer(cfg, other)

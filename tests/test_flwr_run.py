@@ -8,6 +8,7 @@ a throwaway ``FLWR_HOME``, unique ports, and ends the SuperLink it started by PI
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -46,13 +47,25 @@ def _flwr_json(args: list[str], env: dict[str, str]) -> dict:
     return json.loads(out.stdout[start:])
 
 
-def _stop_local_superlink(flwr_home: Path) -> None:
-    """End the background SuperLink (and its children) that this FLWR_HOME started."""
+def _superlink_pids(flwr_home: Path) -> list[int]:
     listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    pids = []
     for line in listing.splitlines():
         pid, _, args = line.strip().partition(" ")
         if str(flwr_home) in args and "flower-superlink" in args:
-            os.kill(int(pid), signal.SIGTERM)  # its superexec child follows its parent
+            pids.append(int(pid))
+    return pids
+
+
+def _stop_local_superlink(flwr_home: Path) -> None:
+    """End the background SuperLink this FLWR_HOME started (its superexec follows it)."""
+    deadline = time.monotonic() + 30
+    while (pids := _superlink_pids(flwr_home)) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM if time.monotonic() < deadline - 15 else signal.SIGKILL)
+        time.sleep(1)
+    assert not _superlink_pids(flwr_home), "the local SuperLink survived SIGTERM and SIGKILL"
 
 
 @pytest.mark.slow
@@ -69,7 +82,10 @@ def test_flwr_run_offline_default_completes_with_results(
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     }
     out_dir = tmp_path / "runs"
-    overrides = f"num-server-rounds=2 min-nodes=3 output-dir='{out_dir}' run-name='ci'"
+    overrides = (
+        f"num-server-rounds=2 min-nodes=3 output-dir='{out_dir}' run-name='ci' "
+        f"state-dir='{tmp_path / 'state'}'"
+    )
     try:
         # Execute
         submitted = _flwr_json(

@@ -27,7 +27,7 @@ from dpfpl_app.offline_data import (
 
 
 def write_idx(path: Path, array: np.ndarray, *, compress: bool) -> Path:
-    """Write ``array`` (uint8) in the IDX format, by the spec: 0,0,type,ndim, then big-endian dims."""
+    """Write ``array`` (uint8) as IDX, per the spec: 0, 0, type, ndim, big-endian dims, data."""
     header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
     payload = header + array.astype(np.uint8).tobytes()
     if compress:

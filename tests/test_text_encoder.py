@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
 
-from dpfpl_app.backbone import FrozenClip, load_frozen_clip
+from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.text_encoder import CoOpTextEncoder
 
 # class names of very different token lengths (1 to 11 tokens with the period)
@@ -17,18 +14,9 @@ CLASS_NAMES = ("x", "cat", "great white shark", "hippopotamus", "sea lion pup")
 TEMPLATE = "a photo of a"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def clip(plumbing_clip: Path) -> FrozenClip:
-    return load_frozen_clip(str(plumbing_clip), device="cpu")
 
 
 def _suffix_lengths(clip: FrozenClip, names: tuple[str, ...]) -> list[int]:
