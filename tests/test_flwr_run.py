@@ -48,7 +48,9 @@ def _flwr_json(args: list[str], env: dict[str, str]) -> dict:
 
 
 def _superlink_pids(flwr_home: Path) -> list[int]:
-    listing = subprocess.run(["ps", "-eo", "pid=,args="], capture_output=True, text=True).stdout
+    listing = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True
+    ).stdout
     pids = []
     for line in listing.splitlines():
         pid, _, args = line.strip().partition(" ")
