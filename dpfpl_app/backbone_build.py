@@ -53,18 +53,20 @@ GRAY_MEAN, GRAY_STD = 0.3, 0.35
 """Pixel statistics shared by digits (0.30/0.38) and Fashion-MNIST (0.29/0.35), for all 3
 channels: the images are grayscale repeated as RGB."""
 
+# Optimisation settings that make the tiny CLIP escape its collapsed start reliably. At
+# initialisation the pooled CLS/EOS tokens barely depend on the input (mean cosine 0.99 between
+# images), and both towers first collapse to one embedding; a run then sits at chance until
+# attention learns to route content. Measured on digits: with Adam's beta2 = 0.999, 5% warm-up
+# and no clipping (lr 1e-3), 250 steps gave 34% zero-shot and seed 1 reached only 47% in 300
+# steps; with the three settings below (and lr 5e-4) seeds 0, 1, 2 reached 98.4/97.0/98.5%.
 ADAM_BETAS = (0.9, 0.98)
-"""CLIP's choice. With the default 0.999 the second moment remembers the large first gradients
-for ~1000 steps, so updates stay tiny while the towers sit at the collapsed start (measured:
-zero-shot at chance after 250 steps)."""
+"""CLIP's choice: a shorter second-moment memory forgets the large first gradients sooner."""
 
 WARMUP_FRACTION = 0.2
-"""Share of steps with a linear learning-rate ramp. Shorter ramps collapse both towers to one
-embedding within 20 steps and escaping takes most of the budget (measured at 5%)."""
+"""Share of steps with a linear learning-rate ramp before the cosine decay."""
 
 GRAD_CLIP_NORM = 1.0
-"""Global gradient-norm cap. Early gradients of the near-collapsed towers reach norms of 10-25;
-capping them keeps a bad seed from stalling at chance (seed 1 stalled without it)."""
+"""Global gradient-norm cap (early gradient norms are 10-25)."""
 
 ZERO_SHOT_EVAL_MAX = 5000
 """Images of the federated pool scored for the metadata's zero-shot accuracy (evenly spaced)."""
@@ -149,8 +151,9 @@ def tiny_clip_config(tokenizer: CLIPTokenizer, *, image_size: int, patch_size: i
 def make_image_processor(image_size: int) -> CLIPImageProcessorPil:
     """A CLIP image processor for grayscale-as-RGB images of side ``image_size``.
 
-    The PIL backend is used on purpose: the torchvision backend resamples slightly
-    differently, and the backbone must see the same pixels in pretraining and federated use.
+    The PIL backend is chosen explicitly (``CLIPImageProcessor`` picks torchvision when it is
+    installed, whose resampling need not match PIL's): the backbone must see the same pixels
+    in pretraining and in federated use, whatever is installed.
     """
     from transformers import CLIPImageProcessorPil
     from transformers.image_utils import PILImageResampling
@@ -226,11 +229,8 @@ def _library_versions() -> dict[str, str]:
             "numpy": np.__version__}
 
 
-def _save_backbone(out_dir: Path, model: CLIPModel, processor: Any,
-                   metadata: dict[str, Any]) -> Path:
-    """Save weights and processor, then the metadata last (it marks the directory complete)."""
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
+def _write_metadata(out_dir: Path, metadata: dict[str, Any]) -> Path:
+    """Write ``dpfpl_backbone.json`` after weights and processor: it marks the build complete."""
     metadata = dict(metadata, weights_sha256=weights_sha256(out_dir),
                     library_versions=_library_versions(), torch_threads=BUILD_THREADS)
     (out_dir / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n", encoding="utf-8")
@@ -257,7 +257,9 @@ def build_random_clip(out_dir: Path, *, seed: int = 0) -> Path:
     with _deterministic_torch(seed):
         model = CLIPModel(tiny_clip_config(tokenizer, image_size=spec.image_size,
                                            patch_size=spec.patch_size))
-    return _save_backbone(out_dir, model, make_image_processor(spec.image_size), {
+    model.save_pretrained(out_dir)
+    make_image_processor(spec.image_size).save_pretrained(out_dir)
+    return _write_metadata(out_dir, {
         "name": spec.name, "seed": seed, "datasets": [], "steps": 0,
         "purpose": "plumbing tests only: random weights, prompt learning stays at chance"})
 
@@ -308,7 +310,12 @@ class _PretrainData:
 def _pretrain_data(datasets: tuple[str, ...], processor: Any,
                    tokenizer: CLIPTokenizer) -> tuple[_PretrainData, dict[str, Any]]:
     """Load the pretraining splits and caption them; return the data and its provenance."""
-    pixels, labels, captions, caption_class, first, count = [], [], [], [], [], []
+    pixels: list[torch.Tensor] = []
+    labels: list[torch.Tensor] = []
+    captions: list[str] = []
+    caption_class: list[int] = []
+    first: list[int] = []
+    count: list[int] = []
     provenance: dict[str, Any] = {}
     slices: list[slice] = []
     class_offset = row = 0
@@ -331,12 +338,12 @@ def _pretrain_data(datasets: tuple[str, ...], processor: Any,
             "pretrain_fraction": spec.pretrain_fraction, "split_seed": spec.split_seed}
         class_offset += len(spec.class_names)
     tokens = tokenizer(captions, padding=True, return_tensors="pt")
-    data = _PretrainData(
+    pretrain_data = _PretrainData(
         pixels=torch.cat(pixels), labels=torch.cat(labels),
         caption_tokens=tokens["input_ids"], caption_mask=tokens["attention_mask"],
         caption_class=torch.tensor(caption_class), first_caption=torch.tensor(first),
         caption_count=torch.tensor(count), dataset_slices=tuple(slices))
-    return data, provenance
+    return pretrain_data, provenance
 
 
 class _BalancedBatches:
@@ -496,6 +503,8 @@ def build_pretrained_backbone(
         raise ValueError("datasets must name at least one offline dataset, e.g. ('digits',).")
     if steps < 1 or batch_size < 2:
         raise ValueError(f"steps must be >= 1 and batch_size >= 2; got {steps} and {batch_size}.")
+    for dataset in datasets:
+        get_dataset(dataset)  # fail before any work on an unknown name
     started = time.perf_counter()
     out_dir = build_tokenizer(Path(out_dir))
     tokenizer = CLIPTokenizer.from_pretrained(out_dir)
@@ -516,7 +525,7 @@ def build_pretrained_backbone(
         provenance[dataset].update(
             zero_shot_template=template, zero_shot_eval_count=len(scored),
             zero_shot_accuracy=zero_shot_accuracy(out_dir, scored, template))
-    return _save_backbone(out_dir, model, processor, {
+    return _write_metadata(out_dir, {
         "name": name, "seed": seed, "datasets": list(datasets), "steps": steps,
         "batch_size": batch_size, "learning_rate": learning_rate, "image_size": image_size,
         "patch_size": patch_size, "final_loss": final_loss, "data": provenance,

@@ -72,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # force: an imported library has already configured the root logger at WARNING
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

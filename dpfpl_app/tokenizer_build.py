@@ -167,7 +167,9 @@ def build_tokenizer(out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_vocabulary(caption_corpus())
-    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CONTEXT_LENGTH)
+    # transformers annotates merges as strings, but the BPE model takes (left, right) pairs.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges,  # type: ignore[arg-type]
+                              model_max_length=CONTEXT_LENGTH)
     tokenizer.save_pretrained(out_dir)
     # The classic pair that CLIP tools (and older transformers) read directly.
     (out_dir / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=1) + "\n",
