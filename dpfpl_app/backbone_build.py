@@ -429,9 +429,8 @@ def _pretrain(model: CLIPModel, data: _PretrainData, *, steps: int, batch_size: 
         batch = batches.next()
         labels = data.labels[batch]
         choice = (torch.rand(len(batch), generator=generator) * data.caption_count[labels]).long()
-        captions, caption_of_image = torch.unique(data.first_caption[labels] + choice,
-                                                  return_inverse=True)
-        del caption_of_image  # positives are defined by class, not by the sampled caption
+        # Each distinct caption is encoded once; positives are defined by class (see the loss).
+        captions = torch.unique(data.first_caption[labels] + choice)
         pixels = _random_shift(data.pixels[batch], max_shift, fill, generator)
         image = model.get_image_features(pixel_values=pixels).pooler_output
         text = model.get_text_features(input_ids=data.caption_tokens[captions],
