@@ -10,6 +10,7 @@ from pathlib import Path
 from dpfpl_app import accounting
 from dpfpl_app.backbone_build import BACKBONES, ensure_backbone
 from dpfpl_app.results import load_results, summary_table
+from dpfpl_app.service_cli import add_service_commands
 
 
 def _build_backbone(args: argparse.Namespace) -> int:
@@ -68,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--accountant", choices=[k.value for k in accounting.AccountantKind], default="rdp"
     )
     p.set_defaults(func=_calibrate)
+
+    add_service_commands(sub)
     return parser
 
 

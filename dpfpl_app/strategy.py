@@ -327,6 +327,9 @@ class DPFPLStrategy(Strategy):
         node_ids = self._sample_nodes(grid, fraction, message_type)
         payload = ConfigRecord(dict(config))
         payload[wire.SERVER_ROUND] = round_
+        if self.noise.mode is not DPMode.OFF:
+            # public: what the broadcast p_G has spent, for the clients' exported prompts
+            payload[wire.EPS_GLOBAL] = self.epsilon()
         content = RecordDict(
             {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
         )
