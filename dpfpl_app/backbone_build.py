@@ -20,7 +20,7 @@ import platform
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,25 +172,36 @@ def load_image_processor(model_dir: Path) -> CLIPImageProcessorPil:
     return CLIPImageProcessorPil.from_pretrained(model_dir)
 
 
+def rgb_to_pixel_values(processor: Any, rgb: Sequence[np.ndarray]) -> torch.Tensor:
+    """Turn ``uint8`` RGB images ``(H, W, 3)`` of any sizes into CLIP pixel values.
+
+    The one path from images to model input, shared by pretraining, feature extraction
+    and prediction, so all of them feed the backbone identical pixels.
+    """
+    if not rgb:
+        size = processor.crop_size["height"]
+        return torch.empty((0, 3, size, size))
+    out = processor(images=list(rgb), return_tensors="pt", input_data_format="channels_last")
+    return out["pixel_values"]
+
+
 def images_to_pixel_values(processor: Any, images: np.ndarray,
                            chunk_size: int = 2048) -> torch.Tensor:
-    """Turn grayscale ``uint8`` images ``(N, H, W)`` into CLIP pixel values ``(N, 3, S, S)``.
-
-    The one path from offline images to model input, shared by pretraining and federated
-    code, so both feed the backbone identical pixels.
-    """
+    """Turn grayscale ``uint8`` images ``(N, H, W)`` into CLIP pixel values ``(N, 3, S, S)``."""
     if images.dtype != np.uint8 or images.ndim != 3:
         raise ValueError(f"images must be uint8 of shape (N, H, W); got {images.dtype} "
                          f"{images.shape}.")
-    chunks = []
-    for start in range(0, len(images), chunk_size):
-        rgb = np.repeat(images[start:start + chunk_size, :, :, None], 3, axis=3)  # (n, H, W, 3)
-        out = processor(images=list(rgb), return_tensors="pt", input_data_format="channels_last")
-        chunks.append(out["pixel_values"])
-    if not chunks:
-        size = processor.crop_size["height"]
-        return torch.empty((0, 3, size, size))
-    return torch.cat(chunks)
+    if not len(images):
+        return rgb_to_pixel_values(processor, [])
+    return torch.cat([
+        rgb_to_pixel_values(processor, list(gray_to_rgb(images[start:start + chunk_size])))
+        for start in range(0, len(images), chunk_size)
+    ])
+
+
+def gray_to_rgb(images: np.ndarray) -> np.ndarray:
+    """``(N, H, W)`` grayscale to ``(N, H, W, 3)`` by repeating the channel."""
+    return np.repeat(images[..., None], 3, axis=-1)
 
 
 @contextlib.contextmanager

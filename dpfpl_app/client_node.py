@@ -26,7 +26,8 @@ from dpfpl_app.backbone_build import cache_root
 from dpfpl_app.client_trainer import ClientTrainer
 from dpfpl_app.config import RunConfig
 from dpfpl_app.features import FeatureCache
-from dpfpl_app.federated_data import client_data, load_federated_data
+from dpfpl_app.federated_data import client_data, load_federated_data, source_spec
+from dpfpl_app.prompt_export import export_path, personalised_prompt_file
 
 logger = logging.getLogger(__name__)
 
@@ -62,16 +63,20 @@ def state_directory(cfg: RunConfig, context: Context, partition_id: int) -> Path
     return root / run / f"partition-{partition_id}"
 
 
+def class_names(cfg: RunConfig) -> tuple[str, ...]:
+    """The run's class names in label order (what the prompt's classes are)."""
+    return load_federated_data(
+        source_spec(cfg), test_fraction=cfg.test_fraction, seed=cfg.seed
+    ).class_names
+
+
 def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
     """A trainer for this node, with its private state restored if any was kept."""
     pid, num = node_partition(context)
     clip = cached_clip(cfg.model)
     features = FeatureCache(cache_root() / "features")
     data = client_data(cfg, clip, features, partition_id=pid, num_partitions=num)
-    names = load_federated_data(
-        cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed
-    ).class_names
-    trainer = ClientTrainer(cfg, clip, names, data, partition_id=pid)
+    trainer = ClientTrainer(cfg, clip, class_names(cfg), data, partition_id=pid)
     directory = state_directory(cfg, context, pid)
     restored = _from_context(context) or _from_disk(directory)
     if restored is not None:
@@ -88,8 +93,19 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
     return trainer
 
 
-def save_state(trainer: ClientTrainer, cfg: RunConfig, context: Context) -> None:
-    """Keep the private state in ``context.state`` and on node-local disk (0600)."""
+def save_state(
+    trainer: ClientTrainer,
+    cfg: RunConfig,
+    context: Context,
+    *,
+    broadcast_epsilon: float | None = None,
+) -> None:
+    """Keep the private state in ``context.state`` and on node-local disk (0600).
+
+    The personalised prompt is exported next to it (``prompt.safetensors``, 0600) for
+    the organisation to release if it chooses; ``broadcast_epsilon`` is the server's
+    eps-global for the global prompt in use, recorded as unknown when not given.
+    """
     tensors, meta = trainer.state_dict()
     meta = {**meta, "run_id": context.run_id}
     context.state[STATE_ARRAYS] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
@@ -98,6 +114,10 @@ def save_state(trainer: ClientTrainer, cfg: RunConfig, context: Context) -> None
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     _write_private(directory / "private.safetensors", lambda p: save_file(tensors, p))
     _write_private(directory / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))
+    exported = personalised_prompt_file(
+        trainer, cached_clip(cfg.model), class_names(cfg), broadcast_epsilon=broadcast_epsilon
+    )
+    exported.save(export_path(directory))
 
 
 def _write_private(path: Path, write: Any) -> None:

@@ -85,7 +85,13 @@ class RunConfig(BaseModel):
     clip_norm: float = Field(10.0, gt=0, description="per-sample (or batch) L2 clip C_th")
     accountant: Accountant = Field(Accountant.RDP, description="rdp | prv")
     model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")
-    dataset: str = Field("digits", min_length=1, description="digits | fashion-mnist")
+    dataset: str = Field(
+        "digits", min_length=1, description="offline name, hub name, hf:<id>, or imagefolder"
+    )
+    data_dir: str = Field("", description="local copy of the dataset (node-local path)")
+    image_column: str = Field("", description="image column of an hf: dataset; empty = auto")
+    label_column: str = Field("", description="label column of an hf: dataset; empty = auto")
+    class_names_file: str = Field("", description="one class name per line, in label order")
     partitioner: Partitioner = Field(
         Partitioner.PATHOLOGICAL, description="pathological | dirichlet | iid"
     )
@@ -121,6 +127,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        from dpfpl_app.data_sources import check_dataset_name
+
+        check_dataset_name(self.dataset, self.data_dir)
         if self.method.low_rank and self.rank > self.n_ctx:
             raise ValueError(
                 f"rank={self.rank} exceeds n-ctx={self.n_ctx}; the carriers u (n_ctx x r) "

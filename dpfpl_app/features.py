@@ -1,7 +1,7 @@
 """Image features of the frozen image encoder, computed once per image and cached on disk.
 
 The image tower never changes and there is no image-side prompt, so a client's features
-are a pure function of (model weights, preprocessing, images, augmentation recipe).
+are a pure function of (model weights, preprocessing, image set, augmentation recipe).
 They are computed once and stored under a key hashed from exactly those inputs, so a
 changed model, processor or image set can never be served stale features. In a
 deployment every Flower message runs in a fresh process; the disk cache is what keeps
@@ -20,18 +20,18 @@ import math
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dpfpl_app.backbone import FrozenClip
-from dpfpl_app.backbone_build import images_to_pixel_values
+from dpfpl_app.backbone_build import rgb_to_pixel_values
+from dpfpl_app.data_sources import ImageSet
 
 logger = logging.getLogger(__name__)
 
-FEATURE_FORMAT = 1  # bump when the way features are computed changes
+FEATURE_FORMAT = 2  # bump when the way features are computed changes
 
 
 def model_identity(clip: FrozenClip) -> str:
@@ -55,12 +55,6 @@ def model_identity(clip: FrozenClip) -> str:
     else:
         h.update(str(getattr(clip.model.config, "_commit_hash", "")).encode())
     return h.hexdigest()
-
-
-def images_identity(images: np.ndarray) -> str:
-    return hashlib.sha256(
-        np.ascontiguousarray(images).tobytes() + str(images.shape).encode()
-    ).hexdigest()
 
 
 def random_resized_crop_flip(pixels: Tensor, generator: torch.Generator) -> Tensor:
@@ -97,14 +91,27 @@ def encode_pixels(clip: FrozenClip, pixels: Tensor, *, batch_size: int = 256) ->
     return torch.cat(chunks)
 
 
-def compute_features(clip: FrozenClip, images: np.ndarray, *, views: int, seed: int) -> Tensor:
-    """Features (V, N, e): view 0 is the clean image, views 1..K are augmented."""
-    pixels = images_to_pixel_values(clip.processor, images)
+def compute_features(
+    clip: FrozenClip, images: ImageSet, *, views: int, seed: int, chunk: int = 512
+) -> Tensor:
+    """Features (V, N, e): view 0 is the clean image, views 1..K are augmented.
+
+    Images are decoded and preprocessed ``chunk`` at a time, so memory stays flat on
+    datasets of any size.
+    """
     generator = torch.Generator().manual_seed(seed)
-    stacks = [encode_pixels(clip, pixels)]
-    for _ in range(views):
-        stacks.append(encode_pixels(clip, random_resized_crop_flip(pixels, generator)))
-    return torch.stack(stacks)
+    stacks: list[list[Tensor]] = [[] for _ in range(1 + views)]
+    n = len(images)
+    for start in range(0, n, chunk):
+        pixels = rgb_to_pixel_values(clip.processor, images.rgb(start, start + chunk))
+        stacks[0].append(encode_pixels(clip, pixels))
+        for v in range(1, 1 + views):
+            stacks[v].append(encode_pixels(clip, random_resized_crop_flip(pixels, generator)))
+        if n > 4 * chunk:
+            logger.info("  encoded %d/%d images", min(n, start + chunk), n)
+    if n == 0:
+        return torch.empty((1 + views, 0, int(clip.model.config.projection_dim)))
+    return torch.stack([torch.cat(view) for view in stacks])
 
 
 class FeatureCache:
@@ -113,18 +120,21 @@ class FeatureCache:
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
 
-    def key(self, clip: FrozenClip, images: np.ndarray, *, views: int, seed: int) -> str:
-        parts = [str(FEATURE_FORMAT), model_identity(clip), images_identity(images), str(views)]
+    def key(self, clip: FrozenClip, images: ImageSet, *, views: int, seed: int) -> str:
+        parts = [str(FEATURE_FORMAT), model_identity(clip), images.fingerprint, str(views)]
         parts.append(str(seed) if views else "-")
         return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
-    def features(self, clip: FrozenClip, images: np.ndarray, *, views: int, seed: int) -> Tensor:
+    def features(self, clip: FrozenClip, images: ImageSet, *, views: int, seed: int) -> Tensor:
         key = self.key(clip, images, views=views, seed=seed)
         path = self.root / f"{key}.safetensors"
         if path.is_file():
             return load_file(path)["features"]
         logger.info(
-            "computing image features for %d images (%d augmented views)", len(images), views
+            "computing image features for %d images of %s (%d augmented views)",
+            len(images),
+            images.name,
+            views,
         )
         feats = compute_features(clip, images, views=views, seed=seed)
         self.root.mkdir(parents=True, exist_ok=True)

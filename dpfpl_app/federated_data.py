@@ -2,13 +2,16 @@
 
 The offline datasets contribute only their federated pool (images the offline backbone
 never saw in pretraining); that pool is split per class into train and test with the
-run's seed, then partitioned across clients (``partition.py``).
+run's seed. Hub and image-folder datasets keep their official test split when they have
+one (the paper's protocol) and are split the same way when they do not. The train pool
+is then partitioned across clients (``partition.py``).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,15 +19,16 @@ from torch import Tensor
 
 from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.config import RunConfig
+from dpfpl_app.data_sources import ImageSet, SourceSpec, load_splits
 from dpfpl_app.features import FeatureCache
-from dpfpl_app.offline_data import DATASETS, LabelledImages, federated_pool
+from dpfpl_app.offline_data import DATASETS, federated_pool
 from dpfpl_app.partition import ClientPartition, client_partitions
 
 
 @dataclass(frozen=True)
 class FederatedData:
-    train: LabelledImages
-    test: LabelledImages
+    train: ImageSet
+    test: ImageSet
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -62,14 +66,30 @@ def stratified_split(
     return np.sort(np.concatenate(train)), np.sort(np.concatenate(test))
 
 
+def source_spec(cfg: RunConfig) -> SourceSpec:
+    return SourceSpec(
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir,
+        image_column=cfg.image_column,
+        label_column=cfg.label_column,
+        class_names_file=cfg.class_names_file,
+    )
+
+
 @lru_cache(maxsize=4)
-def load_federated_data(name: str, *, test_fraction: float, seed: int) -> FederatedData:
-    """Train and test pools of a dataset known to the project."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {sorted(DATASETS)}")
-    pool = federated_pool(name)
-    train_idx, test_idx = stratified_split(pool.labels, test_fraction=test_fraction, seed=seed)
-    return FederatedData(pool.subset(train_idx), pool.subset(test_idx))
+def load_federated_data(spec: SourceSpec, *, test_fraction: float, seed: int) -> FederatedData:
+    """Train and test pools of a run's dataset."""
+    if spec.dataset in DATASETS:
+        pool = ImageSet.from_arrays(
+            federated_pool(spec.dataset, directory=Path(spec.data_dir) if spec.data_dir else None)
+        )
+        test = None
+    else:
+        pool, test = load_splits(spec)
+    if test is None:
+        train_idx, test_idx = stratified_split(pool.labels, test_fraction=test_fraction, seed=seed)
+        return FederatedData(pool.subset(train_idx), pool.subset(test_idx))
+    return FederatedData(pool, test)
 
 
 def partitions_for(
@@ -99,12 +119,12 @@ def client_data(
             f"partition-id={partition_id} is outside [0, num-partitions={num_partitions}): "
             "check the SuperNode's --node-config"
         )
-    data = load_federated_data(cfg.dataset, test_fraction=cfg.test_fraction, seed=cfg.seed)
+    data = load_federated_data(source_spec(cfg), test_fraction=cfg.test_fraction, seed=cfg.seed)
     part = partitions_for(cfg, data, num_partitions)[partition_id]
     train = data.train.subset(part.train)
-    train_feats = cache.features(clip, train.images, views=cfg.feature_views, seed=cfg.seed)
+    train_feats = cache.features(clip, train, views=cfg.feature_views, seed=cfg.seed)
     # the test pool is encoded once and shared by every client on the node
-    test_feats = cache.features(clip, data.test.images, views=0, seed=cfg.seed)[0]
+    test_feats = cache.features(clip, data.test, views=0, seed=cfg.seed)[0]
     test_labels = torch.from_numpy(data.test.labels)
     return ClientData(
         train_features=train_feats,

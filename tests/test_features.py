@@ -13,16 +13,28 @@ from safetensors.torch import load_file, save_file
 
 from dpfpl_app import features as features_module
 from dpfpl_app.backbone import FrozenClip, load_frozen_clip
+from dpfpl_app.data_sources import ImageSet
 from dpfpl_app.features import FeatureCache, compute_features
+from dpfpl_app.offline_data import LabelledImages
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 
 
+def _image_set(arrays: np.ndarray) -> ImageSet:
+    labels = np.zeros(len(arrays), dtype=np.int64)
+    return ImageSet.from_arrays(LabelledImages(arrays, labels, ("thing",), "test"))
+
+
 @pytest.fixture
-def images() -> np.ndarray:
+def raw_images() -> np.ndarray:
     return np.random.default_rng(0).integers(0, 256, size=(5, 8, 8), dtype=np.uint8)
+
+
+@pytest.fixture
+def images(raw_images: ImageSet) -> ImageSet:
+    return _image_set(raw_images)
 
 
 @pytest.fixture
@@ -40,7 +52,7 @@ def _forbid_compute(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize("views", [0, 2])
 def test_cached_features_equal_fresh_features(
-    clip: FrozenClip, images: np.ndarray, tmp_path: Path, views: int
+    clip: FrozenClip, images: ImageSet, tmp_path: Path, views: int
 ) -> None:
     # Prepare
     fresh = compute_features(clip, images, views=views, seed=3)
@@ -54,7 +66,7 @@ def test_cached_features_equal_fresh_features(
 
 
 def test_second_call_reads_the_disk_instead_of_recomputing(
-    clip: FrozenClip, images: np.ndarray, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    clip: FrozenClip, images: ImageSet, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare: fill the cache, then make any recomputation fail
     first = FeatureCache(tmp_path / "cache").features(clip, images, views=1, seed=0)
@@ -69,19 +81,21 @@ def test_second_call_reads_the_disk_instead_of_recomputing(
 
 
 def test_key_changes_with_the_images_views_and_augmentation_seed(
-    clip: FrozenClip, images: np.ndarray, tmp_path: Path
+    clip: FrozenClip, raw_images: ImageSet, images: ImageSet, tmp_path: Path
 ) -> None:
     # Prepare
     cache = FeatureCache(tmp_path)
-    one_pixel = images.copy()
+    one_pixel = raw_images.copy()
     one_pixel[0, 0, 0] ^= 1
     base = cache.key(clip, images, views=2, seed=0)
 
     # Execute / Assert
-    assert cache.key(clip, images, views=2, seed=0) == base  # stable
-    assert cache.key(clip, one_pixel, views=2, seed=0) != base
-    assert cache.key(clip, images[:4], views=2, seed=0) != base
-    assert cache.key(clip, images.reshape(5, 4, 16), views=2, seed=0) != base  # same bytes
+    assert cache.key(clip, _image_set(raw_images.copy()), views=2, seed=0) == base  # stable
+    assert cache.key(clip, _image_set(one_pixel), views=2, seed=0) != base
+    assert cache.key(clip, images.subset(np.arange(4)), views=2, seed=0) != base
+    assert cache.key(clip, images.subset(np.array([1, 0, 2, 3, 4])), views=2, seed=0) != base
+    same_bytes = _image_set(raw_images.reshape(5, 4, 16))
+    assert cache.key(clip, same_bytes, views=2, seed=0) != base
     assert cache.key(clip, images, views=1, seed=0) != base
     assert cache.key(clip, images, views=2, seed=1) != base
     # clean features do not depend on the augmentation seed, so they are shared
@@ -89,7 +103,7 @@ def test_key_changes_with_the_images_views_and_augmentation_seed(
 
 
 def test_key_changes_when_the_weights_are_replaced_in_place(
-    model_copy: Path, images: np.ndarray, tmp_path: Path
+    model_copy: Path, images: ImageSet, tmp_path: Path
 ) -> None:
     # Prepare: same directory, same file size, other weights (one tensor perturbed)
     cache = FeatureCache(tmp_path / "cache")
@@ -116,7 +130,7 @@ def test_key_changes_when_the_weights_are_replaced_in_place(
 
 
 def test_key_changes_with_the_image_processor_config(
-    model_copy: Path, images: np.ndarray, tmp_path: Path
+    model_copy: Path, images: ImageSet, tmp_path: Path
 ) -> None:
     # Prepare
     cache = FeatureCache(tmp_path)
@@ -134,7 +148,7 @@ def test_key_changes_with_the_image_processor_config(
 
 
 def test_compute_features_views_are_normalised_seeded_and_view_zero_is_clean(
-    clip: FrozenClip, images: np.ndarray
+    clip: FrozenClip, images: ImageSet
 ) -> None:
     # Execute
     a = compute_features(clip, images, views=2, seed=0)
@@ -147,3 +161,12 @@ def test_compute_features_views_are_normalised_seeded_and_view_zero_is_clean(
     assert torch.equal(a, a_again)
     assert torch.equal(a[0], clean[0]) and torch.equal(b[0], clean[0])
     assert not torch.allclose(a[1], a[0]) and not torch.allclose(a[1:], b[1:])
+
+
+def test_chunked_encoding_equals_encoding_at_once(clip: FrozenClip, images: ImageSet) -> None:
+    # Execute: two images per chunk against all five in one
+    chunked = compute_features(clip, images, views=0, seed=0, chunk=2)
+    at_once = compute_features(clip, images, views=0, seed=0, chunk=512)
+
+    # Assert: chunks change memory use, never the features
+    torch.testing.assert_close(chunked, at_once)
