@@ -81,7 +81,10 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
     restored = _from_context(context) or _from_disk(directory)
     if restored is not None:
         owner = restored[1].get("run_id")
-        if owner != context.run_id:
+        if owner != context.run_id and cfg.resume:
+            # a resumed run (same run-name) continues the interrupted run's prompt and budget
+            logger.info("run %s resumes the private state of run %s", context.run_id, owner)
+        elif owner != context.run_id:
             # Resuming another run's prompt would silently continue its privacy budget
             # and its personalisation under this run's name.
             raise ValueError(

@@ -109,6 +109,7 @@ class RunConfig(BaseModel):
     output_dir: str = Field("runs", min_length=1, description="where run results go")
     run_name: str = Field("", description="subdirectory of output-dir; empty = generated")
     state_dir: str = Field("", description="node-local dir for private state; empty = cache")
+    resume: str = Field("", description="server checkpoint to continue from; empty = fresh")
 
     @model_validator(mode="before")
     @classmethod
@@ -134,6 +135,12 @@ class RunConfig(BaseModel):
             raise ValueError(
                 f"rank={self.rank} exceeds n-ctx={self.n_ctx}; the carriers u (n_ctx x r) "
                 f"need rank <= min(n-ctx, embedding width): lower rank or raise n-ctx"
+            )
+        if self.resume and not self.run_name:
+            raise ValueError(
+                f"resume={self.resume!r} needs run-name: the resumed run continues that run's "
+                "results directory and its clients' private state; set run-name to the name "
+                "of the run being resumed"
             )
         if self.dp_mode is DPMode.PAPER:
             warnings.warn(

@@ -1,0 +1,267 @@
+"""Export on the node, then use the prompt as a public user would: same logits, clear errors."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.serde import message_to_proto
+from PIL import Image
+
+import client_app as client_module
+import server_app as server_module
+from dpfpl_app import wire
+from dpfpl_app.backbone import FrozenClip, load_frozen_clip
+from dpfpl_app.backbone_build import images_to_pixel_values
+from dpfpl_app.cli import main as cli_main
+from dpfpl_app.client_node import build_trainer, save_state, state_directory
+from dpfpl_app.client_trainer import ClientTrainer
+from dpfpl_app.config import RunConfig
+from dpfpl_app.features import encode_pixels
+from dpfpl_app.offline_data import DIGIT_CLASS_NAMES, federated_pool
+from dpfpl_app.predict import Prediction, PromptClassifier, classify
+from dpfpl_app.prompt_export import broadcast_epsilon, export_path
+from dpfpl_app.prompt_file import PrivacyStatus, PromptFile, PromptFileError, load_prompt_file
+from tests.flower_harness import run_server_app
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _config(tmp: Path, **overrides: object) -> RunConfig:
+    base = RunConfig(
+        num_server_rounds=3,
+        min_nodes=3,
+        batch_size=16,
+        output_dir=str(tmp / "runs"),
+        run_name="t",
+        state_dir=str(tmp / "state"),
+        reproducible_noise=True,
+    ).to_flower()
+    base.update(overrides)
+    return RunConfig.from_flower(base)
+
+
+@pytest.fixture(scope="module")
+def exported(
+    digits_backbone: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[ClientTrainer, Path]:
+    """A client trained two per-sample DP rounds, its prompt exported by ``save_state``."""
+    tmp = tmp_path_factory.mktemp("export")
+    cfg = _config(tmp)
+    context = Context(
+        run_id=7,
+        node_id=1,
+        node_config={"partition-id": 0, "num-partitions": 4},
+        state=RecordDict(),
+        run_config=cfg.to_flower(),
+    )
+    trainer = build_trainer(cfg, context)
+    global_prompt = 0.02 * torch.randn(
+        trainer.learner.global_prompt.shape, generator=torch.Generator().manual_seed(1)
+    )
+    for server_round in (1, 2):
+        trainer.train_round(global_prompt, server_round)
+    save_state(trainer, cfg, context, broadcast_epsilon=0.5)
+    return trainer, export_path(state_directory(cfg, context, 0))
+
+
+@pytest.fixture(scope="module")
+def digits_clip(digits_backbone: Path) -> FrozenClip:
+    return load_frozen_clip(str(digits_backbone), device="cpu")
+
+
+def _write_pngs(folder: Path, images: np.ndarray) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(images):
+        paths.append(folder / f"img-{i:02d}.png")
+        Image.fromarray(image, mode="L").save(paths[-1])
+    return paths
+
+
+def test_export_load_predict_gives_the_client_models_logits(
+    exported: tuple[ClientTrainer, Path],
+) -> None:
+    trainer, path = exported
+    features = torch.cat([trainer.data.local_features, trainer.data.neighbour_features])
+
+    classifier = PromptClassifier.from_file(path, device="cpu")  # backbone named in the file
+
+    assert torch.equal(classifier.logits(features), trainer.learner.logits(features))
+
+
+def test_export_records_the_trainers_real_privacy_spend(
+    exported: tuple[ClientTrainer, Path],
+) -> None:
+    trainer, path = exported
+
+    meta = load_prompt_file(path).metadata
+
+    local = meta.local_privacy
+    assert local.status is PrivacyStatus.ACCOUNTED
+    assert local.steps == trainer.local_accountant.steps == 2
+    assert local.epsilon == pytest.approx(trainer.local_accountant.epsilon()) and local.epsilon > 0
+    assert (meta.global_privacy.status, meta.global_privacy.epsilon) == (
+        PrivacyStatus.ACCOUNTED,
+        0.5,
+    )
+    assert meta.class_names == DIGIT_CLASS_NAMES
+    assert (meta.method.value, meta.rank, meta.n_ctx, meta.rounds_done) == ("dpfpl", 8, 16, 2)
+    assert meta.backbone == "dpfpl-tiny-digits" and meta.backbone_sha256.startswith("sha256:")
+
+
+def test_predict_on_image_files_matches_the_federated_feature_path(
+    exported: tuple[ClientTrainer, Path], digits_clip: FrozenClip, tmp_path: Path
+) -> None:
+    # Prepare: 12 digit images as PNG files, and their features as the clients compute them
+    trainer, path = exported
+    images = federated_pool("digits").images[:12]
+    paths = _write_pngs(tmp_path / "imgs", images)
+    reference = encode_pixels(digits_clip, images_to_pixel_values(digits_clip.processor, images))
+    classifier = PromptClassifier(load_prompt_file(path), digits_clip)
+
+    # Execute
+    results = list(classify(classifier, [tmp_path / "imgs"], top_k=3, batch_size=5))
+
+    # Assert: same pixels and features, top-1 and probabilities of the client's model
+    expected = torch.softmax(trainer.learner.logits(reference), dim=1)
+    assert [r.path for r in results] == [str(p) for p in paths]
+    for row, result in enumerate(results):
+        assert isinstance(result, Prediction) and len(result.top) == 3
+        name, prob = result.top[0]
+        assert name == DIGIT_CLASS_NAMES[int(expected[row].argmax())]
+        assert prob == pytest.approx(float(expected[row].max()), abs=1e-4)
+
+
+def test_a_prompt_is_refused_on_another_backbone(
+    exported: tuple[ClientTrainer, Path], clip: FrozenClip, digits_clip: FrozenClip, tmp_path: Path
+) -> None:
+    # Prepare: the same prompt on the random plumbing CLIP, and a prompt of another width
+    _, path = exported
+    prompt_file = load_prompt_file(path)
+    narrow_meta = prompt_file.metadata.model_copy(update={"text_width": 64})
+    narrow = PromptFile(prompt=torch.zeros(16, 64), metadata=narrow_meta)
+    narrow_path = narrow.save(tmp_path / "narrow.safetensors")
+
+    # Execute / Assert
+    with pytest.raises(PromptFileError, match="only works on the exact weights"):
+        PromptClassifier(prompt_file, clip)
+    with pytest.raises(PromptFileError, match="embedding width 64"):
+        PromptClassifier(load_prompt_file(narrow_path), digits_clip)
+
+
+def test_bad_inputs_are_reported_and_the_rest_of_the_batch_is_classified(
+    exported: tuple[ClientTrainer, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Prepare: good PNGs, a text file, a truncated PNG, random bytes, a missing file, and a
+    # folder that cannot be listed (root ignores chmod, so listing it raises by patch)
+    _, path = exported
+    folder = tmp_path / "batch"
+    good = _write_pngs(folder, federated_pool("digits").images[:3])
+    (folder / "notes.txt").write_text("not an image")
+    (folder / "truncated.png").write_bytes(good[0].read_bytes()[:-30])  # cut mid-IDAT
+    (folder / "noise.jpg").write_bytes(bytes(range(256)) * 4)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_iterdir = pathlib.Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self == locked:
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_iterdir(self)
+
+    monkeypatch.setattr(pathlib.Path, "iterdir", iterdir)
+    args = ["predict", "--prompt", str(path), "--json", "--device", "cpu", "--top-k", "2"]
+
+    # Execute
+    code = cli_main([*args, str(folder), str(tmp_path / "missing.png"), str(locked)])
+
+    # Assert
+    out = json.loads(capsys.readouterr().out)
+    by_name = {Path(r["path"]).name: r for r in out}
+    assert code == 1
+    assert all(len(by_name[p.name]["top"]) == 2 for p in good)
+    assert "not an image format" in by_name["notes.txt"]["error"]
+    assert "cannot decode" in by_name["truncated.png"]["error"]
+    assert "not an image format" in by_name["noise.jpg"]["error"]
+    assert "no such file" in by_name["missing.png"]["error"]
+    assert "Permission denied" in by_name["locked"]["error"]
+    assert len(out) == 8
+
+
+def test_a_tampered_prompt_file_stops_predict_with_a_clear_error(
+    exported: tuple[ClientTrainer, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, path = exported
+    tampered = tmp_path / "tampered.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0x10
+    tampered.write_bytes(bytes(data))
+
+    code = cli_main(["predict", "--prompt", str(tampered), str(tmp_path)])
+
+    assert code == 2
+    assert "failed its integrity check" in capsys.readouterr().err
+
+
+def test_exports_stay_on_the_nodes_and_record_the_broadcast_epsilon(
+    digits_backbone: Path, tmp_path: Path
+) -> None:
+    # Prepare: the real ClientApp's train, with the server's eps-global passed to the export
+    cfg = _config(tmp_path, **{"min-nodes": 3})
+    replies: list[Message] = []
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Message, context: Context) -> Message:
+        run_cfg = RunConfig.from_flower(context.run_config)
+        trainer = build_trainer(run_cfg, context)
+        prompt = wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD])
+        outcome = trainer.train_round(prompt, int(msg.content["config"][wire.SERVER_ROUND]))
+        save_state(trainer, run_cfg, context, broadcast_epsilon=broadcast_epsilon(msg))
+        content = wire.train_reply_content(
+            grad=outcome.global_grad,
+            num_examples=trainer.data.num_train,
+            train_loss=outcome.loss,
+            sample_rate=outcome.sample_rate,
+            eps_local=outcome.eps_local,
+        )
+        return Message(content, reply_to=msg)
+
+    app.evaluate()(client_module.evaluate)
+
+    # Execute
+    run_server_app(
+        server_module.app,
+        client_app=app,
+        num_nodes=3,
+        run_config=cfg.to_flower(),
+        on_reply=replies.append,
+    )
+
+    # Assert: every node exported; the file's eps-global is the one of the p_G it used
+    # (the last train round received p_G after round 2); no reply carries the prompt
+    rounds = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())["rounds"]
+    files = sorted((tmp_path / "state" / "t").glob("partition-*/prompt.safetensors"))
+    assert len(files) == 3
+    exports = [load_prompt_file(f) for f in files]
+    for export in exports:
+        assert export.metadata.global_privacy.status is PrivacyStatus.ACCOUNTED
+        assert export.metadata.global_privacy.epsilon == pytest.approx(rounds[1]["eps-global"])
+        assert export.metadata.rounds_done == 3
+    for reply in replies:
+        wire_bytes = message_to_proto(reply).SerializeToString()
+        for export in exports:
+            assert export.prompt.numpy().tobytes()[:64] not in wire_bytes
+        for record in reply.content.array_records.values():
+            for tensor in record.to_torch_state_dict().values():
+                assert all(not torch.allclose(tensor, e.prompt, atol=1e-6) for e in exports)
