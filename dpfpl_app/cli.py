@@ -11,6 +11,7 @@ from dpfpl_app import accounting
 from dpfpl_app.backbone_build import BACKBONES, ensure_backbone
 from dpfpl_app.results import load_results, summary_table
 from dpfpl_app.service_cli import add_service_commands
+from dpfpl_app.sweep_cli import add_sweep_command
 
 
 def _build_backbone(args: argparse.Namespace) -> int:
@@ -71,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_calibrate)
 
     add_service_commands(sub)
+    add_sweep_command(sub)
     return parser
 
 

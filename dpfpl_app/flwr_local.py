@@ -1,0 +1,130 @@
+"""Run this app with ``flwr run`` on a private local SuperLink, from Python, and wait for it.
+
+The sweep runner submits many runs; each must be a real Flower simulation, exactly what
+a user gets from ``flwr run .``. Three Flower behaviours shape this module: ``flwr run``
+returns once the run is submitted (``--stream`` even exits 0 when the ServerApp
+crashed), so completion is read from the run's JSON status; the local SuperLink it
+starts keeps running in the background, so it is ended by PID; and it listens on fixed
+default ports, so each ``LocalFlower`` gets its own ``FLWR_HOME`` and free ports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+FLWR = str(Path(sys.executable).with_name("flwr"))
+POLL_S = 3.0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def toml_value(value: Any) -> str:
+    """One run-config value in the inline TOML ``--run-config`` takes."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string is JSON-compatible
+
+
+class LocalFlower:
+    """A private ``FLWR_HOME`` whose local SuperLink simulates the runs it is given."""
+
+    def __init__(self, app_dir: Path, flwr_home: Path) -> None:
+        self.app_dir = Path(app_dir)
+        self.flwr_home = Path(flwr_home)
+        self.env = {
+            **os.environ,
+            "FLWR_HOME": str(self.flwr_home),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
+            # offline machines: never build a runtime environment per run
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        }
+
+    def __enter__(self) -> LocalFlower:
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def run(
+        self, run_config: dict[str, Any], *, num_supernodes: int, timeout_s: float
+    ) -> tuple[int, str]:
+        """Submit one run, wait until it finishes; returns (run id, final status)."""
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        submitted = self._json(
+            [
+                "run",
+                str(self.app_dir),
+                "--run-config",
+                overrides,
+                "--federation-config",
+                f"num-supernodes={num_supernodes}",
+            ]
+        )
+        if submitted.get("success") is not True:
+            raise RuntimeError(f"flwr run refused the run: {submitted}")
+        run_id = int(submitted["run-id"])
+        deadline, status = time.monotonic() + timeout_s, "pending"
+        while not status.startswith("finished"):
+            if time.monotonic() > deadline:
+                self._json(["stop", str(run_id)])
+                return run_id, f"timeout after {timeout_s:.0f} s ({status})"
+            time.sleep(POLL_S)
+            listed = self._json(["list", "--run-id", str(run_id)])
+            if listed.get("success") and listed.get("runs"):
+                status = str(listed["runs"][0]["status"])
+        return run_id, status
+
+    def stop(self) -> None:
+        """End the background SuperLink of this FLWR_HOME (its simulation processes follow)."""
+        deadline = time.monotonic() + 30
+        while (pids := self._superlink_pids()) and time.monotonic() < deadline:
+            sig = signal.SIGTERM if time.monotonic() < deadline - 15 else signal.SIGKILL
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            time.sleep(1)
+        if self._superlink_pids():
+            raise RuntimeError(f"the local SuperLink of {self.flwr_home} survived SIGKILL")
+
+    def _superlink_pids(self) -> list[int]:
+        listing = subprocess.run(
+            ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=False
+        ).stdout
+        pids = []
+        for line in listing.splitlines():
+            pid, _, args = line.strip().partition(" ")
+            if str(self.flwr_home) in args and "flower-superlink" in args:
+                pids.append(int(pid))
+        return pids
+
+    def _json(self, args: list[str]) -> dict[str, Any]:
+        out = subprocess.run(
+            [FLWR, *args, "--format", "json"],
+            cwd=self.app_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        )
+        start = out.stdout.find("{")
+        if start < 0:
+            raise RuntimeError(f"flwr {args[0]} printed no JSON:\n{out.stdout}\n{out.stderr}")
+        return dict(json.loads(out.stdout[start:]))
