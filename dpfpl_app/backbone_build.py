@@ -131,6 +131,33 @@ def is_complete(model_dir: Path) -> bool:
     return (Path(model_dir) / METADATA_FILE).is_file()
 
 
+def recipe_changes(model_dir: Path, spec: BackboneSpec) -> list[str]:
+    """How a finished build's recorded recipe differs from ``spec`` (empty: it matches).
+
+    A cache keyed by name alone would keep serving a backbone trained on another split
+    or schedule after the project changed its recipe; comparing the recorded recipe
+    (including each dataset's pretraining split) catches that.
+    """
+    recorded = json.loads((Path(model_dir) / METADATA_FILE).read_text(encoding="utf-8"))
+    wanted: dict[str, Any] = {
+        "datasets": list(spec.datasets), "steps": spec.steps, "batch_size": spec.batch_size,
+        "learning_rate": spec.learning_rate, "image_size": spec.image_size,
+        "patch_size": spec.patch_size,
+    }
+    for name in spec.datasets:
+        data = get_dataset(name)
+        wanted[f"{name}.pretrain_fraction"] = data.pretrain_fraction
+        wanted[f"{name}.split_seed"] = data.split_seed
+    changes = []
+    for key, value in wanted.items():
+        dataset, _, field = key.rpartition(".")
+        section = recorded.get("data", {}).get(dataset, {}) if dataset else recorded
+        have = section.get(field)
+        if have != value:
+            changes.append(f"{key}: built with {have!r}, recipe now {value!r}")
+    return changes
+
+
 def tiny_clip_config(tokenizer: CLIPTokenizer, *, image_size: int, patch_size: int) -> CLIPConfig:
     """The tiny CLIP architecture, with token ids taken from ``tokenizer``.
 
@@ -271,7 +298,9 @@ def build_random_clip(out_dir: Path, *, seed: int = 0) -> Path:
     model.save_pretrained(out_dir)
     make_image_processor(spec.image_size).save_pretrained(out_dir)
     return _write_metadata(out_dir, {
-        "name": spec.name, "seed": seed, "datasets": [], "steps": 0,
+        "name": spec.name, "seed": seed, "datasets": [], "steps": spec.steps,
+        "batch_size": spec.batch_size, "learning_rate": spec.learning_rate,
+        "image_size": spec.image_size, "patch_size": spec.patch_size,
         "purpose": "plumbing tests only: random weights, prompt learning stays at chance"})
 
 
@@ -600,13 +629,17 @@ def ensure_backbone(name: str, *, progress: bool = True) -> Path:
     spec = get_backbone_spec(name)
     parent = cache_root() / "backbones"
     target = parent / name
-    if is_complete(target):
+    if is_complete(target) and not recipe_changes(target, spec):
         return target
     parent.mkdir(parents=True, exist_ok=True)
     with open(parent / f".{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or the process dies
-        if is_complete(target):  # another process built it while we waited
-            return target
+        if is_complete(target):
+            changes = recipe_changes(target, spec)
+            if not changes:  # another process built it while we waited
+                return target
+            logger.warning("cached backbone %r no longer matches its recipe (%s): rebuilding",
+                           name, "; ".join(changes))
         for stale in parent.glob(f".{name}.building-*"):  # left by a build that died
             shutil.rmtree(stale, ignore_errors=True)
         logger.info("building the one-off offline backbone %r (about %s on 2 CPU cores; "

@@ -94,16 +94,16 @@ class LocalFlower:
     def stop(self) -> None:
         """End the background SuperLink of this FLWR_HOME (its simulation processes follow)."""
         deadline = time.monotonic() + 30
-        while (pids := self._superlink_pids()) and time.monotonic() < deadline:
+        while (pids := self.superlink_pids()) and time.monotonic() < deadline:
             sig = signal.SIGTERM if time.monotonic() < deadline - 15 else signal.SIGKILL
             for pid in pids:
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
             time.sleep(1)
-        if self._superlink_pids():
+        if self.superlink_pids():
             raise RuntimeError(f"the local SuperLink of {self.flwr_home} survived SIGKILL")
 
-    def _superlink_pids(self) -> list[int]:
+    def superlink_pids(self) -> list[int]:
         listing = subprocess.run(
             ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=False
         ).stdout

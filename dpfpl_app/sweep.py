@@ -70,6 +70,10 @@ class SweepSpec(BaseModel):
             raise ValueError("every epsilon must be > 0 (use inf for no differential privacy)")
         return values
 
+    @property
+    def ablation_eps(self) -> float:
+        return self.ablation_epsilon if self.ablation_epsilon else self.epsilons[0]
+
     def cells(self) -> list[Cell]:
         """Main grid at the first rank, the rank ablation, then the reference rows."""
         cells: dict[str, Cell] = {}
@@ -83,7 +87,7 @@ class SweepSpec(BaseModel):
                 for seed in self.seeds:
                     add(method, eps, seed, self.ranks[0])
         if len(self.ranks) > 1:
-            eps = self.ablation_epsilon if self.ablation_epsilon else self.epsilons[0]
+            eps = self.ablation_eps
             for rank in self.ranks:
                 for method in (Method.DPFPL, Method.DPLORA):
                     for seed in self.seeds:
@@ -288,7 +292,7 @@ def markdown_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
             local, neighbour = _cell(agg, "local"), _cell(agg, "neighbour")
             lines.append(f"| {LABELS[method]} | {local} | {neighbour} |")
     if len(spec.ranks) > 1:
-        eps = spec.ablation_epsilon if spec.ablation_epsilon else spec.epsilons[0]
+        eps = spec.ablation_eps
         lines += ["", f"## Rank ablation at epsilon {_eps_label(eps)} (local / neighbour)", ""]
         lines += ["| rank | DP-FPL (with residual) | DP-LoRA (without) |", "|---|---|---|"]
         for r in spec.ranks:
@@ -325,60 +329,67 @@ def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
 
 def plot_sweep(spec: SweepSpec, rows: list[Aggregate], out_dir: Path) -> None:
     """accuracy_vs_epsilon.png and (with several ranks) rank_ablation.png."""
+    index = {(a.method, a.epsilon, a.rank): a for a in rows}
+    finite = sorted(e for e in spec.epsilons if not math.isinf(e))
+    no_dp_x = finite[-1] * 4 if finite else 1.0  # where "no DP" sits on the log axis
+    by_method = {}
+    for method in spec.methods:
+        rank = spec.ranks[0] if method.low_rank else 0
+        by_method[LABELS[method]] = [
+            (no_dp_x if math.isinf(e) else e, index[(method, e, rank)])
+            for e in sorted(spec.epsilons)
+            if (method, e, rank) in index
+        ]
+    ticks = [*finite, no_dp_x] if len(finite) < len(set(spec.epsilons)) else finite
+    labels = [*(f"{e:g}" for e in finite), "no DP"][: len(ticks)]
+    _two_panels(
+        out_dir / "accuracy_vs_epsilon.png", by_method, f"{spec.dataset}:",
+        "epsilon (per channel)", log_ticks=(ticks, labels),
+    )
+    if len(spec.ranks) < 2:
+        return
+    eps = spec.ablation_eps
+    by_rank = {
+        label: [(r, index[(m, eps, r)]) for r in spec.ranks if (m, eps, r) in index]
+        for m, label in ((Method.DPFPL, "with residual (DP-FPL)"),
+                         (Method.DPLORA, "without residual (DP-LoRA)"))
+    }
+    _two_panels(
+        out_dir / "rank_ablation.png", by_rank, f"{spec.dataset}, epsilon {_eps_label(eps)}:",
+        "rank",
+    )
+
+
+def _two_panels(
+    path: Path,
+    series: dict[str, list[tuple[float, Aggregate]]],
+    title: str,
+    xlabel: str,
+    log_ticks: tuple[list[float], list[str]] | None = None,
+) -> None:
+    """Local and neighbour accuracy side by side, one line (mean +- std) per series."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    finite = sorted(e for e in spec.epsilons if not math.isinf(e))
-    no_dp_x = (finite[-1] * 4) if finite else 1.0
-    index = {(a.method, a.epsilon, a.rank): a for a in rows}
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
     for ax, short in zip(axes, ("local", "neighbour"), strict=True):
-        for method in spec.methods:
-            rank = spec.ranks[0] if method.low_rank else 0
-            pts = [
-                (no_dp_x if math.isinf(e) else e, index[(method, e, rank)])
-                for e in sorted(spec.epsilons)
-                if (method, e, rank) in index
-            ]
-            if pts:
-                xs = [x for x, _ in pts]
+        for label, points in series.items():
+            if points:
                 ax.errorbar(
-                    xs, [100 * a.means[short] for _, a in pts],
-                    yerr=[100 * a.stds[short] for _, a in pts], marker="o", capsize=3,
-                    label=LABELS[method],
-                )
-        ticks = [*finite, no_dp_x] if any(math.isinf(e) for e in spec.epsilons) else finite
-        ax.set_xscale("log")
-        ax.set_xticks(ticks, [*(f"{e:g}" for e in finite), "no DP"][: len(ticks)])
-        ax.set_xlabel("epsilon (per channel)")
-        ax.set_title(f"{spec.dataset}: {short} accuracy")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "accuracy_vs_epsilon.png", dpi=100)
-    plt.close(fig)
-    if len(spec.ranks) < 2:
-        return
-    eps = spec.ablation_epsilon if spec.ablation_epsilon else spec.epsilons[0]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, short in zip(axes, ("local", "neighbour"), strict=True):
-        for method, label in ((Method.DPFPL, "with residual (DP-FPL)"),
-                              (Method.DPLORA, "without residual (DP-LoRA)")):
-            pts = [(r, index[(method, eps, r)]) for r in spec.ranks if (method, eps, r) in index]
-            if pts:
-                ax.errorbar(
-                    [r for r, _ in pts], [100 * a.means[short] for _, a in pts],
-                    yerr=[100 * a.stds[short] for _, a in pts], marker="o", capsize=3,
+                    [x for x, _ in points], [100 * a.means[short] for _, a in points],
+                    yerr=[100 * a.stds[short] for _, a in points], marker="o", capsize=3,
                     label=label,
                 )
-        ax.set_xlabel("rank")
-        ax.set_title(f"{spec.dataset}: {short} accuracy, epsilon {_eps_label(eps)}")
+        if log_ticks is not None:
+            ax.set_xscale("log")
+            ax.set_xticks(*log_ticks)
+        ax.set_xlabel(xlabel)
+        ax.set_title(f"{title} {short} accuracy")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out_dir / "rank_ablation.png", dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

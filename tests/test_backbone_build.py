@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -313,3 +314,19 @@ def test_backbone_table_names_match_their_specs() -> None:
     assert {"dpfpl-tiny-digits", "dpfpl-tiny-digits-fashion", "random-plumbing-clip"} <= set(
         BACKBONES)
     assert all(spec.name == name for name, spec in BACKBONES.items())
+
+
+def test_a_cached_backbone_whose_recipe_changed_is_rebuilt(monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    # Prepare: a finished build, then the project changes the recipe under the same name
+    monkeypatch.setenv("DPFPL_CACHE", str(tmp_path))
+    old = ensure_backbone("random-plumbing-clip")
+    spec = BACKBONES["random-plumbing-clip"]
+    assert backbone_build.recipe_changes(old, spec) == []
+    changed = dataclasses.replace(spec, image_size=spec.image_size * 2)
+    monkeypatch.setitem(BACKBONES, "random-plumbing-clip", changed)
+    # Execute
+    new = ensure_backbone("random-plumbing-clip")
+    # Assert: rebuilt to the new recipe, and that build is then reused as current
+    assert CLIPModel.from_pretrained(new).config.vision_config.image_size == changed.image_size
+    assert backbone_build.recipe_changes(new, changed) == []
