@@ -70,8 +70,25 @@ def class_names(cfg: RunConfig) -> tuple[str, ...]:
     ).class_names
 
 
+def with_node_data(cfg: RunConfig, context: Context) -> RunConfig:
+    """An organisation's own data: node-config ``dataset`` / ``data-dir`` win over the run's.
+
+    In a deployment the images live on each organisation's host, at a path only that
+    host knows; the run config names the experiment, the node config names the data.
+    """
+    updates = {
+        field: str(context.node_config[key])
+        for key, field in (("dataset", "dataset"), ("data-dir", "data_dir"))
+        if key in context.node_config
+    }
+    if not updates:
+        return cfg
+    return RunConfig.model_validate({**cfg.model_dump(), **updates})
+
+
 def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
     """A trainer for this node, with its private state restored if any was kept."""
+    cfg = with_node_data(cfg, context)
     pid, num = node_partition(context)
     clip = cached_clip(cfg.model)
     features = FeatureCache(cache_root() / "features")
@@ -118,7 +135,10 @@ def save_state(
     _write_private(directory / "private.safetensors", lambda p: save_file(tensors, p))
     _write_private(directory / "meta.json", lambda p: Path(p).write_text(json.dumps(meta)))
     exported = personalised_prompt_file(
-        trainer, cached_clip(cfg.model), class_names(cfg), broadcast_epsilon=broadcast_epsilon
+        trainer,
+        cached_clip(cfg.model),
+        class_names(trainer.cfg),  # the node's own data when its node config names it
+        broadcast_epsilon=broadcast_epsilon,
     )
     exported.save(export_path(directory))
 

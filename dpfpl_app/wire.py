@@ -156,14 +156,19 @@ def train_reply_content(
 def evaluate_reply_content(
     *, local_acc: float, neighbour_acc: float, local_examples: int, neighbour_examples: int
 ) -> RecordDict:
-    """Build a client's evaluate reply content (metrics only: no arrays leave)."""
+    """Build a client's evaluate reply content (metrics only: no arrays leave).
+
+    An accuracy over no examples (a client holding every class has no neighbour data)
+    travels as 0.0 with a count of 0: NaN would fail the server's checks, and the
+    server's means skip entries with no examples.
+    """
     return RecordDict(
         {
             METRICS_RECORD: MetricRecord(
                 {
                     NUM_EXAMPLES: int(local_examples + neighbour_examples),
-                    LOCAL_ACC: float(local_acc),
-                    NEIGHBOUR_ACC: float(neighbour_acc),
+                    LOCAL_ACC: float(local_acc) if local_examples else 0.0,
+                    NEIGHBOUR_ACC: float(neighbour_acc) if neighbour_examples else 0.0,
                     LOCAL_EXAMPLES: int(local_examples),
                     NEIGHBOUR_EXAMPLES: int(neighbour_examples),
                 }

@@ -23,7 +23,7 @@ here), timeouts and node dropouts, and message TTLs.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from uuid import uuid4
 
@@ -131,6 +131,8 @@ class InProcessGrid(Grid):
         Run id of the contexts and messages.
     on_reply : callable, optional
         Called with every reply (after serialisation), before the server sees it.
+    node_configs : sequence of mappings, optional
+        Extra ``--node-config`` entries of node i (e.g. an organisation's ``data-dir``).
 
     """
 
@@ -142,6 +144,7 @@ class InProcessGrid(Grid):
         run_config: Mapping[str, UserConfigValue],
         run_id: int = DEFAULT_RUN_ID,
         on_reply: ReplyHook | None = None,
+        node_configs: Sequence[Mapping[str, UserConfigValue]] | None = None,
     ) -> None:
         if num_nodes < 1:
             raise ValueError(f"num_nodes must be >= 1, got {num_nodes}")
@@ -153,7 +156,11 @@ class InProcessGrid(Grid):
             node_id_of(i): Context(
                 run_id=run_id,
                 node_id=node_id_of(i),
-                node_config={"partition-id": i, "num-partitions": num_nodes},
+                node_config={
+                    "partition-id": i,
+                    "num-partitions": num_nodes,
+                    **(node_configs[i] if node_configs else {}),
+                },
                 state=RecordDict(),
                 run_config=dict(run_config),
             )
@@ -271,6 +278,7 @@ def run_strategy(
     train_config: ConfigRecord | None = None,
     evaluate_config: ConfigRecord | None = None,
     on_reply: ReplyHook | None = None,
+    node_configs: Sequence[Mapping[str, UserConfigValue]] | None = None,
 ) -> FederationRun:
     """Drive ``strategy.start(...)`` over ``num_nodes`` in-process nodes."""
     grid = InProcessGrid(
@@ -293,6 +301,7 @@ def run_server_app(
     num_nodes: int,
     run_config: Mapping[str, UserConfigValue],
     on_reply: ReplyHook | None = None,
+    node_configs: Sequence[Mapping[str, UserConfigValue]] | None = None,
 ) -> FederationRun:
     """Run a real ServerApp (its ``@app.main()`` and lifespan) against in-process nodes.
 
@@ -300,7 +309,11 @@ def run_server_app(
     ``run_config`` as the nodes' and the SuperLink's node id, as in a real run.
     """
     grid = InProcessGrid(
-        client_app=client_app, num_nodes=num_nodes, run_config=run_config, on_reply=on_reply
+        client_app=client_app,
+        num_nodes=num_nodes,
+        run_config=run_config,
+        on_reply=on_reply,
+        node_configs=node_configs,
     )
     context = Context(
         run_id=grid.run.run_id,

@@ -190,3 +190,42 @@ def test_a_federation_runs_on_an_image_folder(plumbing_clip: Path, tmp_path: Pat
     final = doc["rounds"][-1]
     assert final["eval-accepted"] == 3 and final["accepted"] == 3
     assert 0.0 <= final["local-acc"] <= 1.0 and 0.0 <= final["neighbour-acc"] <= 1.0
+
+
+def test_each_organisation_can_bring_its_own_folder_by_node_config(
+    plumbing_clip: Path, tmp_path: Path
+) -> None:
+    # Prepare: two organisations, each with its whole own image folder (one partition)
+    folders = [_imagefolder(tmp_path / f"org{i}", {"train": 4 + i, "test": 2}) for i in (0, 1)]
+    cfg = RunConfig(
+        model=str(plumbing_clip),
+        num_server_rounds=2,
+        min_nodes=2,
+        batch_size=4,
+        dp_mode="off",
+        output_dir=str(tmp_path / "runs"),
+        run_name="orgs",
+        state_dir=str(tmp_path / "state"),
+    ).to_flower()  # the run config still names the offline default
+    nodes = [
+        {"partition-id": 0, "num-partitions": 1, "dataset": "imagefolder", "data-dir": str(f)}
+        for f in folders
+    ]
+
+    run = run_server_app(
+        server_module.app, client_app=client_module.app, num_nodes=2, run_config=cfg,
+        node_configs=nodes,
+    )
+
+    # Assert: both trained on their folders (not on digits) and were evaluated; holding
+    # every class of their own data, they have no neighbour data, which is not an error
+    doc = json.loads((tmp_path / "runs" / "orgs" / "results.json").read_text())
+    assert doc["status"] == "completed"
+    assert all(r["accepted"] == 2 and r["eval-accepted"] == 2 for r in doc["rounds"])
+    assert "neighbour-acc" not in doc["rounds"][-1]
+    examples = sorted(
+        int(m.content["metrics"]["local-examples"])
+        for m in run.replies
+        if "local-examples" in m.content["metrics"]
+    )
+    assert set(examples) == {6}  # 3 classes x 2 test images in each organisation's folder
