@@ -120,25 +120,30 @@ def load_splits(spec: SourceSpec) -> tuple[ImageSet, ImageSet | None]:
     """Train split and, if the source has one, its official test split."""
     import datasets
 
+    local_hint = "data-dir must hold a save_to_disk copy, data files, or class folders"
     if spec.dataset == "imagefolder":
         directory = _existing_dir(spec.data_dir, "dataset=imagefolder needs data-dir=<folder>")
-        dd = _load(lambda: datasets.load_dataset("imagefolder", data_dir=str(directory)), spec)
+        dd = _load(lambda: datasets.load_dataset("imagefolder", data_dir=str(directory)),
+                   spec.dataset, str(directory), local_hint)
         files = _files_digest(directory)
         name, image_col, label_col = f"imagefolder:{directory.name}", "image", "label"
     else:
         hub = _hub_entry(spec.dataset)
         if spec.data_dir:
             directory = _existing_dir(spec.data_dir, "data-dir must name a local copy")
-            saved = (directory / "dataset_dict.json").is_file()
-            dd = _load(
-                (lambda: datasets.load_from_disk(str(directory)))
-                if saved or (directory / "state.json").is_file()
-                else (lambda: datasets.load_dataset(str(directory))),
-                spec,
-            )
+            # a save_to_disk copy carries the hub's fingerprint; loose files get our digest
+            saved = any((directory / f).is_file() for f in ("dataset_dict.json", "state.json"))
+            load = datasets.load_from_disk if saved else datasets.load_dataset
+            dd = _load(lambda: load(str(directory)), spec.dataset, str(directory), local_hint)
             files = "" if saved else _files_digest(directory)
         else:
-            dd = _load(lambda: datasets.load_dataset(hub.hub_id), spec)
+            offline_fix = (
+                "Without internet, save a copy where there is one with `python -c \"import "
+                f"datasets; datasets.load_dataset('{hub.hub_id}').save_to_disk('DIR')\"`, "
+                "copy DIR here and set data-dir=DIR"
+            )
+            dd = _load(lambda: datasets.load_dataset(hub.hub_id), spec.dataset, hub.hub_id,
+                       offline_fix)
             files = ""
         name, image_col, label_col = spec.dataset, hub.image_column, hub.label_column
     if isinstance(dd, datasets.Dataset):
@@ -174,18 +179,13 @@ def _hub_entry(dataset: str) -> HubDataset:
     )
 
 
-def _load(load: Callable[[], Any], spec: SourceSpec) -> Any:
+def _load(load: Callable[[], Any], dataset: str, where: str, fix: str) -> Any:
     try:
         return load()
     except Exception as err:  # hub, network and format errors all end the same way here
-        where = spec.data_dir or (
-            _hub_entry(spec.dataset).hub_id if spec.dataset != "imagefolder" else ""
-        )
         raise ValueError(
-            f"could not load dataset {spec.dataset!r} from {where!r}: {type(err).__name__}: "
-            f"{err}. Without internet, save a copy where there is one with "
-            f"`python -c \"import datasets; datasets.load_dataset('{where}')"
-            ".save_to_disk('DIR')\"`, copy DIR here and set data-dir=DIR"
+            f"could not load dataset {dataset!r} from {where!r}: {type(err).__name__}: "
+            f"{err}. {fix}"
         ) from None
 
 

@@ -132,9 +132,15 @@ def test_an_unreachable_hub_dataset_names_the_id_and_the_local_copy_fix(
         load_splits(SourceSpec("cifar10"))
 
 
-def test_a_missing_data_dir_is_named(tmp_path: Path) -> None:
+def test_a_missing_or_unreadable_data_dir_is_named(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="nowhere"):
         load_splits(SourceSpec("imagefolder", data_dir=str(tmp_path / "nowhere")))
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    (junk / "notes.txt").write_text("not a dataset")
+    # HF reads a folder of text files as a text dataset: the columns show what went wrong
+    with pytest.raises(ValueError, match=r"image-column 'img' is not a column.*\['text'\]"):
+        load_splits(SourceSpec("cifar100", data_dir=str(junk)))
 
 
 def test_unknown_dataset_names_are_refused_by_the_run_config() -> None:
