@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from enum import Enum
 from typing import Any
 
@@ -86,12 +87,17 @@ def calibrate_noise_multiplier(
     steps: int,
     kind: AccountantKind = AccountantKind.RDP,
     relative_tolerance: float = 0.01,
+    prior_history: Sequence[tuple[float, float, int]] = (),
 ) -> float:
     """Smallest noise multiplier (to a tolerance) whose epsilon does not exceed the target.
 
-    Bisection keeps the invariant ``epsilon(high) <= target``, so the returned multiplier
-    never overshoots the budget; the tolerance is relative because the paper's targets
-    span 0.01 to 0.4 and an absolute tolerance would be coarse at the small end.
+    ``prior_history`` holds releases already made, as ``(multiplier, rate, steps)``: the
+    multiplier is then chosen for the remaining ``steps`` so the WHOLE history fits, which
+    is what a recalibration mid-run needs (a history mixed from two rates can exceed the
+    target even when each part alone fits it). Bisection keeps the invariant
+    ``epsilon(high) <= target``, so the result never overshoots the budget; the tolerance
+    is relative because targets span 0.01 to 10 and an absolute one would be coarse at
+    the small end.
     """
     if target_epsilon <= 0:
         raise PrivacyBudgetError(
@@ -100,19 +106,22 @@ def calibrate_noise_multiplier(
     if steps <= 0:
         raise PrivacyBudgetError(f"steps must be a positive integer, got {steps}")
     _check_rate_delta(sample_rate, delta)
+    history = [(float(z), float(q), int(n)) for z, q, n in prior_history]
 
     def eps(z: float) -> float:
-        return epsilon_for(
-            noise_multiplier=z, sample_rate=sample_rate, steps=steps, delta=delta, kind=kind
-        )
+        accountant = _new_accountant(kind)
+        accountant.history = [*history, (z, sample_rate, steps)]
+        return _epsilon_of(accountant, kind, delta)
 
     low, high = 0.0, 1.0
     while eps(high) > target_epsilon:
         low, high = high, 2.0 * high
         if high > MAX_NOISE_MULTIPLIER:
+            taken = sum(n for *_, n in history)
+            spent = f" after the {taken} steps already taken" if history else ""
             raise PrivacyBudgetError(
                 f"epsilon={target_epsilon} at delta={delta} cannot be reached in {steps} steps "
-                f"at sample rate {sample_rate:.4g} with a noise multiplier below "
+                f"at sample rate {sample_rate:.4g}{spent} with a noise multiplier below "
                 f"{MAX_NOISE_MULTIPLIER:g}; raise the epsilon, lower the number of rounds or "
                 "local steps, or lower the batch size"
             )

@@ -33,7 +33,6 @@ from flwr.serverapp.strategy import Strategy
 
 from dpfpl_app import wire
 from dpfpl_app.accounting import (
-    MAX_NOISE_MULTIPLIER,
     AccountantKind,
     ChannelAccountant,
     PrivacyBudgetError,
@@ -49,8 +48,6 @@ NODE_POLL_INTERVAL = 1.0
 # An honest client's clipped gradient can exceed clip_norm by float rounding only.
 _SUSPICIOUS_FACTOR = 2.0
 _CLIP_SLACK = 1e-4
-# Relative precision of a recalibrated multiplier (as accounting's calibration).
-_CALIBRATION_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -496,16 +493,17 @@ class DPFPLStrategy(Strategy):
         return accepted
 
     def _calibrate(self, rate: float) -> None:
-        total = int(self.noise.total_rounds or 1)
+        total, taken = int(self.noise.total_rounds or 1), self._steps_taken()
         multiplier = calibrate_noise_multiplier(
             target_epsilon=float(self.noise.epsilon or 0.0),
             delta=self.noise.delta,
             sample_rate=rate,
-            steps=total,
+            steps=max(total - taken, 1),
             kind=self.noise.accountant,
+            # the steps already taken used another rate and multiplier: the whole mixed
+            # history must fit the target, not each part alone
+            prior_history=self._accountant.history if self._accountant is not None else (),
         )
-        if self._steps_taken():
-            multiplier = self._fit_remaining_budget(multiplier, rate)
         if self._calibration_rate is not None:
             log(
                 WARNING,
@@ -517,40 +515,6 @@ class DPFPLStrategy(Strategy):
             )
         log(INFO, "global noise multiplier z=%.4g (q=%.4g, %d rounds)", multiplier, rate, total)
         self._multiplier, self._calibration_rate = multiplier, rate
-
-    def _fit_remaining_budget(self, start: float, rate: float) -> float:
-        """Smallest multiplier >= ``start`` (to 1%) whose projected epsilon fits the target.
-
-        The steps already taken used a smaller rate and multiplier; a history mixed
-        like that can exceed the target even when each part alone fits it (measured:
-        2.02 against 2.0), so the projection over the whole history decides, not the
-        homogeneous calibration. Bisection keeps ``fits(high)`` true, as accounting's.
-        """
-        target = float(self.noise.epsilon or 0.0)
-        remaining = max(int(self.noise.total_rounds or 1) - self._steps_taken(), 1)
-
-        def fits(multiplier: float) -> bool:
-            return self._projected_epsilon(multiplier, rate, remaining) <= target
-
-        if not fits(MAX_NOISE_MULTIPLIER):
-            raise PrivacyBudgetError(
-                f"the steps taken leave no room for sample rate {rate:.4g} within epsilon={target}"
-            )
-        low, high = start, start
-        while not fits(high):
-            low, high = high, min(2.0 * high, MAX_NOISE_MULTIPLIER)
-        while high - low > _CALIBRATION_TOLERANCE * high:
-            mid = 0.5 * (low + high)
-            low, high = (low, mid) if fits(mid) else (mid, high)
-        return high
-
-    def _projected_epsilon(self, multiplier: float, rate: float, steps: int) -> float:
-        """Epsilon after the steps taken so far plus ``steps`` more at (multiplier, rate)."""
-        if self._accountant is None:
-            return 0.0
-        state = self._accountant.state_dict()
-        state["history"] = [*state["history"], [multiplier, rate, steps]]
-        return ChannelAccountant.from_state_dict(state).epsilon()
 
     def _steps_taken(self) -> int:
         return self._accountant.steps if self._accountant is not None else 0

@@ -243,3 +243,28 @@ def test_channel_accountant_rejects_bad_steps(z: float, q: float) -> None:
     acc = ChannelAccountant(delta=DELTA)
     with pytest.raises(ValueError, match="noise_multiplier must be > 0|sample rate must be in"):
         acc.step(noise_multiplier=z, sample_rate=q)
+
+
+def test_calibration_with_prior_history_fits_the_whole_mixed_history() -> None:
+    # Prepare: 40 rounds already spent at a smaller rate, the rest now at a larger one
+    prior = [(1.2, 0.05, 40)]
+    target, delta = 2.0, 1e-5
+
+    # Execute
+    z = accounting.calibrate_noise_multiplier(
+        target_epsilon=target, delta=delta, sample_rate=0.08, steps=60, prior_history=prior
+    )
+
+    # Assert: the whole history fits, 1% less noise would not, and ignoring the prior
+    # steps would have chosen too little noise
+    def whole(multiplier: float) -> float:
+        acc = accounting.ChannelAccountant(delta=delta)
+        acc.step(noise_multiplier=1.2, sample_rate=0.05, steps=40)
+        acc.step(noise_multiplier=multiplier, sample_rate=0.08, steps=60)
+        return acc.epsilon()
+
+    assert whole(z) <= target < whole(0.985 * z)
+    alone = accounting.calibrate_noise_multiplier(
+        target_epsilon=target, delta=delta, sample_rate=0.08, steps=60
+    )
+    assert whole(alone) > target
