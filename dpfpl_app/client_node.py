@@ -77,13 +77,13 @@ def with_node_data(cfg: RunConfig, context: Context) -> RunConfig:
     host knows; the run config names the experiment, the node config names the data.
     """
     updates = {
-        field: str(context.node_config[key])
-        for key, field in (("dataset", "dataset"), ("data-dir", "data_dir"))
+        key: str(context.node_config[key])
+        for key in ("dataset", "data-dir")
         if key in context.node_config
     }
     if not updates:
         return cfg
-    return RunConfig.model_validate({**cfg.model_dump(), **updates})
+    return RunConfig.from_flower({**cfg.to_flower(), **updates})
 
 
 def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
