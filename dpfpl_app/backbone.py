@@ -83,7 +83,7 @@ def resolve_model_source(name_or_path: str) -> str:
 
 def load_frozen_clip(name_or_path: str, *, device: str = "auto") -> FrozenClip:
     """Load a CLIP checkpoint with every weight frozen and in eval mode."""
-    from dpfpl_app import backbone_build
+    from dpfpl_app.image_processing import load_image_processor
 
     source = resolve_model_source(name_or_path)
     dev = select_device(device)
@@ -91,7 +91,7 @@ def load_frozen_clip(name_or_path: str, *, device: str = "auto") -> FrozenClip:
     try:
         model = CLIPModel.from_pretrained(source, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(source)
-        processor = backbone_build.load_image_processor(source)
+        processor = load_image_processor(source)
     except OSError as err:
         raise FileNotFoundError(
             f"could not load CLIP {source!r}: {err}. Without internet, give a local "

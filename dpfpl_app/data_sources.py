@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from dpfpl_app.backbone_build import gray_to_rgb
+from dpfpl_app.image_processing import gray_to_rgb
 from dpfpl_app.offline_data import LabelledImages, index_hash
 
 RgbReader = Callable[[np.ndarray], list[np.ndarray]]

@@ -26,8 +26,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from dpfpl_app.backbone import FrozenClip
-from dpfpl_app.backbone_build import rgb_to_pixel_values
 from dpfpl_app.data_sources import ImageSet
+from dpfpl_app.image_processing import rgb_to_pixel_values
 
 logger = logging.getLogger(__name__)
 

@@ -27,10 +27,13 @@ from dpfpl_app.backbone_build import (
     build_random_clip,
     cache_root,
     ensure_backbone,
+    weights_sha256,
+)
+from dpfpl_app.image_processing import (
+    GRAY_MEAN,
+    GRAY_STD,
     images_to_pixel_values,
     load_image_processor,
-    weights_sha256,
-    zero_shot_accuracy,
 )
 from dpfpl_app.offline_data import (
     DATASETS,
@@ -38,6 +41,7 @@ from dpfpl_app.offline_data import (
     index_hash,
     load_with_split,
 )
+from dpfpl_app.pretraining import zero_shot_accuracy
 from dpfpl_app.tokenizer_build import CONTEXT_LENGTH, build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -174,8 +178,8 @@ def test_images_to_pixel_values_maps_grayscale_to_normalised_rgb(plumbing_clip: 
     pixels = images_to_pixel_values(processor, images)
     # Assert
     assert pixels.shape == (2, 3, 32, 32) and pixels.dtype == torch.float32
-    black = (0.0 - backbone_build.GRAY_MEAN) / backbone_build.GRAY_STD
-    white = (1.0 - backbone_build.GRAY_MEAN) / backbone_build.GRAY_STD
+    black = (0.0 - GRAY_MEAN) / GRAY_STD
+    white = (1.0 - GRAY_MEAN) / GRAY_STD
     torch.testing.assert_close(pixels[0], torch.full((3, 32, 32), black))
     torch.testing.assert_close(pixels[1], torch.full((3, 32, 32), white))
 

@@ -18,12 +18,12 @@ import client_app as client_module
 import server_app as server_module
 from dpfpl_app import wire
 from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.backbone_build import images_to_pixel_values
 from dpfpl_app.cli import main as cli_main
 from dpfpl_app.client_node import build_trainer, save_state, state_directory
 from dpfpl_app.client_trainer import ClientTrainer
 from dpfpl_app.config import RunConfig
 from dpfpl_app.features import encode_pixels
+from dpfpl_app.image_processing import images_to_pixel_values
 from dpfpl_app.offline_data import DIGIT_CLASS_NAMES, federated_pool
 from dpfpl_app.predict import Prediction, PromptClassifier, classify
 from dpfpl_app.prompt_export import broadcast_epsilon, export_path
