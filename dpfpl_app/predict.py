@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
@@ -26,6 +27,7 @@ from torch import Tensor
 from dpfpl_app.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.features import encode_pixels
 from dpfpl_app.gradients import class_logits
+from dpfpl_app.image_processing import rgb_to_pixel_values
 from dpfpl_app.prompt_file import (
     PromptFile,
     PromptFileError,
@@ -98,7 +100,7 @@ class PromptClassifier:
 
     def image_features(self, images: list[Image.Image]) -> Tensor:
         """Normalised features (N, e) through the backbone's own processor and image tower."""
-        pixels = self.clip.processor(images=images, return_tensors="pt")["pixel_values"]
+        pixels = rgb_to_pixel_values(self.clip.processor, [np.asarray(image) for image in images])
         return encode_pixels(self.clip, pixels)
 
     def top_k(self, images: list[Image.Image], k: int) -> list[tuple[tuple[str, float], ...]]:
