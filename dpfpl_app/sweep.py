@@ -175,9 +175,12 @@ def run_sweep(
             shutil.rmtree(out_dir / "state" / cell.name, ignore_errors=True)
             t0 = time.monotonic()
             logger.info("[%d/%d] %s ...", i, len(todo), cell.name)
-            run_id, status = flower.run(
-                configs[cell.name], num_supernodes=spec.clients, timeout_s=timeout_s
-            )
+            try:
+                run_id, status = flower.run(
+                    configs[cell.name], num_supernodes=spec.clients, timeout_s=timeout_s
+                )
+            except RuntimeError as err:  # refused or unreadable: this cell fails, not the sweep
+                run_id, status = -1, str(err)
             doc = cell_result(out_dir, cell)
             took = time.monotonic() - t0
             if doc is None:

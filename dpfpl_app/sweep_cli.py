@@ -12,9 +12,6 @@ from dpfpl_app.sweep import SHARED_METHODS, SweepSpec, run_sweep
 
 logger = logging.getLogger(__name__)
 
-APP_DIR = Path(__file__).resolve().parents[1]
-
-
 def _list(kind: type) -> Any:
     return lambda text: tuple(kind(v) for v in text.split(",") if v.strip())
 
@@ -49,7 +46,13 @@ def _sweep(args: argparse.Namespace) -> int:
         clients=args.clients,
         overrides=dict(args.set or []),
     )
-    failed = run_sweep(spec, Path(args.out), app_dir=Path(args.app_dir), timeout_s=args.timeout)
+    app_dir = Path(args.app_dir)
+    if not (app_dir / "pyproject.toml").is_file():
+        raise FileNotFoundError(
+            f"{app_dir.resolve()} holds no pyproject.toml: run `dpfpl sweep` from the dpfpl "
+            "project directory (the Flower app) or pass --app-dir"
+        )
+    failed = run_sweep(spec, Path(args.out), app_dir=app_dir, timeout_s=args.timeout)
     print((Path(args.out) / "table.md").read_text())
     if failed:
         logger.error("%d cells failed: %s (rerun the same command to retry them)",
@@ -80,5 +83,5 @@ def add_sweep_command(sub: Any) -> None:
     p.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
                    help="any run-config key for every cell, e.g. --set num-server-rounds=20")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell")
-    p.add_argument("--app-dir", default=str(APP_DIR), help="the Flower app (this project)")
+    p.add_argument("--app-dir", default=".", help="the Flower app's directory (this project)")
     p.set_defaults(func=_sweep)
