@@ -136,3 +136,22 @@ def test_tiny_sweep_is_complete_resumable_and_byte_identical_on_rerun(
 
     monkeypatch.setattr(sweep_module.LocalFlower, "run", no_runs)
     assert run_sweep(spec, tmp_path / "a", app_dir=REPO) == []
+
+
+def test_cli_parses_the_grid_and_refuses_a_directory_that_is_no_app(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dpfpl_app import cli
+
+    args = cli.build_parser().parse_args(
+        ["sweep", "--out", str(tmp_path), "--methods", "promptfl,dpfpl", "--epsilons",
+         "0.5,inf", "--set", "num-server-rounds=5", "--set", "dataset-name=x"]
+    )
+    assert args.methods == (Method.PROMPTFL, Method.DPFPL)
+    assert args.epsilons == (0.5, math.inf)
+    assert args.set == [("num-server-rounds", 5), ("dataset-name", "x")]
+
+    code = cli.main(["sweep", "--out", str(tmp_path / "s"), "--app-dir", str(tmp_path)])
+
+    assert code == 2
+    assert "holds no pyproject.toml" in capsys.readouterr().err
