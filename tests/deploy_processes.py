@@ -1,0 +1,380 @@
+"""Real Flower deployment processes on loopback, for the deployment tests.
+
+One :class:`Federation` is what an operator and three organisations would run: a
+SuperLink with TLS, SuperNode authentication and a ``--database``, SuperNodes with their
+own keys, Flower homes and state directories, and the ``flwr`` CLI talking to the
+SuperLink through a named connection in ``$FLWR_HOME/config.toml``. Credentials come from
+``scripts/make-certs.sh``, the script users run.
+
+Discipline (as ``tests/test_flwr_run.py``): a throwaway root per federation, free ports,
+``timeout`` on every CLI call, run status from ``flwr list --run-id ID --format json``
+only, and every process ended by PID: the whole tree we started (Flower's own SuperExec,
+ServerApp and ClientApp children included), then any straggler still naming one of our
+ports or our root in its command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+MAKE_CERTS = REPO / "scripts" / "make-certs.sh"
+CONNECTION = "orgs"
+CLI_TIMEOUT_S = 90
+FINISHED = "finished:"
+
+T = TypeVar("T")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: float = 2.0) -> T:
+    """Poll ``check`` until it returns something truthy; fail naming ``what`` on timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(every)
+
+
+# --- processes, by PID --------------------------------------------------------------
+def _ps() -> list[tuple[int, int, str]]:
+    out = subprocess.run(
+        ["ps", "-ww", "-eo", "pid=,ppid=,args="], capture_output=True, text=True, check=True
+    ).stdout
+    rows = []
+    for line in out.splitlines():
+        pid, ppid, *args = line.split(None, 2)
+        rows.append((int(pid), int(ppid), args[0] if args else ""))
+    return rows
+
+
+def process_tree(root: int) -> list[int]:
+    """``root`` and all its descendants (Flower starts SuperExecs and app processes)."""
+    children: dict[int, list[int]] = {}
+    for pid, ppid, _ in _ps():
+        children.setdefault(ppid, []).append(pid)
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(children.get(pid, []))
+    return tree
+
+
+def pids_naming(tokens: list[str]) -> list[int]:
+    """PIDs whose command line contains any token (our ports and root are unique)."""
+    me = os.getpid()
+    return [pid for pid, _, args in _ps() if pid != me and any(token in args for token in tokens)]
+
+
+def end_pids(pids: list[int], *, first: signal.Signals = signal.SIGTERM, grace: float = 15) -> None:
+    """Send ``first`` to each PID, then SIGKILL whatever is still alive after ``grace`` s."""
+    for sig in (first, signal.SIGKILL):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + (grace if sig != signal.SIGKILL else 5)
+        while time.monotonic() < deadline and any(_alive(pid) for pid in pids):
+            time.sleep(0.5)
+        if not any(_alive(pid) for pid in pids):
+            return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead for our purposes; reap it if it is our child.
+    with contextlib.suppress(ChildProcessError):
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False
+    state = Path(f"/proc/{pid}/stat")
+    with contextlib.suppress(OSError):
+        return state.read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    return False
+
+
+# --- the federation -----------------------------------------------------------------
+@dataclass
+class Node:
+    """One organisation's SuperNode: its key, ports, Flower home and state directory."""
+
+    name: str
+    partition_id: int
+    root: Path
+    runtime_port: int = field(default_factory=free_port)
+    node_id: int | None = None
+    process: subprocess.Popen | None = None
+    starts: int = 0
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / "state"
+
+    @property
+    def log(self) -> Path:
+        return self.root / f"supernode-{self.starts}.log"
+
+
+class Federation:
+    """A SuperLink (TLS, node auth, database) and SuperNodes on loopback, under ``root``."""
+
+    def __init__(self, root: Path, num_nodes: int) -> None:
+        self.root = root
+        self.num_nodes = num_nodes
+        self.certs = root / "certs"
+        self.logs = root / "logs"
+        self.runs = root / "runs"
+        self.database = root / "superlink" / "state.db"
+        self.flwr_home = root / "operator" / "flwr-home"
+        self.port = free_port()
+        self.superlink: subprocess.Popen | None = None
+        self.superlink_starts = 0
+        self.nodes = [
+            Node(f"supernode-{i}", i, root / "orgs" / f"supernode-{i}") for i in range(num_nodes)
+        ]
+        self._started: list[subprocess.Popen] = []
+        for path in (self.logs, self.runs, self.database.parent, self.flwr_home):
+            path.mkdir(parents=True, exist_ok=True)
+
+    # environment and CLI ------------------------------------------------------------
+    def env(self, flwr_home: Path | None = None) -> dict[str, str]:
+        return {
+            **os.environ,
+            "FLWR_HOME": str(flwr_home or self.flwr_home),
+            "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+
+    def cli(
+        self, args: list[str], *, timeout: float = CLI_TIMEOUT_S
+    ) -> subprocess.CompletedProcess:
+        """Run ``flwr ARGS`` as the operator; output is appended to ``logs/cli.log``."""
+        out = subprocess.run(
+            ["timeout", str(int(timeout)), str(BIN / "flwr"), *args],
+            cwd=REPO,
+            env=self.env(),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        with (self.logs / "cli.log").open("a") as log:
+            log.write(f"$ flwr {' '.join(args)}\n{out.stdout}{out.stderr}\n")
+        return out
+
+    def cli_json(self, args: list[str], *, timeout: float = CLI_TIMEOUT_S) -> dict[str, Any]:
+        out = self.cli([*args, "--format", "json"], timeout=timeout)
+        start = out.stdout.find("{")
+        if start < 0:
+            raise AssertionError(f"flwr {args} printed no JSON:\n{out.stdout}\n{out.stderr}")
+        return json.loads(out.stdout[start:])
+
+    # credentials and connection ------------------------------------------------------
+    def make_credentials(self, extra_keys: list[str]) -> None:
+        """Run the users' script: CA, SuperLink certificate, one key per node (+ extras)."""
+        subprocess.run(
+            ["timeout", "60", "bash", str(MAKE_CERTS), "superlink", str(self.certs)],
+            check=True,
+            capture_output=True,
+        )
+        for name in [n.name for n in self.nodes] + extra_keys:
+            subprocess.run(
+                ["timeout", "60", "bash", str(MAKE_CERTS), "node", str(self.certs), name],
+                check=True,
+                capture_output=True,
+            )
+        # The named connection `flwr run . orgs` uses (Flower 1.41 reads it from here).
+        (self.flwr_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{CONNECTION}"\n\n'
+            f"[superlink.{CONNECTION}]\n"
+            f'address = "127.0.0.1:{self.port}"\n'
+            f'root-certificates = "{self.certs / "ca.crt"}"\n'
+        )
+
+    # SuperLink -------------------------------------------------------------------------
+    def start_superlink(self) -> None:
+        self.superlink_starts += 1
+        log = (self.logs / f"superlink-{self.superlink_starts}.log").open("w")
+        self.superlink = self._spawn(
+            [
+                str(BIN / "flower-superlink"),
+                "--ssl-ca-certfile", str(self.certs / "ca.crt"),
+                "--ssl-certfile", str(self.certs / "superlink.crt"),
+                "--ssl-keyfile", str(self.certs / "superlink.key"),
+                "--enable-supernode-auth",
+                "--database", str(self.database),
+                "--host", "127.0.0.1",
+                "--port", str(self.port),
+            ],
+            log,
+            self.env(self.root / "superlink" / "flwr-home"),
+        )  # fmt: skip
+        wait_until(self._superlink_answers, 60, "the SuperLink to answer `flwr list`")
+
+    def _superlink_answers(self) -> bool:
+        return bool(self.cli_json(["list", CONNECTION], timeout=30).get("success"))
+
+    def kill_superlink(self) -> None:
+        """A host crash: SIGKILL the SuperLink and everything it started."""
+        assert self.superlink is not None
+        end_pids(process_tree(self.superlink.pid), first=signal.SIGKILL)
+        self.superlink.wait(timeout=10)
+
+    # SuperNodes ------------------------------------------------------------------------
+    def register(self, node: Node) -> int:
+        reply = self.cli_json(["supernode", "register", str(self.certs / f"{node.name}.pub")])
+        assert reply.get("success"), reply
+        node.node_id = int(reply["node-id"])
+        return node.node_id
+
+    def start_supernode(self, node: Node, *, key: str | None = None, extra: str = "") -> None:
+        """Start ``node`` with its key, partition, state directory and own Flower home."""
+        node.starts += 1
+        node.root.mkdir(parents=True, exist_ok=True)
+        node_config = (
+            f"partition-id={node.partition_id} num-partitions={self.num_nodes} "
+            f"state-dir='{node.state_dir}' {extra}"
+        )
+        node.process = self._spawn(
+            [
+                str(BIN / "flower-supernode"),
+                "--superlink", f"127.0.0.1:{self.port}",
+                "--root-certificates", str(self.certs / "ca.crt"),
+                "--auth-supernode-private-key", str(self.certs / (key or node.name)),
+                "--port", str(node.runtime_port),
+                "--node-config", node_config.strip(),
+            ],
+            node.log.open("w"),
+            self.env(node.root / "flwr-home"),
+        )  # fmt: skip
+
+    def kill_supernode(self, node: Node) -> None:
+        """A host crash: SIGKILL the SuperNode, its SuperExec and any running ClientApp."""
+        assert node.process is not None
+        end_pids(process_tree(node.process.pid), first=signal.SIGKILL)
+        node.process.wait(timeout=10)
+
+    def online_node_ids(self) -> set[int]:
+        listed = self.cli_json(["supernode", "list", CONNECTION])
+        return {int(n["node-id"]) for n in listed.get("nodes", []) if n["status"] == "online"}
+
+    # runs ------------------------------------------------------------------------------
+    def submit(self, app: Path, run_config: str) -> int:
+        reply = self.cli_json(["run", str(app), CONNECTION, "--run-config", run_config])
+        assert reply.get("success") is True, reply
+        return int(reply["run-id"])
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        listed = self.cli_json(["list", CONNECTION, "--run-id", str(run_id)])
+        return listed["runs"][0] if listed.get("success") and listed.get("runs") else {}
+
+    def wait_finished(self, run_id: int, timeout: float) -> dict[str, Any]:
+        """The run's JSON entry once its status is ``finished:*`` (fails on timeout)."""
+
+        def finished() -> dict[str, Any] | None:
+            info = self.run_info(run_id)
+            return info if str(info.get("status", "")).startswith(FINISHED) else None
+
+        try:
+            return wait_until(finished, timeout, f"run {run_id} to finish", every=5)
+        except AssertionError as err:
+            tail = "\n".join(self.server_log(run_id).splitlines()[-40:])
+            raise AssertionError(f"{err}; last ServerApp log lines:\n{tail}") from None
+
+    def server_log(self, run_id: int) -> str:
+        """The ServerApp's log as the SuperLink keeps it; saved under ``logs/``."""
+        out = self.cli(["log", str(run_id), CONNECTION, "--show"], timeout=60)
+        text = _strip_ansi(out.stdout + out.stderr)
+        (self.logs / f"run-{run_id}.log").write_text(text)
+        return text
+
+    # teardown --------------------------------------------------------------------------
+    def close(self) -> None:
+        """End every process we started (whole trees), then any straggler naming us."""
+        pids: list[int] = []
+        for proc in self._started:
+            if proc.poll() is None:
+                pids.extend(process_tree(proc.pid))
+        end_pids(pids)
+        tokens = [str(self.root), f"127.0.0.1:{self.port}"]
+        tokens += [f"127.0.0.1:{n.runtime_port}" for n in self.nodes]
+        end_pids(pids_naming(tokens), first=signal.SIGKILL)
+        for proc in self._started:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        leftovers = pids_naming(tokens)
+        assert not leftovers, f"processes survived teardown: {leftovers}"
+
+    def _spawn(self, argv: list[str], log: Any, env: dict[str, str]) -> subprocess.Popen:
+        proc = subprocess.Popen(
+            argv, cwd=self.root, env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        log.close()  # the child keeps its own descriptor
+        self._started.append(proc)
+        return proc
+
+
+def _strip_ansi(text: str) -> str:
+    return re.sub(r"\x1b\[[0-9;]*m", "", text)
+
+
+def all_text(paths: list[Path]) -> dict[Path, bytes]:
+    """Every file under ``paths`` (recursively), as bytes: what a secrets scan reads."""
+    found: dict[Path, bytes] = {}
+    for path in paths:
+        files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+        for file in files:
+            found[file] = file.read_bytes()
+    return found
+
+
+HOSTILE_CLIENT = REPO / "tests" / "hostile_app" / "hostile_client.py"
+
+
+def hostile_app_copy(dest: Path) -> Path:
+    """A copy of the project whose ClientApp is ``tests/hostile_app/hostile_client.py``.
+
+    Only the copy's pyproject names the hostile ClientApp (and another FAB name), so the
+    real app never gains test-only behaviour.
+    """
+    dest.mkdir(parents=True)
+    for name in ("client_app.py", "server_app.py"):
+        shutil.copy2(REPO / name, dest / name)
+    shutil.copytree(
+        REPO / "dpfpl_app", dest / "dpfpl_app", ignore=shutil.ignore_patterns("__pycache__")
+    )
+    shutil.copy2(HOSTILE_CLIENT, dest / "hostile_client.py")
+    text = (REPO / "pyproject.toml").read_text()
+    for old, new in (
+        ('clientapp = "client_app:app"', 'clientapp = "hostile_client:app"'),
+        ('name = "dpfpl"', 'name = "dpfpl-hostile"'),
+    ):
+        if text.count(old) != 1:
+            raise AssertionError(f"pyproject.toml no longer has exactly one {old!r}")
+        text = text.replace(old, new)
+    (dest / "pyproject.toml").write_text(text)
+    return dest

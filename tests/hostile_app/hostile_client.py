@@ -1,0 +1,87 @@
+"""A test-only ClientApp that misbehaves on purpose, to show the server survives it.
+
+It runs the real ``client_app`` (so the node trains and keeps its private state exactly
+as in production) and then corrupts the train reply as the node config says. A node
+started with ``--node-config "... hostile-modes='wrong-shape,extra-keys'"`` uses the
+first mode in round 1, the second in round 2, and so on (the last mode repeats). A node
+without ``hostile-modes`` is honest. The real ClientApp ignores that node-config key,
+so the same SuperNodes can run the real app and this one.
+
+Modes:
+
+- ``honest``: the real reply, unchanged.
+- ``wrong-shape``: the gradient without its last context row.
+- ``extra-keys``: the real gradient plus this node's private local-prompt tensors
+  (a client trying to push its local prompt to the server).
+- ``non-finite``: the gradient with a NaN and an Inf in it.
+- ``huge-norm``: the gradient times 1e6, as if the client skipped clipping.
+- ``error``: raise, so Flower sends the server an error reply.
+
+This file is copied into a throwaway copy of the project by the tests; it is never
+part of the real app.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+import client_app as real
+from dpfpl_app import wire
+from dpfpl_app.client_node import STATE_ARRAYS
+
+MODES_KEY = "hostile-modes"
+HUGE_FACTOR = 1e6
+
+app = ClientApp()
+
+
+def _mode(msg: Message, context: Context) -> str:
+    modes = [m.strip() for m in str(context.node_config.get(MODES_KEY, "honest")).split(",")]
+    server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
+    return modes[min(server_round, len(modes)) - 1]
+
+
+def _corrupt(grad: np.ndarray, mode: str, context: Context) -> dict[str, np.ndarray]:
+    """The arrays a hostile reply carries instead of ``{global-prompt-grad: grad}``."""
+    if mode == "wrong-shape":
+        return {wire.GLOBAL_PROMPT_GRAD: grad[:-1].copy()}
+    if mode == "non-finite":
+        bad = grad.copy()
+        bad.flat[0], bad.flat[1] = np.nan, np.inf
+        return {wire.GLOBAL_PROMPT_GRAD: bad}
+    if mode == "huge-norm":
+        return {wire.GLOBAL_PROMPT_GRAD: grad * np.float32(HUGE_FACTOR)}
+    if mode == "extra-keys":
+        private = context.state[STATE_ARRAYS]  # what the real train just kept on the node
+        leaked = {f"leaked-{key}": private[key].numpy() for key in private.keys()}
+        return {wire.GLOBAL_PROMPT_GRAD: grad, **leaked}
+    if mode == "honest":
+        return {wire.GLOBAL_PROMPT_GRAD: grad}
+    raise ValueError(f"unknown {MODES_KEY} entry {mode!r}")
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train honestly, then reply as the node's hostile mode for this round says."""
+    mode = _mode(msg, context)
+    if mode == "error":
+        raise RuntimeError("hostile client: deliberate failure in train")
+    reply = real.train(msg, context)
+    grad = reply.content[wire.ARRAYS_RECORD][wire.GLOBAL_PROMPT_GRAD].numpy()
+    corrupted = _corrupt(grad, mode, context)
+    arrays = {key: Array(np.ascontiguousarray(a)) for key, a in corrupted.items()}
+    content = RecordDict(
+        {
+            wire.ARRAYS_RECORD: ArrayRecord(arrays),
+            wire.METRICS_RECORD: reply.content[wire.METRICS_RECORD],
+        }
+    )
+    return Message(content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Evaluation stays honest: the point here is what reaches the global prompt."""
+    return real.evaluate(msg, context)
