@@ -237,6 +237,10 @@ class DPFPLStrategy(Strategy):
         self._last_round = 0
         self._train_metrics: dict[str, float | int] = {}
         self._said_once: set[str] = set()
+        self._epsilon_spent: float | None = None  # cache of the accountant's epsilon
+        # The messages of the current phase: Flower's own error replies (e.g. for a node
+        # that died) come from the SuperLink, so only these say which node was asked.
+        self._sent: list[Message] = []
 
     # --- public views ----------------------------------------------------------------
     @property
@@ -264,7 +268,11 @@ class DPFPLStrategy(Strategy):
             return math.inf
         if self.noise.mode is DPMode.PAPER:
             return float(self.noise.epsilon or math.inf)
-        return self._accountant.epsilon() if self._accountant else math.inf
+        if self._accountant is None:
+            return math.inf
+        if self._epsilon_spent is None:  # recomputed only after a release (costly: RDP orders)
+            self._epsilon_spent = self._accountant.epsilon()
+        return self._epsilon_spent
 
     def summary(self) -> None:
         """Log the configuration, including what the printed epsilon means."""
@@ -331,7 +339,10 @@ class DPFPLStrategy(Strategy):
             {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
         )
         log(INFO, "%s round %d: sampled %d node(s)", message_type, round_, len(node_ids))
-        return [Message(content, node, message_type, group_id=str(round_)) for node in node_ids]
+        self._sent = [
+            Message(content, node, message_type, group_id=str(round_)) for node in node_ids
+        ]
+        return self._sent
 
     def _adopt(self, arrays: ArrayRecord) -> None:
         prompt = wire.read_global_prompt(arrays)
@@ -525,6 +536,7 @@ class DPFPLStrategy(Strategy):
         if self._accountant is None:
             return
         self._accountant.step(noise_multiplier=multiplier, sample_rate=rate)
+        self._epsilon_spent = None
         if self._steps_taken() > int(self.noise.total_rounds or 0):
             log(
                 WARNING,
@@ -565,8 +577,20 @@ class DPFPLStrategy(Strategy):
     def _log_refusal(
         self, phase: str, round_: int, msg_or_node: Message | int, reason: str
     ) -> None:
-        node = msg_or_node if isinstance(msg_or_node, int) else msg_or_node.metadata.src_node_id
+        node = msg_or_node if isinstance(msg_or_node, int) else self._node_of(msg_or_node)
         log(WARNING, "%s round %d: refused reply from node %d: %s", phase, round_, node, reason)
+
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the destination of the message it replies to.
+
+        A reply's ``src_node_id`` is the SuperLink's (1) when Flower itself stands in for
+        a node that died or whose reply was lost, so the sent message decides.
+        """
+        asked = reply.metadata.reply_to_message_id
+        for sent in self._sent if asked else ():
+            if sent.metadata.message_id == asked:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
 
     # --- aggregate evaluate ----------------------------------------------------------
     def aggregate_evaluate(
@@ -637,6 +661,7 @@ class DPFPLStrategy(Strategy):
         self._calibration_rate = state["calibration_sample_rate"]
         if state["accountant"] is not None:
             self._accountant = ChannelAccountant.from_state_dict(state["accountant"])
+            self._epsilon_spent = None
 
 
 def _accuracy_means(accepted: list[wire.EvaluateReply]) -> dict[str, float]:

@@ -45,3 +45,25 @@ def test_shipped_run_config_files_validate(path: Path) -> None:
     overrides = tomllib.loads(path.read_text())
 
     RunConfig.from_flower({**RunConfig().to_flower(), **overrides})
+
+
+def test_the_app_bundle_ships_the_app_and_nothing_of_tests_docs_or_deployment(
+    tmp_path: Path,
+) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    flwr = str(Path(sys.executable).with_name("flwr"))
+    out = subprocess.run(
+        [flwr, "build", "--app", str(REPO)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=120, check=False,
+    )
+    bundles = list(tmp_path.glob("*.fab"))
+    assert len(bundles) == 1, out.stdout + out.stderr
+
+    names = zipfile.ZipFile(bundles[0]).namelist()
+
+    assert {"client_app.py", "server_app.py", "pyproject.toml", "dpfpl_app/wire.py"} <= set(names)
+    shipped_dirs = {n.split("/")[0] for n in names if "/" in n}
+    assert shipped_dirs == {".info", "dpfpl_app"}, shipped_dirs
