@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -185,6 +186,11 @@ class ClientTrainer:
 
     # ----- privacy and evaluation ----------------------------------------------------
     def eps_local(self) -> float:
+        """Epsilon of the local channel: 0 without one, infinite when it trains unnoised."""
+        if not self.cfg.method.has_local:
+            return 0.0  # nothing private is trained locally, nothing about it is released
+        if not self.cfg.dp_on:
+            return math.inf  # a local prompt trained on the data without any noise
         if self.cfg.dp_mode is DPMode.PAPER and self.noise_multiplier > 0:
             return self.cfg.epsilon_local  # nominal, not a formal guarantee
         return self.local_accountant.epsilon()

@@ -318,13 +318,19 @@ def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
         ]
     )
     order = {m: i for i, m in enumerate((*SHARED_METHODS, *REFERENCE_METHODS))}
+
+    def spent(a: Aggregate) -> list[str]:
+        if math.isinf(a.epsilon):  # no DP: there is no budget to report
+            return ["", ""]
+        return [f"{a.eps_spent['local']:.4f}", f"{a.eps_spent['global']:.4f}"]
+
     for a in sorted(rows, key=lambda a: (a.epsilon, order[a.method], a.rank)):
         writer.writerow(
             [
                 spec.dataset, a.method.value, _eps_label(a.epsilon), a.rank, a.seeds,
                 f"{a.means['local']:.4f}", f"{a.stds['local']:.4f}",
                 f"{a.means['neighbour']:.4f}", f"{a.stds['neighbour']:.4f}",
-                f"{a.eps_spent['local']:.4f}", f"{a.eps_spent['global']:.4f}",
+                *spent(a),
             ]
         )
     return buffer.getvalue()

@@ -559,7 +559,17 @@ def test_client_of_a_method_that_shares_nothing_sends_zeros(setup: Setup) -> Non
     # Assert: it trained its own prompt, and shares nothing
     assert torch.equal(outcome.global_grad, torch.zeros(N_CTX, setup.width))
     assert not torch.equal(trainer.learner.private_state()["local_prompt"], before)
-    assert outcome.eps_local == 0.0 and outcome.num_examples == 16
+    assert outcome.num_examples == 16
+    # a local prompt trained on the data without noise has no privacy guarantee at all
+    assert math.isinf(outcome.eps_local)
+
+
+def test_a_method_without_local_prompt_spends_no_local_epsilon(setup: Setup) -> None:
+    trainer = _trainer(setup, _config(method="promptfl"))
+
+    outcome = trainer.train_round(torch.zeros(N_CTX, setup.width), 1)
+
+    assert outcome.eps_local == 0.0
 
 
 def test_client_state_round_trip_restores_prompt_accountant_and_rounds(setup: Setup) -> None:
