@@ -46,7 +46,7 @@ class CheckpointMeta(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["dpfpl-checkpoint"] = FORMAT_NAME
+    format: Literal["dpfpl-checkpoint"] = "dpfpl-checkpoint"
     format_version: Literal[1] = 1
     round: int = Field(ge=0)
     noise_draws: int = Field(ge=0, description="server noise draws so far (replayed on resume)")

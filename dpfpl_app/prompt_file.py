@@ -36,7 +36,6 @@ from dpfpl_app.backbone_build import weights_sha256
 from dpfpl_app.config import DPMode, Method
 
 FORMAT_NAME = "dpfpl-prompt"
-FORMAT_VERSION = 1
 TENSOR_KEY = "prompt"
 
 
@@ -60,9 +59,9 @@ class ChannelPrivacy(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     status: PrivacyStatus
-    epsilon: float | None = Field(None, ge=0)
-    delta: float | None = Field(None, gt=0, lt=1)
-    steps: int | None = Field(None, ge=0, description="noisy steps counted by the accountant")
+    epsilon: float | None = Field(default=None, ge=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    steps: int | None = Field(default=None, ge=0, description="noisy steps accounted")
 
 
 class PromptMetadata(BaseModel):
@@ -70,14 +69,14 @@ class PromptMetadata(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    format: Literal["dpfpl-prompt"] = FORMAT_NAME
-    format_version: Literal[1] = FORMAT_VERSION
+    format: Literal["dpfpl-prompt"] = "dpfpl-prompt"
+    format_version: Literal[1] = 1
     backbone: str = Field(min_length=1, description="the run's `model`: name, hub id or dir")
     backbone_sha256: str = Field(min_length=8, description="fingerprint of the weights")
     text_width: int = Field(ge=1)
     n_ctx: int = Field(ge=1)
     method: Method
-    rank: int | None = Field(None, ge=1, description="carrier rank (low-rank methods only)")
+    rank: int | None = Field(default=None, ge=1, description="carrier rank (low-rank methods only)")
     class_names: tuple[str, ...] = Field(min_length=1)
     dp_mode: DPMode
     local_privacy: ChannelPrivacy
