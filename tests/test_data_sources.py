@@ -174,20 +174,25 @@ def test_an_edited_image_changes_the_fingerprint_features_are_keyed_on(tmp_path:
     assert after.fingerprint != before.fingerprint
 
 
-def test_a_federation_runs_on_an_image_folder(plumbing_clip: Path, tmp_path: Path) -> None:
-    root = _imagefolder(tmp_path / "photos", {"train": 6, "test": 3})
-    cfg = RunConfig(
-        model=str(plumbing_clip),
-        dataset="imagefolder",
-        data_dir=str(root),
+def _small_run(model: Path, tmp_path: Path, name: str, nodes: int, **data: str) -> dict:
+    """Two quick non-private rounds on the plumbing CLIP (the data path is what is tested)."""
+    return RunConfig(
+        model=str(model),
         num_server_rounds=2,
-        min_nodes=3,
+        min_nodes=nodes,
         batch_size=4,
         dp_mode="off",
         output_dir=str(tmp_path / "runs"),
-        run_name="folder",
+        run_name=name,
         state_dir=str(tmp_path / "state"),
+        **data,
     ).to_flower()
+
+
+def test_a_federation_runs_on_an_image_folder(plumbing_clip: Path, tmp_path: Path) -> None:
+    root = _imagefolder(tmp_path / "photos", {"train": 6, "test": 3})
+    data = {"dataset": "imagefolder", "data_dir": str(root)}
+    cfg = _small_run(plumbing_clip, tmp_path, "folder", 3, **data)
 
     run_server_app(server_module.app, client_app=client_module.app, num_nodes=3, run_config=cfg)
 
@@ -203,16 +208,7 @@ def test_each_organisation_can_bring_its_own_folder_by_node_config(
 ) -> None:
     # Prepare: two organisations, each with its whole own image folder (one partition)
     folders = [_imagefolder(tmp_path / f"org{i}", {"train": 4 + i, "test": 2}) for i in (0, 1)]
-    cfg = RunConfig(
-        model=str(plumbing_clip),
-        num_server_rounds=2,
-        min_nodes=2,
-        batch_size=4,
-        dp_mode="off",
-        output_dir=str(tmp_path / "runs"),
-        run_name="orgs",
-        state_dir=str(tmp_path / "state"),
-    ).to_flower()  # the run config still names the offline default
+    cfg = _small_run(plumbing_clip, tmp_path, "orgs", 2)  # the run config names digits
     nodes = [
         {"partition-id": 0, "num-partitions": 1, "dataset": "imagefolder", "data-dir": str(f)}
         for f in folders
