@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = replace(setup, shadows=1, rounds=3)
     pool = load_pool(setup)
     work = Path(tempfile.mkdtemp(prefix="dpfpl-audit-"))  # exported prompts: not results
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = "membership-quick" if args.quick else "membership"
     command = "python benchmarks/bench_membership.py " + " ".join(
         sys.argv[1:] if argv is None else argv
