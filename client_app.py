@@ -5,9 +5,10 @@ from __future__ import annotations
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from dpfpl_app import wire
+from dpfpl_app.client_messages import answer_evaluate, answer_train
 from dpfpl_app.client_node import build_trainer, save_state
 from dpfpl_app.config import RunConfig
+from dpfpl_app.prompt_export import broadcast_epsilon
 
 app = ClientApp()
 
@@ -17,17 +18,10 @@ def train(msg: Message, context: Context) -> Message:
     """One round: train the private prompt, reply with the clipped global-prompt gradient."""
     cfg = RunConfig.from_flower(context.run_config)
     trainer = build_trainer(cfg, context)
-    prompt = wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD])
-    server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
-    outcome = trainer.train_round(prompt, server_round)
-    save_state(trainer, cfg, context)
-    content = wire.train_reply_content(
-        grad=outcome.global_grad,
-        num_examples=trainer.data.num_train,
-        train_loss=outcome.loss,
-        sample_rate=outcome.sample_rate,
-        eps_local=outcome.eps_local,
-    )
+    content = answer_train(trainer, msg)
+    # kept (and the prompt exported) before replying: a crash never loses a round the
+    # server has already counted
+    save_state(trainer, cfg, context, broadcast_epsilon=broadcast_epsilon(msg))
     return Message(content, reply_to=msg)
 
 
@@ -36,11 +30,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Local and neighbour accuracy of this client's personalised prompt."""
     cfg = RunConfig.from_flower(context.run_config)
     trainer = build_trainer(cfg, context)
-    metrics = trainer.evaluate(wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD]))
-    content = wire.evaluate_reply_content(
-        local_acc=metrics["local-acc"],
-        neighbour_acc=metrics["neighbour-acc"],
-        local_examples=int(metrics["local-examples"]),
-        neighbour_examples=int(metrics["neighbour-examples"]),
-    )
+    content = answer_evaluate(trainer, msg)
+    # the prompt just evaluated (latest p_G + local) is the one worth releasing
+    save_state(trainer, cfg, context, broadcast_epsilon=broadcast_epsilon(msg))
     return Message(content, reply_to=msg)

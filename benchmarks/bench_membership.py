@@ -42,8 +42,8 @@ from flwr.clientapp import ClientApp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpfpl_app import wire  # noqa: E402
 from dpfpl_app.backbone import FrozenClip, load_frozen_clip  # noqa: E402
+from dpfpl_app.client_messages import answer_evaluate, answer_train  # noqa: E402
 from dpfpl_app.client_trainer import ClientTrainer  # noqa: E402
 from dpfpl_app.config import DPMode, Method, RunConfig  # noqa: E402
 from dpfpl_app.features import encode_pixels  # noqa: E402
@@ -156,28 +156,12 @@ def _client_app(trainers: dict[int, ClientTrainer]) -> ClientApp:
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
         trainer = trainers[int(context.node_config["partition-id"])]
-        prompt = wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD])
-        outcome = trainer.train_round(prompt, int(msg.content["config"][wire.SERVER_ROUND]))
-        content = wire.train_reply_content(
-            grad=outcome.global_grad,
-            num_examples=trainer.data.num_train,
-            train_loss=outcome.loss,
-            sample_rate=outcome.sample_rate,
-            eps_local=outcome.eps_local,
-        )
-        return Message(content, reply_to=msg)
+        return Message(answer_train(trainer, msg), reply_to=msg)
 
     @app.evaluate()
     def _evaluate(msg: Message, context: Context) -> Message:
         trainer = trainers[int(context.node_config["partition-id"])]
-        metrics = trainer.evaluate(wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD]))
-        content = wire.evaluate_reply_content(
-            local_acc=metrics["local-acc"],
-            neighbour_acc=metrics["neighbour-acc"],
-            local_examples=int(metrics["local-examples"]),
-            neighbour_examples=int(metrics["neighbour-examples"]),
-        )
-        return Message(content, reply_to=msg)
+        return Message(answer_evaluate(trainer, msg), reply_to=msg)
 
     return app
 

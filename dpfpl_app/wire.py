@@ -10,7 +10,8 @@ Protocol (all tensors float32, ``n_ctx x d``)::
 
     server -> client, train / evaluate
         "arrays":  ArrayRecord {"global-prompt"}
-        "config":  ConfigRecord {"server-round": int, ...}
+        "config":  ConfigRecord {"server-round": int,
+                                 "eps-global": float (with DP: what the p_G sent has spent)}
     client -> server, train
         "arrays":  ArrayRecord {"global-prompt-grad"}
         "metrics": MetricRecord {"num-examples", "train-loss", "sample-rate", "eps-local", ...}

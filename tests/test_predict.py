@@ -10,13 +10,11 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.clientapp import ClientApp
 from flwr.common.serde import message_to_proto
 from PIL import Image
 
 import client_app as client_module
 import server_app as server_module
-from dpfpl_app import wire
 from dpfpl_app.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.cli import main as cli_main
 from dpfpl_app.client_node import build_trainer, save_state, state_directory
@@ -26,7 +24,7 @@ from dpfpl_app.features import encode_pixels
 from dpfpl_app.image_processing import images_to_pixel_values
 from dpfpl_app.offline_data import DIGIT_CLASS_NAMES, federated_pool
 from dpfpl_app.predict import Prediction, PromptClassifier, classify
-from dpfpl_app.prompt_export import broadcast_epsilon, export_path
+from dpfpl_app.prompt_export import export_path
 from dpfpl_app.prompt_file import PrivacyStatus, PromptFile, PromptFileError, load_prompt_file
 from tests.flower_harness import run_server_app
 
@@ -216,47 +214,28 @@ def test_a_tampered_prompt_file_stops_predict_with_a_clear_error(
 def test_exports_stay_on_the_nodes_and_record_the_broadcast_epsilon(
     digits_backbone: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the real ClientApp's train, with the server's eps-global passed to the export
+    # Prepare: the real ClientApp, which exports after every train and evaluate message
     cfg = _config(tmp_path, **{"min-nodes": 3})
     replies: list[Message] = []
-    app = ClientApp()
-
-    @app.train()
-    def _train(msg: Message, context: Context) -> Message:
-        run_cfg = RunConfig.from_flower(context.run_config)
-        trainer = build_trainer(run_cfg, context)
-        prompt = wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD])
-        outcome = trainer.train_round(prompt, int(msg.content["config"][wire.SERVER_ROUND]))
-        save_state(trainer, run_cfg, context, broadcast_epsilon=broadcast_epsilon(msg))
-        content = wire.train_reply_content(
-            grad=outcome.global_grad,
-            num_examples=trainer.data.num_train,
-            train_loss=outcome.loss,
-            sample_rate=outcome.sample_rate,
-            eps_local=outcome.eps_local,
-        )
-        return Message(content, reply_to=msg)
-
-    app.evaluate()(client_module.evaluate)
 
     # Execute
     run_server_app(
         server_module.app,
-        client_app=app,
+        client_app=client_module.app,
         num_nodes=3,
         run_config=cfg.to_flower(),
         on_reply=replies.append,
     )
 
     # Assert: every node exported; the file's eps-global is the one of the p_G it used
-    # (the last train round received p_G after round 2); no reply carries the prompt
+    # (the last evaluation received the final p_G, after round 3); no reply carries it
     rounds = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())["rounds"]
     files = sorted((tmp_path / "state" / "t").glob("partition-*/prompt.safetensors"))
     assert len(files) == 3
     exports = [load_prompt_file(f) for f in files]
     for export in exports:
         assert export.metadata.global_privacy.status is PrivacyStatus.ACCOUNTED
-        assert export.metadata.global_privacy.epsilon == pytest.approx(rounds[1]["eps-global"])
+        assert export.metadata.global_privacy.epsilon == pytest.approx(rounds[2]["eps-global"])
         assert export.metadata.rounds_done == 3
     for reply in replies:
         wire_bytes = message_to_proto(reply).SerializeToString()

@@ -1,0 +1,39 @@
+"""A client's answer to each message, whatever built its trainer.
+
+The ClientApp builds the trainer from the node's state; the membership audit builds it
+from data it chooses. Both must answer exactly as the protocol says, so the answer is
+written once here: read the broadcast global prompt, train or evaluate, and put only
+the clipped global-prompt gradient and scalar metrics into the reply (``wire``).
+"""
+
+from __future__ import annotations
+
+from flwr.app import Message, RecordDict
+
+from dpfpl_app import wire
+from dpfpl_app.client_trainer import ClientTrainer
+
+
+def answer_train(trainer: ClientTrainer, msg: Message) -> RecordDict:
+    """One round of local training; the reply content for the server."""
+    prompt = wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD])
+    server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
+    outcome = trainer.train_round(prompt, server_round)
+    return wire.train_reply_content(
+        grad=outcome.global_grad,
+        num_examples=trainer.data.num_train,
+        train_loss=outcome.loss,
+        sample_rate=outcome.sample_rate,
+        eps_local=outcome.eps_local,
+    )
+
+
+def answer_evaluate(trainer: ClientTrainer, msg: Message) -> RecordDict:
+    """Local and neighbour accuracy of the personalised prompt with the broadcast p_G."""
+    metrics = trainer.evaluate(wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD]))
+    return wire.evaluate_reply_content(
+        local_acc=metrics["local-acc"],
+        neighbour_acc=metrics["neighbour-acc"],
+        local_examples=int(metrics["local-examples"]),
+        neighbour_examples=int(metrics["neighbour-examples"]),
+    )
