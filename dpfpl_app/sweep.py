@@ -298,7 +298,7 @@ def markdown_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
         eps = spec.ablation_eps
         lines += ["", f"## Rank ablation at epsilon {_eps_label(eps)} (local / neighbour)", ""]
         lines += ["| rank | DP-FPL (with residual) | DP-LoRA (without) |", "|---|---|---|"]
-        for r in spec.ranks:
+        for r in sorted(spec.ranks):
             both = [index.get((m, eps, r)) for m in (Method.DPFPL, Method.DPLORA)]
             lines.append(
                 f"| {r} | "
@@ -359,7 +359,7 @@ def plot_sweep(spec: SweepSpec, rows: list[Aggregate], out_dir: Path) -> None:
         return
     eps = spec.ablation_eps
     by_rank = {
-        label: [(r, index[(m, eps, r)]) for r in spec.ranks if (m, eps, r) in index]
+        label: [(r, index[(m, eps, r)]) for r in sorted(spec.ranks) if (m, eps, r) in index]
         for m, label in ((Method.DPFPL, "with residual (DP-FPL)"),
                          (Method.DPLORA, "without residual (DP-LoRA)"))
     }
