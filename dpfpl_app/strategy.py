@@ -616,7 +616,8 @@ class DPFPLStrategy(Strategy):
             **_accuracy_means(accepted),
         }
         if self.on_round is not None:
-            self.on_round(round_, {**self._train_metrics, **metrics})
+            per_client = _per_client(accepted)  # for the results files, not for Flower's log
+            self.on_round(round_, {**self._train_metrics, **metrics, **per_client})
         self._train_metrics = {}
         return MetricRecord(dict(metrics))
 
@@ -662,6 +663,17 @@ class DPFPLStrategy(Strategy):
         if state["accountant"] is not None:
             self._accountant = ChannelAccountant.from_state_dict(state["accountant"])
             self._epsilon_spent = None
+
+
+def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float]:
+    """Each client's own accuracies, keyed ``local-acc/node-<id>`` (none without examples)."""
+    out: dict[str, float] = {}
+    for r in sorted(accepted, key=lambda r: r.node_id):
+        if r.local_examples:
+            out[f"{wire.LOCAL_ACC}/node-{r.node_id}"] = r.local_acc
+        if r.neighbour_examples:
+            out[f"{wire.NEIGHBOUR_ACC}/node-{r.node_id}"] = r.neighbour_acc
+    return out
 
 
 def _accuracy_means(accepted: list[wire.EvaluateReply]) -> dict[str, float]:

@@ -433,6 +433,10 @@ def test_evaluate_means_over_clients_and_weighted_and_refuses_arrays(
     assert (
         round_ == 1 and merged[wire.ACCEPTED] == 1 and merged[wire.LOCAL_ACC] == pytest.approx(0.7)
     )
+    # the results get every accepted client's own figures too; the refused one has none
+    assert merged[f"local-acc/node-{GOOD_A}"] == pytest.approx(0.9)
+    assert merged[f"neighbour-acc/node-{GOOD_B}"] == pytest.approx(0.4)
+    assert not any(str(BAD) in key for key in merged)
 
 
 # --- configure and node waiting ---------------------------------------------------------
