@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from uuid import uuid4
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
@@ -324,3 +325,22 @@ def run_server_app(
     )
     server_app(grid, context)
     return FederationRun(grid=grid, server_context=context, replies=list(grid.replies))
+
+
+def federation_config(tmp: Path, **overrides: UserConfigValue) -> dict[str, UserConfigValue]:
+    """Dpfpl's run config for an in-process federation: 3 rounds, seeded noise, files in tmp.
+
+    ``overrides`` use the run config's kebab-case keys, passed as ``**{"min-nodes": 4}``.
+    """
+    from dpfpl_app.config import RunConfig
+
+    config = RunConfig(
+        num_server_rounds=3,
+        output_dir=str(tmp / "runs"),
+        run_name="t",
+        state_dir=str(tmp / "state"),
+        reproducible_noise=True,
+    ).to_flower()
+    config.update(overrides)
+    return dict(config)
+

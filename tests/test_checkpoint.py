@@ -15,7 +15,7 @@ import server_app as server_module
 from dpfpl_app import server_run
 from dpfpl_app.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
 from dpfpl_app.config import ConfigError, RunConfig
-from tests.flower_harness import run_server_app
+from tests.flower_harness import federation_config, run_server_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -28,19 +28,10 @@ class _Interrupted(Exception):
 
 
 def _config(tmp: Path, **overrides: object) -> dict[str, Any]:
-    base = RunConfig(
-        num_server_rounds=ROUNDS,
-        min_nodes=3,
-        batch_size=16,
-        epsilon_global=2.0,
-        epsilon_local=2.0,
-        output_dir=str(tmp / "runs"),
-        run_name="t",
-        state_dir=str(tmp / "state"),
-        reproducible_noise=True,
-    ).to_flower()
-    base.update(overrides)
-    return base
+    base = {"num-server-rounds": ROUNDS, "min-nodes": 3, "batch-size": 16}
+    return federation_config(
+        tmp, **{**base, "epsilon-global": 2.0, "epsilon-local": 2.0, **overrides}
+    )
 
 
 def _run(cfg: dict[str, Any]) -> None:

@@ -22,20 +22,11 @@ import server_app as server_module
 from dpfpl_app import wire
 from dpfpl_app.client_node import build_trainer, save_state
 from dpfpl_app.config import ConfigError, Method, RunConfig
-from tests.flower_harness import run_server_app
+from tests.flower_harness import federation_config, run_server_app
 
 
 def _config(tmp_path: Path, **overrides: object) -> dict:
-    base = RunConfig(
-        num_server_rounds=3,
-        min_nodes=4,
-        output_dir=str(tmp_path / "runs"),
-        run_name="t",
-        state_dir=str(tmp_path / "state"),
-        reproducible_noise=True,
-    ).to_flower()
-    base.update(overrides)
-    return base
+    return federation_config(tmp_path, **{"min-nodes": 4, **overrides})
 
 
 def _results(tmp_path: Path) -> dict:

@@ -26,23 +26,15 @@ from dpfpl_app.offline_data import DIGIT_CLASS_NAMES, federated_pool
 from dpfpl_app.predict import Prediction, PromptClassifier, classify
 from dpfpl_app.prompt_export import export_path
 from dpfpl_app.prompt_file import PrivacyStatus, PromptFile, PromptFileError, load_prompt_file
-from tests.flower_harness import run_server_app
+from tests.flower_harness import federation_config, run_server_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _config(tmp: Path, **overrides: object) -> RunConfig:
-    base = RunConfig(
-        num_server_rounds=3,
-        min_nodes=3,
-        batch_size=16,
-        output_dir=str(tmp / "runs"),
-        run_name="t",
-        state_dir=str(tmp / "state"),
-        reproducible_noise=True,
-    ).to_flower()
-    base.update(overrides)
-    return RunConfig.from_flower(base)
+    return RunConfig.from_flower(
+        federation_config(tmp, **{"min-nodes": 3, "batch-size": 16, **overrides})
+    )
 
 
 @pytest.fixture(scope="module")
