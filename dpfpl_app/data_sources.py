@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from dpfpl_app.image_processing import gray_to_rgb
-from dpfpl_app.offline_data import LabelledImages, index_hash
+from dpfpl_app.offline_data import LabelledImages
 
 RgbReader = Callable[[np.ndarray], list[np.ndarray]]
 
@@ -40,7 +40,9 @@ class ImageSet:
 
     def subset(self, indices: np.ndarray) -> ImageSet:
         idx = np.asarray(indices, dtype=np.int64)
-        digest = hashlib.sha256(f"{self.fingerprint}|{index_hash(idx)}".encode()).hexdigest()
+        # the rows in their order: a permuted subset has its features in another order
+        rows = hashlib.sha256(idx.astype("<i8").tobytes()).hexdigest()
+        digest = hashlib.sha256(f"{self.fingerprint}|{rows}".encode()).hexdigest()
         return ImageSet(
             labels=self.labels[idx],
             class_names=self.class_names,

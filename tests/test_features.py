@@ -93,7 +93,8 @@ def test_key_changes_with_the_images_views_and_augmentation_seed(
     assert cache.key(clip, _image_set(raw_images.copy()), views=2, seed=0) == base  # stable
     assert cache.key(clip, _image_set(one_pixel), views=2, seed=0) != base
     assert cache.key(clip, images.subset(np.arange(4)), views=2, seed=0) != base
-    assert cache.key(clip, images.subset(np.array([1, 0, 2, 3, 4])), views=2, seed=0) != base
+    in_order = cache.key(clip, images.subset(np.arange(5)), views=2, seed=0)
+    assert cache.key(clip, images.subset(np.array([1, 0, 2, 3, 4])), views=2, seed=0) != in_order
     same_bytes = _image_set(raw_images.reshape(5, 4, 16))
     assert cache.key(clip, same_bytes, views=2, seed=0) != base
     assert cache.key(clip, images, views=1, seed=0) != base
