@@ -157,9 +157,9 @@ def run_sweep(
 ) -> list[Cell]:
     """Run every unfinished cell; returns the cells that failed."""
     out_dir = Path(out_dir)
-    _claim(out_dir, spec)
     cells = spec.cells()
-    configs = {c.name: spec.run_config(c, out_dir) for c in cells}
+    configs = {c.name: spec.run_config(c, out_dir) for c in cells}  # a bad grid stops here
+    _claim(out_dir, spec)
     todo = [c for c in cells if cell_result(out_dir, c) is None]
     logger.info(
         "sweep %s: %d cells, %d done, %d to run (DP noise seeded for reproducibility: "

@@ -67,6 +67,8 @@ def test_a_bad_grid_fails_before_any_run(tmp_path: Path) -> None:
     spec = SweepSpec(methods=(Method.DPFPL,), ranks=(32,))  # rank > n-ctx 16
     with pytest.raises(ValueError, match="rank=32 exceeds n-ctx=16"):
         run_sweep(spec, tmp_path / "sweep", app_dir=REPO)
+    # nothing was claimed: the corrected grid may use the same directory
+    assert not (tmp_path / "sweep" / sweep_module.SPEC_FILE).exists()
 
 
 def test_tables_have_every_cell_with_mean_and_std_over_seeds(tmp_path: Path) -> None:
