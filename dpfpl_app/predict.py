@@ -70,7 +70,7 @@ class PromptClassifier:
                 f"(backbone {meta.backbone!r}), but {clip.source!r} has width "
                 f"{clip.text_width}: load the backbone named in the prompt file"
             )
-        found = backbone_fingerprint(clip)
+        found = backbone_fingerprint(clip, disk_cache=False)
         if found != meta.backbone_sha256:
             raise PromptFileError(
                 f"the prompt was trained on backbone {meta.backbone!r} with weights "

@@ -32,7 +32,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dpfpl_app.backbone import FrozenClip
-from dpfpl_app.backbone_build import weights_sha256
+from dpfpl_app.backbone_build import cache_root, weights_sha256
 from dpfpl_app.config import DPMode, Method
 
 FORMAT_NAME = "dpfpl-prompt"
@@ -166,15 +166,19 @@ def _check_shape(prompt: Tensor, metadata: PromptMetadata, source: str = "prompt
         )
 
 
-def backbone_fingerprint(clip: FrozenClip) -> str:
+def backbone_fingerprint(clip: FrozenClip, *, disk_cache: bool = True) -> str:
     """Identity of a backbone's weights, independent of where the directory lives.
 
     A local directory (the project's backbones, any ``save_pretrained`` copy) is hashed
-    tensor by tensor; a hub checkpoint is named by its resolved commit.
+    tensor by tensor; a hub checkpoint is named by its resolved commit. ``disk_cache``
+    reuses a hash stored for the same file size and time (exports, every message);
+    checking a prompt against its backbone passes False and hashes afresh.
     """
     source = Path(clip.source)
     weights = source / "model.safetensors"
     if weights.is_file():
+        if not disk_cache:
+            return "sha256:" + weights_sha256(source)
         stat = weights.stat()
         return "sha256:" + _weights_hash(str(source.resolve()), stat.st_size, stat.st_mtime_ns)
     commit = getattr(clip.model.config, "_commit_hash", None)
@@ -188,8 +192,21 @@ def backbone_fingerprint(clip: FrozenClip) -> str:
 
 @lru_cache(maxsize=8)
 def _weights_hash(directory: str, size: int, mtime_ns: int) -> str:
-    """Cached per file version: a node exports every round, the weights never change."""
-    return weights_sha256(Path(directory))
+    """Cached per file version, in memory and on node-local disk.
+
+    A node exports after every message and, in a deployment, every message runs in a
+    fresh process: without the disk copy a ViT-B/16 node would re-hash 600 MB each time.
+    """
+    key = hashlib.sha256(f"{directory}|{size}|{mtime_ns}".encode()).hexdigest()
+    cached = cache_root() / "weight-hashes" / key
+    if cached.is_file():
+        return cached.read_text().strip()
+    digest = weights_sha256(Path(directory))
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_name(f".{key}.{os.getpid()}")
+    tmp.write_text(digest)
+    os.replace(tmp, cached)  # atomic: a concurrent reader sees all or nothing
+    return digest
 
 
 def utc_now() -> datetime:

@@ -143,3 +143,28 @@ def test_metadata_must_match_the_prompt_shape(clip: FrozenClip, tmp_path: Path) 
 
     with pytest.raises(PromptFileError, match=r"shape \(5, "):
         bad.save(tmp_path / "p.safetensors")
+
+
+def test_exports_reuse_the_stored_weights_hash_and_checks_hash_afresh(
+    clip: FrozenClip, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpfpl_app import prompt_file as module
+
+    # Prepare: a first export hashes the weights and stores the hash on node-local disk
+    monkeypatch.setenv("DPFPL_CACHE", str(tmp_path))
+    module._weights_hash.cache_clear()
+    first = module.backbone_fingerprint(clip)
+    assert list((tmp_path / "weight-hashes").iterdir())
+
+    # Execute: a fresh process (empty memory cache) that must not hash again
+    module._weights_hash.cache_clear()
+    hashed: list[Path] = []
+    real = module.weights_sha256
+    monkeypatch.setattr(module, "weights_sha256", lambda d: hashed.append(d) or real(d))
+    again = module.backbone_fingerprint(clip)
+    checked = module.backbone_fingerprint(clip, disk_cache=False)
+
+    # Assert: the export reused the stored hash; the check recomputed it
+    assert first == again == checked
+    assert len(hashed) == 1
+    module._weights_hash.cache_clear()
