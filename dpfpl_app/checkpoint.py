@@ -21,7 +21,6 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
@@ -49,7 +48,6 @@ class CheckpointMeta(BaseModel):
     format: Literal["dpfpl-checkpoint"] = "dpfpl-checkpoint"
     format_version: Literal[1] = 1
     round: int = Field(ge=0)
-    noise_draws: int = Field(ge=0, description="server noise draws so far (replayed on resume)")
     strategy: dict[str, Any] = Field(description="DPFPLStrategy.state_dict() minus the prompt")
     config: dict[str, bool | int | float | str]
 
@@ -58,14 +56,11 @@ def checkpoint_path(run_dir: Path, server_round: int) -> Path:
     return Path(run_dir) / CHECKPOINT_DIR / f"round-{server_round:04d}.safetensors"
 
 
-def save_checkpoint(
-    run_dir: Path, state: dict[str, Any], *, config: RunConfig, noise_draws: int
-) -> Path:
+def save_checkpoint(run_dir: Path, state: dict[str, Any], *, config: RunConfig) -> Path:
     """Write the strategy's ``state_dict()`` for its round, atomically."""
     prompt = state[PROMPT_KEY].detach().contiguous().cpu()
     meta = CheckpointMeta(
         round=int(state["round"]),
-        noise_draws=noise_draws,
         strategy={k: v for k, v in state.items() if k != PROMPT_KEY},
         config=config.to_flower(),
     )
@@ -113,19 +108,6 @@ def _changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
         for k in keys
         if saved.get(k) != current.get(k)
     )
-
-
-def replayed_noise_generator(seed: int, draws: int, shape: tuple[int, ...]) -> torch.Generator:
-    """The server's seeded noise generator after ``draws`` rounds of noise.
-
-    Mirrors the strategy's draw (one float64 Gaussian tensor of the prompt's shape per
-    aggregated round); ``tests/test_checkpoint.py`` compares a resumed run with an
-    uninterrupted one, so a change on either side fails there.
-    """
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(draws):
-        torch.randn(shape, generator=generator, dtype=torch.float64)
-    return generator
 
 
 def earlier_rounds(run_dir: Path, up_to: int) -> list[dict[str, Any]]:

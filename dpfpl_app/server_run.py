@@ -18,15 +18,10 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from transformers import AutoConfig
 
-from dpfpl_app import accounting, wire
+from dpfpl_app import accounting
 from dpfpl_app.backbone import resolve_model_source
 from dpfpl_app.backbone_build import BACKBONES
-from dpfpl_app.checkpoint import (
-    earlier_rounds,
-    load_checkpoint,
-    replayed_noise_generator,
-    save_checkpoint,
-)
+from dpfpl_app.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
 from dpfpl_app.config import DPMode, RunConfig
 from dpfpl_app.results import RunRecorder
 from dpfpl_app.strategy import DPFPLStrategy, GlobalNoise
@@ -108,13 +103,10 @@ def run_server(grid: Grid, context: Context) -> Path:
     previous = earlier_rounds(out, resumed.round) if resumed else []
     recorder = RunRecorder(out, config=cfg.to_flower(), notes=notes)
     recorder.doc["rounds"] = previous
-    noise_draws = resumed.noise_draws if resumed else 0
 
     def progress(server_round: int, metrics: dict[str, Any]) -> None:
-        nonlocal noise_draws
         recorder.record(server_round, metrics)
-        noise_draws += int(metrics.get(wire.ACCEPTED, 0) > 0)  # the strategy drew noise
-        save_checkpoint(out, strategy.state_dict(), config=cfg, noise_draws=noise_draws)
+        save_checkpoint(out, strategy.state_dict(), config=cfg)
         log(
             INFO,
             "round %d/%d  loss %.4f  local-acc %.3f  neighbour-acc %.3f  "
@@ -128,14 +120,8 @@ def run_server(grid: Grid, context: Context) -> Path:
             metrics.get("eps-global", math.nan),
         )
 
-    prompt = initial_prompt(cfg)
-    seed = cfg.seed if cfg.reproducible_noise else None
-    generator = None
-    if resumed and seed is not None:  # continue the public-seed noise stream where it stopped
-        generator = replayed_noise_generator(seed, resumed.noise_draws, tuple(prompt.shape))
-        seed = None
     strategy = DPFPLStrategy(
-        initial_prompt=prompt,
+        initial_prompt=initial_prompt(cfg),
         server_lr=cfg.lr_global,
         clip_norm=cfg.clip_norm,
         batch_size=cfg.batch_size,
@@ -144,8 +130,7 @@ def run_server(grid: Grid, context: Context) -> Path:
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         node_wait_timeout=cfg.node_wait_timeout,
-        seed=seed,
-        generator=generator,
+        seed=cfg.seed if cfg.reproducible_noise else None,
         on_round=progress,
     )
     if state is not None:

@@ -224,7 +224,9 @@ class DPFPLStrategy(Strategy):
         self.on_round = on_round
         self._prompt = initial_prompt.detach().clone()
         os_seed = seed if seed is not None else secrets.randbits(63)
+        self._public_seed = seed  # only a public seed may be replayed on resume
         self._generator = generator or torch.Generator().manual_seed(os_seed)
+        self._noise_draws = 0
         self._node_rng = random.Random(os_seed)
         self._accountant = (
             ChannelAccountant(kind=noise.accountant, delta=noise.delta)
@@ -410,6 +412,7 @@ class DPFPLStrategy(Strategy):
         mean, n_clipped = self._clipped_mean(round_, accepted)
         multiplier, noise_std = self._step_noise(accepted)
         noise = torch.randn(mean.shape, generator=self._generator, dtype=mean.dtype) * noise_std
+        self._noise_draws += 1
         self._prompt = (self._prompt.double() - self.server_lr * (mean + noise)).to(
             self._prompt.dtype
         )
@@ -631,6 +634,7 @@ class DPFPLStrategy(Strategy):
             "noise_multiplier": self._multiplier,
             "calibration_sample_rate": self._calibration_rate,
             "accountant": self._accountant.state_dict() if self._accountant else None,
+            "noise_draws": self._noise_draws,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -663,6 +667,13 @@ class DPFPLStrategy(Strategy):
         if state["accountant"] is not None:
             self._accountant = ChannelAccountant.from_state_dict(state["accountant"])
             self._epsilon_spent = None
+        self._noise_draws = int(state["noise_draws"])
+        if self._public_seed is not None:
+            # a public-seed stream continues where it stopped (the same draws, in order); an
+            # OS-entropy generator is never saved, so its resumed noise is fresh
+            self._generator = torch.Generator().manual_seed(self._public_seed)
+            for _ in range(self._noise_draws):
+                torch.randn(prompt.shape, generator=self._generator, dtype=torch.float64)
 
 
 def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float]:

@@ -498,10 +498,10 @@ def test_sampling_waits_for_late_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # --- checkpoint -------------------------------------------------------------------------
 def test_state_dict_round_trip_resumes_exactly() -> None:
-    # Prepare: two per-sample rounds, then a checkpoint through torch.save/load.
+    # Prepare: two per-sample rounds, then a checkpoint through torch.save/load; the
+    # public seed's noise stream continues where it stopped after the resume
     noise = GlobalNoise.per_sample(target_epsilon=2.0, delta=1e-5, total_rounds=5)
-    generator = torch.Generator().manual_seed(0)
-    original = _strategy(noise=noise, seed=None, generator=generator)
+    original = _strategy(noise=noise, seed=5)
     for r in (1, 2):
         original.aggregate_train(r, [_reply(GOOD_A, _grad(0.5)), _reply(GOOD_B, _grad(0.3))])
     buffer = io.BytesIO()
@@ -511,7 +511,6 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
     # Execute
     resumed = _strategy(noise=noise, initial_prompt=torch.zeros(SHAPE), seed=5)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
-    generator.manual_seed(5)  # both draw the same noise from here on
     grid = InProcessGrid(client_app=_idle_app, num_nodes=1, run_config={})
     (msg,) = resumed.configure_train(1, resumed.global_arrays(), ConfigRecord(), grid)
     third = [_reply(GOOD_A, _grad(0.4))]
