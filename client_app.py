@@ -11,7 +11,6 @@ from dpfpl_app.client_messages import answer_evaluate, answer_train
 from dpfpl_app.client_node import build_trainer, save_state
 from dpfpl_app.client_trainer import ClientTrainer
 from dpfpl_app.config import RunConfig
-from dpfpl_app.prompt_export import broadcast_epsilon
 
 app = ClientApp()
 
@@ -28,7 +27,7 @@ def _handle(
     cfg = RunConfig.from_flower(context.run_config)
     trainer = build_trainer(cfg, context)
     content = answer(trainer, msg)
-    save_state(trainer, cfg, context, broadcast_epsilon=broadcast_epsilon(msg))
+    save_state(trainer, cfg, context)
     return Message(content, reply_to=msg)
 
 

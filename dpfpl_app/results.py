@@ -100,7 +100,7 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             summary[f"final-{key}"] = values[-1]
             tail = values[-LAST_ROUNDS:]
             summary[f"last{LAST_ROUNDS}-{key}"] = sum(tail) / len(tail)
-    for key in ("eps-local", "eps-global"):
+    for key in ("epsilon",):
         values = [r[key] for r in rounds if key in r]
         if values:
             summary[f"final-{key}"] = values[-1]
@@ -116,7 +116,9 @@ def load_results(run_dir: Path) -> dict[str, Any]:
 
 def summary_table(doc: dict[str, Any]) -> str:
     """A plain-text table of the run: one line per round and the summary."""
-    cols = ["round", "train-loss", "local-acc", "neighbour-acc", "eps-local", "eps-global"]
+    cols = ["round", "local-acc", "neighbour-acc", "epsilon"]
+    if any("train-loss" in row for row in doc["rounds"]):  # recorded only without DP
+        cols.insert(1, "train-loss")
     lines = ["  ".join(f"{c:>13}" for c in cols)]
     for row in doc["rounds"]:
         cells = [row.get(c, "") for c in cols]
@@ -144,7 +146,7 @@ def plot_run(doc: dict[str, Any], out_dir: Path) -> None:
     title = f"{doc['config'].get('method')} / dp-mode {doc['config'].get('dp-mode')}"
     for name, keys, ylabel in (
         ("accuracy.png", ("local-acc", "neighbour-acc"), "accuracy (mean over clients)"),
-        ("epsilon.png", ("eps-local", "eps-global"), "epsilon spent"),
+        ("epsilon.png", ("epsilon",), "epsilon spent (both channels composed)"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:
