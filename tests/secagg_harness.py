@@ -17,8 +17,15 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
-from dpfpl_app.secagg import ARRAY_KEYS, ClientRound, SecAggConfig, ServerRound, Stage
-from dpfpl_app.secagg import fixed_point, skellam
+from dpfpl_app.secagg import (
+    ARRAY_KEYS,
+    ClientRound,
+    SecAggConfig,
+    ServerRound,
+    Stage,
+    fixed_point,
+    skellam,
+)
 from dpfpl_app.secagg.stream import KeyStream
 
 Tamper = Callable[[int, dict[str, Any]], dict[str, Any]]
@@ -40,8 +47,10 @@ def draws(seed: int, node: int) -> KeyStream:
     return KeyStream.from_seed(seed, "client-draws", node)
 
 
-def expected_integer_input(config: SecAggConfig, server: ServerRound, x: np.ndarray, seed: int, node: int) -> np.ndarray:
-    """Recompute a client's quantised noised input from the same stream, independently of the client."""
+def expected_integer_input(
+    config: SecAggConfig, server: ServerRound, x: np.ndarray, seed: int, node: int
+) -> np.ndarray:
+    """A client's quantised noised input, recomputed from its stream outside the client."""
     p = server.params
     stream = draws(seed, node)
     q = fixed_point.quantise(x, clip=p.clip, scale=p.scale, stream=stream)
@@ -92,7 +101,7 @@ class Federation:
         server = self.server
         steps = [server.share_keys, server.collect_masked, server.unmask, server.finish]
         out = server.setup()
-        for stage, step in zip(Stage.ORDER, steps):
+        for stage, step in zip(Stage.ORDER, steps, strict=True):
             replies = {}
             for node, payload in out.items():
                 if node in drop.get(stage, set()):
@@ -109,7 +118,8 @@ class Federation:
     def expected_integer_total(self, survivors: tuple[int, ...]) -> np.ndarray:
         """Sum of the survivors' quantised noised inputs, recomputed independently."""
         return sum(
-            expected_integer_input(self.config, self.server, self.inputs[v], self.seed, v) for v in survivors
+            expected_integer_input(self.config, self.server, self.inputs[v], self.seed, v)
+            for v in survivors
         )
 
 

@@ -8,15 +8,35 @@ import numpy as np
 import pytest
 from secagg_harness import Federation, random_inputs
 
-from dpfpl_app.secagg import ClientRound, SecAggAbort, SecAggConfig, Stage, wire
-from dpfpl_app.secagg import crypto, fixed_point
+from dpfpl_app.secagg import (
+    ClientRound,
+    SecAggAbort,
+    SecAggConfig,
+    Stage,
+    crypto,
+    fixed_point,
+    wire,
+)
 
 DIM = 512
-NODES = [11, 22, 33, 44, 55, 66, 77, 88, 99, 2**64 - 7]  # a uint64 id beyond sint64, as Flower makes
+NODES = [
+    11,
+    22,
+    33,
+    44,
+    55,
+    66,
+    77,
+    88,
+    99,
+    2**64 - 7,
+]  # a uint64 id beyond sint64, as Flower makes
 CONFIG = SecAggConfig(dim=DIM, clip=1.0, sum_noise_std=0.3)
 
 
-def federation(nodes: list[int] = NODES, config: SecAggConfig = CONFIG, seed: int = 0) -> Federation:
+def federation(
+    nodes: list[int] = NODES, config: SecAggConfig = CONFIG, seed: int = 0
+) -> Federation:
     return Federation(config, random_inputs(nodes, config.dim, config.clip, seed), seed=seed)
 
 
@@ -24,7 +44,9 @@ def test_sum_is_exactly_the_sum_of_quantised_noised_inputs() -> None:
     fed = federation()
     result = fed.run()
     assert result.survivors == tuple(sorted(NODES))
-    np.testing.assert_array_equal(result.integer_total, fed.expected_integer_total(result.survivors))
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
     # and it is the float sum up to rounding and the calibrated noise (std 0.3 at >= 7 survivors)
     error = result.total - sum(fed.inputs[v].astype(np.float64) for v in NODES)
     expected_std = 0.3 * np.sqrt(len(NODES) / fed.server.params.min_survivors)
@@ -37,7 +59,9 @@ def test_sparse_graph_round_is_exact() -> None:
     fed = federation(nodes, dataclasses.replace(CONFIG, dim=64))
     result = fed.run()
     assert fed.server.params.degree == 12 and fed.server.params.threshold == 7
-    np.testing.assert_array_equal(result.integer_total, fed.expected_integer_total(result.survivors))
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
 
 
 def _high_bits_chi2(vector: np.ndarray, bits: int, top: int = 4) -> float:
@@ -54,16 +78,24 @@ def test_masked_vectors_are_uniform_and_uncorrelated_with_inputs() -> None:
     fed = federation(config=dataclasses.replace(CONFIG, dim=8192))
     fed.run()
     bits = fed.server.params.bits
-    masked = [(node, p[wire.MASKED]) for stage, node, p in fed.received if stage == Stage.COLLECT_MASKED]
+    masked = [
+        (node, p[wire.MASKED]) for stage, node, p in fed.received if stage == Stage.COLLECT_MASKED
+    ]
     assert len(masked) == len(NODES)
     for node, y in masked:
-        assert _high_bits_chi2(y, bits) < CHI2_15_DOF_P1E4, f"masked vector of node {node} is not uniform"
+        assert _high_bits_chi2(y, bits) < CHI2_15_DOF_P1E4, (
+            f"masked vector of node {node} is not uniform"
+        )
         centred = fixed_point.from_ring(y, bits).astype(np.float64)
         corr = np.corrcoef(centred, fed.inputs[node])[0, 1]
-        assert abs(corr) < 5 / np.sqrt(y.size), f"masked vector of node {node} correlates with its input"
+        assert abs(corr) < 5 / np.sqrt(y.size), (
+            f"masked vector of node {node} correlates with its input"
+        )
     # power check: the same statistics on an unmasked encoded input fail clearly
     node = NODES[0]
-    plain = fixed_point.to_ring(np.round(fed.inputs[node] * fed.server.params.scale).astype(np.int64), bits)
+    plain = fixed_point.to_ring(
+        np.round(fed.inputs[node] * fed.server.params.scale).astype(np.int64), bits
+    )
     assert _high_bits_chi2(plain, bits) > 100 * CHI2_15_DOF_P1E4
     assert np.corrcoef(fixed_point.from_ring(plain, bits), fed.inputs[node])[0, 1] > 0.99
 
@@ -81,15 +113,23 @@ def test_no_secret_or_input_appears_in_any_message_the_server_receives() -> None
     for _, _, payload in fed.received:
         for value in payload.values():
             items = value if isinstance(value, list) else [value]
-            blobs += [v.tobytes() if isinstance(v, np.ndarray) else v for v in items if isinstance(v, (bytes, np.ndarray))]
+            blobs += [
+                v.tobytes() if isinstance(v, np.ndarray) else v
+                for v in items
+                if isinstance(v, (bytes, np.ndarray))
+            ]
     # shares revealed in the last stage are public by design; every other secret never appears
-    revealed = {s for _, _, p in fed.received for s in p.get(wire.SEED_SHARES, []) + p.get(wire.KEY_SHARES, [])}
+    revealed = {
+        s
+        for _, _, p in fed.received
+        for s in p.get(wire.SEED_SHARES, []) + p.get(wire.KEY_SHARES, [])
+    }
     for secret in secrets:
         if secret in revealed:
             continue
         assert not any(secret in blob for blob in blobs)
     # each input's float bytes and its quantised form never appear either
-    for node, x in fed.inputs.items():
+    for x in fed.inputs.values():
         assert not any(x.tobytes()[:64] in blob for blob in blobs)
     # the clients' stored state is empty after the round
     assert all(state == {"stage": "done"} for state in fed.states.values())
@@ -98,7 +138,7 @@ def test_no_secret_or_input_appears_in_any_message_the_server_receives() -> None
 def test_each_survivor_reveals_only_one_kind_of_share_per_owner() -> None:
     fed = federation()
     fed.run(drop={Stage.UNMASK: set(), Stage.COLLECT_MASKED: {NODES[0]}})
-    for stage, node, p in fed.received:
+    for stage, _, p in fed.received:
         if stage == Stage.UNMASK:
             assert not set(p[wire.SEED_OWNERS]) & set(p[wire.KEY_OWNERS])
             assert NODES[0] not in p[wire.SEED_OWNERS]
@@ -119,16 +159,30 @@ def test_dropouts_at_each_stage_keep_the_sum_exact(stage: str, dropped: set[int]
     result = fed.run(drop={stage: dropped})
     expected_survivors = set(NODES) if stage == Stage.UNMASK else set(NODES) - dropped
     assert set(result.survivors) == expected_survivors
-    np.testing.assert_array_equal(result.integer_total, fed.expected_integer_total(result.survivors))
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
 
 
 @pytest.mark.parametrize(
     ("stage", "n_drop", "message"),
     [
         (Stage.SETUP, 4, r"'secagg_setup'.*6 of 10 nodes sent valid public keys < min_survivors 7"),
-        (Stage.SHARE_KEYS, 4, r"'secagg_share_keys'.*6 of 10 nodes sent their encrypted shares < min_survivors 7"),
-        (Stage.COLLECT_MASKED, 4, r"'secagg_collect_masked'.*6 of 10 nodes sent valid masked inputs < min_survivors 7"),
-        (Stage.UNMASK, 6, r"'secagg_unmask'.*4 shares of node \d+'s self-mask seed revealed < threshold 5"),
+        (
+            Stage.SHARE_KEYS,
+            4,
+            r"'secagg_share_keys'.*6 of 10 nodes sent their encrypted shares < min_survivors 7",
+        ),
+        (
+            Stage.COLLECT_MASKED,
+            4,
+            r"'secagg_collect_masked'.*6 of 10 nodes sent valid masked inputs < min_survivors 7",
+        ),
+        (
+            Stage.UNMASK,
+            6,
+            r"'secagg_unmask'.*4 shares of node \d+'s self-mask seed revealed < threshold 5",
+        ),
     ],
 )
 def test_too_many_dropouts_release_nothing(stage: str, n_drop: int, message: str) -> None:
@@ -139,9 +193,18 @@ def test_too_many_dropouts_release_nothing(stage: str, n_drop: int, message: str
 
 def test_dropouts_at_every_stage_together() -> None:
     fed = federation(list(range(1, 21)), dataclasses.replace(CONFIG, dim=64))
-    result = fed.run(drop={Stage.SETUP: {1}, Stage.SHARE_KEYS: {2}, Stage.COLLECT_MASKED: {3, 4}, Stage.UNMASK: {5}})
+    result = fed.run(
+        drop={
+            Stage.SETUP: {1},
+            Stage.SHARE_KEYS: {2},
+            Stage.COLLECT_MASKED: {3, 4},
+            Stage.UNMASK: {5},
+        }
+    )
     assert set(result.survivors) == set(range(5, 21))
-    np.testing.assert_array_equal(result.integer_total, fed.expected_integer_total(result.survivors))
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
 
 
 # --- faulty clients -----------------------------------------------------------------------
@@ -159,7 +222,9 @@ def test_corrupted_share_ciphertext_is_named_and_the_round_recovers_without_its_
     result = fed.run(tamper={Stage.SHARE_KEYS: corrupt})
     assert bad not in result.survivors and len(result.survivors) == len(NODES) - 1
     assert any(f.node == bad and "failed to authenticate" in f.reason for f in result.faults)
-    np.testing.assert_array_equal(result.integer_total, fed.expected_integer_total(result.survivors))
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
 
 
 @pytest.mark.parametrize("length", [DIM - 1, DIM + 3])
@@ -174,8 +239,13 @@ def test_wrong_length_masked_vector_is_named_and_left_out(length: int) -> None:
     fed = federation()
     result = fed.run(tamper={Stage.COLLECT_MASKED: resize})
     assert bad not in result.survivors
-    assert any(f.node == bad and f.stage == Stage.COLLECT_MASKED and f"length {length}" in f.reason for f in result.faults)
-    np.testing.assert_array_equal(result.integer_total, fed.expected_integer_total(result.survivors))
+    assert any(
+        f.node == bad and f.stage == Stage.COLLECT_MASKED and f"length {length}" in f.reason
+        for f in result.faults
+    )
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
 
 
 def test_masked_vector_outside_the_ring_is_refused() -> None:
@@ -188,7 +258,9 @@ def test_masked_vector_outside_the_ring_is_refused() -> None:
 
     fed = federation()
     result = fed.run(tamper={Stage.COLLECT_MASKED: widen})
-    assert 55 not in result.survivors and any(f.node == 55 and "outside" in f.reason for f in result.faults)
+    assert 55 not in result.survivors and any(
+        f.node == 55 and "outside" in f.reason for f in result.faults
+    )
 
 
 def test_wrong_revealed_share_is_named_and_the_sum_still_exact() -> None:
@@ -203,8 +275,13 @@ def test_wrong_revealed_share_is_named_and_the_sum_still_exact() -> None:
 
     fed = federation()
     result = fed.run(tamper={Stage.UNMASK: lie})
-    assert any(f.node == liar and f.stage == Stage.UNMASK and "wrong share" in f.reason for f in result.faults)
-    np.testing.assert_array_equal(result.integer_total, fed.expected_integer_total(result.survivors))
+    assert any(
+        f.node == liar and f.stage == Stage.UNMASK and "wrong share" in f.reason
+        for f in result.faults
+    )
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
 
 
 def test_too_many_wrong_shares_abort_naming_the_owner() -> None:
@@ -213,12 +290,14 @@ def test_too_many_wrong_shares_abort_naming_the_owner() -> None:
         return {**reply, wire.SEED_SHARES: shares}
 
     fed = federation()
-    with pytest.raises(SecAggAbort, match=r"'secagg_unmask'.*self-mask seed cannot be reconstructed"):
+    with pytest.raises(
+        SecAggAbort, match=r"'secagg_unmask'.*self-mask seed cannot be reconstructed"
+    ):
         fed.run(tamper={Stage.UNMASK: lie})
 
 
 def test_out_of_bound_sum_is_refused() -> None:
-    """A client that bypasses its own bound check (here: 40x its input) cannot get a wrapped sum released."""
+    """A client bypassing its own bound check (400x its input) gets no wrapped sum released."""
     fed = federation()
     original = fixed_point.quantise
 
@@ -289,4 +368,6 @@ def test_share_bundle_is_bound_to_its_pair() -> None:
     assert k_ab != crypto.derive_key(sk, pk2, crypto.MASK_PURPOSE, rid, 1, 2)
     assert k_ab != crypto.derive_key(sk, pk2, crypto.SHARE_PURPOSE, bytes([1] * 16), 1, 2)
     with pytest.raises(ValueError, match="authenticate"):
-        crypto.open_sealed(crypto.derive_key(sk, pk2, crypto.MASK_PURPOSE, rid, 1, 2), crypto.seal(k_ab, b"x"))
+        crypto.open_sealed(
+            crypto.derive_key(sk, pk2, crypto.MASK_PURPOSE, rid, 1, 2), crypto.seal(k_ab, b"x")
+        )

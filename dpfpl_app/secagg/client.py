@@ -47,7 +47,9 @@ class ClientRound:
         return dict(self._state)
 
     @classmethod
-    def from_state(cls, config: SecAggConfig, node_id: int, state: Mapping[str, Any]) -> ClientRound:
+    def from_state(
+        cls, config: SecAggConfig, node_id: int, state: Mapping[str, Any]
+    ) -> ClientRound:
         """Resume a round from ``to_state()`` (a fresh process per message)."""
         client = cls(config, node_id)
         client._state = dict(state)
@@ -82,9 +84,14 @@ class ClientRound:
             raise SecAggAbort(Stage.SETUP, str(exc)) from None
         neighbours = wire.id_list(payload, wire.NEIGHBOURS)
         if self.node_id not in params.nodes or self.node_id in neighbours:
-            raise SecAggAbort(Stage.SETUP, f"node {self.node_id} is not a sampled node or is its own neighbour")
+            raise SecAggAbort(
+                Stage.SETUP, f"node {self.node_id} is not a sampled node or is its own neighbour"
+            )
         if len(neighbours) != params.degree or not set(neighbours) <= set(params.nodes):
-            raise SecAggAbort(Stage.SETUP, f"node {self.node_id} got {len(neighbours)} neighbours, degree is {params.degree}")
+            raise SecAggAbort(
+                Stage.SETUP,
+                f"node {self.node_id} got {len(neighbours)} neighbours, degree is {params.degree}",
+            )
         sk_mask, pk_mask = crypto.new_key_pair()
         sk_enc, pk_enc = crypto.new_key_pair()
         seed = os.urandom(crypto.SEED_BYTES)
@@ -110,29 +117,58 @@ class ClientRound:
         peers = wire.id_list(payload, wire.PEERS)
         pk_mask = wire.bytes_list(payload, wire.PEER_PK_MASK, crypto.KEY_BYTES)
         pk_enc = wire.bytes_list(payload, wire.PEER_PK_ENC, crypto.KEY_BYTES)
-        if not set(peers) <= set(st[wire.NEIGHBOURS]) or not len(peers) == len(pk_mask) == len(pk_enc):
-            raise SecAggAbort(Stage.SHARE_KEYS, f"node {self.node_id}: peers are not my neighbours or keys are misaligned")
+        if not set(peers) <= set(st[wire.NEIGHBOURS]) or not len(peers) == len(pk_mask) == len(
+            pk_enc
+        ):
+            raise SecAggAbort(
+                Stage.SHARE_KEYS,
+                f"node {self.node_id}: peers are not my neighbours or keys are misaligned",
+            )
         if len(peers) < params.threshold:
-            raise SecAggAbort(Stage.SHARE_KEYS, f"node {self.node_id} has {len(peers)} live neighbours < threshold {params.threshold}")
+            raise SecAggAbort(
+                Stage.SHARE_KEYS,
+                f"node {self.node_id} has {len(peers)} live neighbours"
+                f" < threshold {params.threshold}",
+            )
         if len(set(pk_mask) | set(pk_enc)) != 2 * len(peers):
-            raise SecAggAbort(Stage.SHARE_KEYS, f"node {self.node_id}: neighbours' public keys are not all distinct")
+            raise SecAggAbort(
+                Stage.SHARE_KEYS,
+                f"node {self.node_id}: neighbours' public keys are not all distinct",
+            )
         order = sorted(range(len(peers)), key=lambda i: peers[i])
-        peers, pk_mask, pk_enc = [peers[i] for i in order], [pk_mask[i] for i in order], [pk_enc[i] for i in order]
+        peers, pk_mask, pk_enc = (
+            [peers[i] for i in order],
+            [pk_mask[i] for i in order],
+            [pk_enc[i] for i in order],
+        )
         seed_shares = crypto.split_secret(st["seed"], params.threshold, len(peers))
         key_shares = crypto.split_secret(st["sk-mask"], params.threshold, len(peers))
         ciphertexts = []
-        for peer, pk, s_share, k_share in zip(peers, pk_enc, seed_shares, key_shares):
+        for peer, pk, s_share, k_share in zip(peers, pk_enc, seed_shares, key_shares, strict=True):
             try:
-                key = crypto.derive_key(st["sk-enc"], pk, crypto.SHARE_PURPOSE, params.round_id, self.node_id, peer)
+                key = crypto.derive_key(
+                    st["sk-enc"], pk, crypto.SHARE_PURPOSE, params.round_id, self.node_id, peer
+                )
             except ValueError:
-                raise SecAggAbort(Stage.SHARE_KEYS, f"node {self.node_id}: neighbour {peer}'s key is invalid") from None
+                raise SecAggAbort(
+                    Stage.SHARE_KEYS, f"node {self.node_id}: neighbour {peer}'s key is invalid"
+                ) from None
             bundle = crypto.pack_share_bundle(self.node_id, peer, s_share, k_share)
             ciphertexts.append(crypto.seal(key, bundle))
-        st.update({"stage": Stage.SHARE_KEYS, wire.PEERS: peers, wire.PEER_PK_MASK: pk_mask, wire.PEER_PK_ENC: pk_enc})
+        st.update(
+            {
+                "stage": Stage.SHARE_KEYS,
+                wire.PEERS: peers,
+                wire.PEER_PK_MASK: pk_mask,
+                wire.PEER_PK_ENC: pk_enc,
+            }
+        )
         return {wire.DESTINATIONS: peers, wire.CIPHERTEXTS: ciphertexts}
 
     # --- stage 2 -> 3 -----------------------------------------------------------------
-    def collect_masked(self, payload: Mapping[str, Any], vector: np.ndarray, *, stream: KeyStream | None = None) -> dict[str, Any]:
+    def collect_masked(
+        self, payload: Mapping[str, Any], vector: np.ndarray, *, stream: KeyStream | None = None
+    ) -> dict[str, Any]:
         """Keep the neighbours' shares; reply the noised, quantised, masked input.
 
         ``vector`` must already be clipped to L2 norm ``clip`` (InputOutOfBound
@@ -143,15 +179,33 @@ class ClientRound:
         params, st = self._params(), self._state
         sources = wire.id_list(payload, wire.SOURCES)
         ciphertexts = wire.bytes_list(payload, wire.CIPHERTEXTS)
-        peers = dict(zip(st[wire.PEERS], zip(st[wire.PEER_PK_MASK], st[wire.PEER_PK_ENC])))
+        peers = dict(
+            zip(
+                st[wire.PEERS],
+                zip(st[wire.PEER_PK_MASK], st[wire.PEER_PK_ENC], strict=True),
+                strict=True,
+            )
+        )
         if len(sources) != len(ciphertexts) or not set(sources) <= set(peers):
-            raise SecAggAbort(Stage.COLLECT_MASKED, f"node {self.node_id}: shares from non-neighbours or misaligned")
+            raise SecAggAbort(
+                Stage.COLLECT_MASKED,
+                f"node {self.node_id}: shares from non-neighbours or misaligned",
+            )
         held: dict[int, tuple[bytes, bytes]] = {}
         rejected: list[int] = []
-        for src, ct in zip(sources, ciphertexts):
-            key = crypto.derive_key(st["sk-enc"], peers[src][1], crypto.SHARE_PURPOSE, params.round_id, self.node_id, src)
+        for src, ct in zip(sources, ciphertexts, strict=True):
+            key = crypto.derive_key(
+                st["sk-enc"],
+                peers[src][1],
+                crypto.SHARE_PURPOSE,
+                params.round_id,
+                self.node_id,
+                src,
+            )
             try:
-                s, d, seed_share, key_share = crypto.unpack_share_bundle(crypto.open_sealed(key, ct))
+                s, d, seed_share, key_share = crypto.unpack_share_bundle(
+                    crypto.open_sealed(key, ct)
+                )
             except ValueError:
                 rejected.append(src)
                 continue
@@ -160,15 +214,28 @@ class ClientRound:
                 continue
             held[src] = (seed_share, key_share)
         if len(held) < params.threshold:
-            raise SecAggAbort(Stage.COLLECT_MASKED, f"node {self.node_id} holds shares of {len(held)} neighbours < threshold {params.threshold}")
+            raise SecAggAbort(
+                Stage.COLLECT_MASKED,
+                f"node {self.node_id} holds shares of {len(held)} neighbours"
+                f" < threshold {params.threshold}",
+            )
         if np.size(vector) != params.dim:
             raise ValueError(f"input has {np.size(vector)} entries, the round sums {params.dim}")
         draws = stream or KeyStream.secure()
         q = fixed_point.quantise(vector, clip=params.clip, scale=params.scale, stream=draws)
         noise = skellam.skellam(params.client_variance, params.dim, draws)
-        y = fixed_point.to_ring(q + noise, params.bits) + ring_mask(st["seed"], params.dim, params.bits)
+        y = fixed_point.to_ring(q + noise, params.bits) + ring_mask(
+            st["seed"], params.dim, params.bits
+        )
         for peer in sorted(held):  # mask only with neighbours whose shares arrived intact
-            seed = crypto.derive_key(st["sk-mask"], peers[peer][0], crypto.MASK_PURPOSE, params.round_id, self.node_id, peer)
+            seed = crypto.derive_key(
+                st["sk-mask"],
+                peers[peer][0],
+                crypto.MASK_PURPOSE,
+                params.round_id,
+                self.node_id,
+                peer,
+            )
             mask = ring_mask(seed, params.dim, params.bits)
             y = y + mask if self.node_id < peer else y - mask  # uint64 wraps mod 2^64
         y &= np.uint64((1 << params.bits) - 1)
@@ -192,15 +259,29 @@ class ClientRound:
         dropped = set(wire.id_list(payload, wire.DROPPED))
         try:
             if survivors & dropped:
-                raise SecAggAbort(Stage.UNMASK, f"server lists nodes {sorted(survivors & dropped)} as both survived and dropped")
+                raise SecAggAbort(
+                    Stage.UNMASK,
+                    f"server lists nodes {sorted(survivors & dropped)}"
+                    " as both survived and dropped",
+                )
             if self.node_id not in survivors or not (survivors | dropped) <= set(params.nodes):
-                raise SecAggAbort(Stage.UNMASK, f"node {self.node_id}: survivor list is inconsistent with the round")
+                raise SecAggAbort(
+                    Stage.UNMASK,
+                    f"node {self.node_id}: survivor list is inconsistent with the round",
+                )
             if len(survivors) < params.min_survivors:
                 raise SecAggAbort(
                     Stage.UNMASK,
-                    f"{len(survivors)} survivors < min_survivors {params.min_survivors}: their noise would not reach the calibrated total",
+                    f"{len(survivors)} survivors < min_survivors {params.min_survivors}:"
+                    " their noise would not reach the calibrated total",
                 )
-            held = dict(zip(st["held-owners"], zip(st["held-seed-shares"], st["held-key-shares"])))
+            held = dict(
+                zip(
+                    st["held-owners"],
+                    zip(st["held-seed-shares"], st["held-key-shares"], strict=True),
+                    strict=True,
+                )
+            )
             seed_owners = sorted(o for o in held if o in survivors)
             key_owners = sorted(o for o in held if o in dropped)
             return {

@@ -10,7 +10,8 @@ one key with no context; here keys are X25519 (32-byte public keys, constant-tim
 every derived key is bound by HKDF to its purpose, the round id and the unordered pair
 of node ids, so a key never serves two purposes, two rounds or two pairs.
 
-Interpolation cannot tell a wrong share from a right one; callers check the result against a commitment (the self-mask seed) or
+Interpolation cannot tell a wrong share from a right one; callers check the result
+against a commitment (the self-mask seed) or
 the advertised public key (the mask key), see ``server``.
 """
 
@@ -54,7 +55,9 @@ def check_public_key(public_raw: bytes) -> None:
     X25519PublicKey.from_public_bytes(public_raw)
 
 
-def derive_key(private_raw: bytes, peer_public: bytes, purpose: bytes, round_id: bytes, a: int, b: int) -> bytes:
+def derive_key(
+    private_raw: bytes, peer_public: bytes, purpose: bytes, round_id: bytes, a: int, b: int
+) -> bytes:
     """A 32-byte key shared by nodes a and b: HKDF(X25519(sk, pk); purpose, round, {a, b}).
 
     Raises ValueError on a low-order peer key (the X25519 output would be all zero).
@@ -92,7 +95,9 @@ def join_secret(shares: list[bytes]) -> bytes:
 
 def commit(round_id: bytes, node: int, seed: bytes) -> bytes:
     """SHA-256 commitment to a self-mask seed (hiding: the seed has 256 random bits)."""
-    return hashlib.sha256(b"dpfpl-secagg/self-mask" + round_id + node.to_bytes(8, "little") + seed).digest()
+    return hashlib.sha256(
+        b"dpfpl-secagg/self-mask" + round_id + node.to_bytes(8, "little") + seed
+    ).digest()
 
 
 def pack_share_bundle(src: int, dst: int, seed_share: bytes, key_share: bytes) -> bytes:

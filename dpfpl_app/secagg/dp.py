@@ -67,7 +67,9 @@ def quantised_sensitivity(l2_sensitivity: float, scale: float, dim: int) -> tupl
     return delta2, min(math.sqrt(dim) * delta2, delta2**2)
 
 
-def rdp_to_epsilon(orders: Sequence[float], rdp: Sequence[float], delta: float) -> tuple[float, float]:
+def rdp_to_epsilon(
+    orders: Sequence[float], rdp: Sequence[float] | np.ndarray, delta: float
+) -> tuple[float, float]:
     """(epsilon, best order) from an RDP curve (Balle et al. 2020, as opacus converts)."""
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
@@ -123,7 +125,9 @@ class DistributedSkellam:
             orders, l2_sensitivity=d2, l1_sensitivity=d1, variance=self.total_variance(survivors)
         )
 
-    def epsilon(self, orders: Sequence[float], survivors: int, delta: float, rounds: int = 1) -> float:
+    def epsilon(
+        self, orders: Sequence[float], survivors: int, delta: float, rounds: int = 1
+    ) -> float:
         """Epsilon of ``rounds`` such releases composed (no subsampling)."""
         return rdp_to_epsilon(orders, rounds * self.rdp(orders, survivors), delta)[0]
 

@@ -29,7 +29,9 @@ def quantise(x: np.ndarray, *, clip: float, scale: float, stream: KeyStream) -> 
         raise InputOutOfBound("input has NaN or Inf entries")
     norm = float(np.linalg.norm(v))
     if norm > clip * (1 + CLIP_TOLERANCE):
-        raise InputOutOfBound(f"input L2 norm {norm:.6g} exceeds the bound {clip:.6g}: clip it first")
+        raise InputOutOfBound(
+            f"input L2 norm {norm:.6g} exceeds the bound {clip:.6g}: clip it first"
+        )
     scaled = scale * v
     return np.floor(scaled + stream.uniform(v.size)).astype(np.int64)
 

@@ -33,7 +33,9 @@ def check_graph(graph: dict[int, tuple[int, ...]], degree: int) -> None:
     """ValueError unless ``graph`` is symmetric, loop-free and ``degree``-regular."""
     for v, nbrs in graph.items():
         if len(set(nbrs)) != degree or v in nbrs:
-            raise ValueError(f"node {v} has {len(set(nbrs))} distinct neighbours (want {degree}) or a self-loop")
+            raise ValueError(
+                f"node {v} has {len(set(nbrs))} distinct neighbours (want {degree}) or a self-loop"
+            )
         for u in nbrs:
             if v not in graph.get(u, ()):
                 raise ValueError(f"edge {v}-{u} is not symmetric")

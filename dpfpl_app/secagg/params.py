@@ -137,12 +137,17 @@ class RoundParams:
         if len(set(ids)) != n:
             raise ValueError("node ids must be distinct")
         if n < 3:
-            raise ValueError(f"secure aggregation needs >= 3 nodes (a sum of 2 reveals each to the other), got {n}")
+            raise ValueError(
+                "secure aggregation needs >= 3 nodes (a sum of 2 reveals each to the other),"
+                f" got {n}"
+            )
         if len(round_id) != ROUND_ID_BYTES:
             raise ValueError(f"round_id must have {ROUND_ID_BYTES} bytes")
         degree = config.degree if config.degree is not None else default_degree(n)
         if not 2 <= degree <= n - 1 or (degree % 2 and degree != n - 1):
-            raise ValueError(f"degree must be even in [2, {n - 1}] or exactly {n - 1}, got {degree}")
+            raise ValueError(
+                f"degree must be even in [2, {n - 1}] or exactly {n - 1}, got {degree}"
+            )
         threshold = config.threshold if config.threshold is not None else default_threshold(degree)
         if not 2 <= threshold <= degree:
             raise ValueError(f"threshold must be in [2, degree={degree}], got {threshold}")
@@ -177,7 +182,9 @@ class RoundParams:
 
     def sum_coord_bound(self, survivors: int) -> int:
         """Largest |coordinate| of a sum of ``survivors`` inputs plus their noise tail."""
-        tail = skellam.tail_bound(survivors * self.client_variance, self.wrap_probability / self.dim)
+        tail = skellam.tail_bound(
+            survivors * self.client_variance, self.wrap_probability / self.dim
+        )
         return survivors * self.coord_bound + tail
 
     def sum_norm_bound(self, survivors: int) -> float:
@@ -188,7 +195,9 @@ class RoundParams:
         holds with probability >= 1 - wrap_probability. Loose, but rigorous: it catches
         wraps and failed unmasking (values at ring scale); it is no poisoning defence.
         """
-        tail = skellam.tail_bound(survivors * self.client_variance, self.wrap_probability / self.dim)
+        tail = skellam.tail_bound(
+            survivors * self.client_variance, self.wrap_probability / self.dim
+        )
         inputs = survivors * (self.scale * self.clip * (1 + CLIP_TOLERANCE) + math.sqrt(self.dim))
         return inputs + math.sqrt(self.dim) * tail
 
@@ -203,7 +212,7 @@ class RoundParams:
 
     # --- wire form ----------------------------------------------------------------
     def to_payload(self) -> dict[str, Any]:
-        """Plain types for a Flower ConfigRecord (node ids may be uint64: Flower's serde handles it)."""
+        """Plain types for a Flower ConfigRecord (uint64 node ids: Flower's serde handles them)."""
         return {
             "round-id": self.round_id,
             "nodes": list(self.nodes),
@@ -255,7 +264,9 @@ def coord_bound(clip: float, scale: float) -> int:
     return math.floor(scale * clip * (1 + CLIP_TOLERANCE)) + 1
 
 
-def ring_bits(n: int, dim: int, clip: float, scale: float, client_variance: float, wrap_probability: float) -> int:
+def ring_bits(
+    n: int, dim: int, clip: float, scale: float, client_variance: float, wrap_probability: float
+) -> int:
     """Ring width for n clients: the signed sum must stay inside (-2^(bits-1), 2^(bits-1)).
 
     |sum_j| <= n * coord_bound + tau, with tau the tail of Sk(n mu_c) at probability
@@ -266,6 +277,7 @@ def ring_bits(n: int, dim: int, clip: float, scale: float, client_variance: floa
     bits = (bound).bit_length() + 1  # 2^(bits-1) > bound
     if bits > MAX_RING_BITS:
         raise ValueError(
-            f"the sum needs a {bits}-bit ring (> {MAX_RING_BITS}): lower scale or noise, or sample fewer nodes"
+            f"the sum needs a {bits}-bit ring (> {MAX_RING_BITS}):"
+            " lower scale or noise, or sample fewer nodes"
         )
     return bits

@@ -24,6 +24,7 @@ import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -71,7 +72,10 @@ class AggregateResult:
 
 
 class ServerRound:
-    """One round's server state machine: ``setup`` -> ``share_keys`` -> ``collect_masked`` -> ``unmask`` -> ``finish``."""
+    """One round's server state machine.
+
+    ``setup`` -> ``share_keys`` -> ``collect_masked`` -> ``unmask`` -> ``finish``.
+    """
 
     def __init__(
         self,
@@ -106,7 +110,13 @@ class ServerRound:
     def _fault(self, node: int, stage: str, reason: str) -> None:
         self.faults.append(Fault(node, stage, reason))
 
-    def _accept(self, stage: str, replies: Replies, expected: set[int], check: Callable[[int, Mapping[str, Any]], Any]) -> dict[int, Any]:
+    def _accept(
+        self,
+        stage: str,
+        replies: Replies,
+        expected: set[int],
+        check: Callable[[int, Mapping[str, Any]], Any],
+    ) -> dict[int, Any]:
         """Run ``check`` on each expected reply; faults for bad and unexpected replies."""
         good: dict[int, Any] = {}
         for node, payload in replies.items():
@@ -123,10 +133,13 @@ class ServerRound:
         if len(alive) < self.params.min_survivors:
             raise SecAggAbort(
                 stage,
-                f"{len(alive)} of {len(self.params.nodes)} nodes {what} < min_survivors {self.params.min_survivors}: nothing is released",
+                f"{len(alive)} of {len(self.params.nodes)} nodes {what}"
+                f" < min_survivors {self.params.min_survivors}: nothing is released",
             )
 
-    def _prune(self, stage: str, alive: set[int], holders: Callable[[int, set[int]], set[int]]) -> set[int]:
+    def _prune(
+        self, stage: str, alive: set[int], holders: Callable[[int, set[int]], set[int]]
+    ) -> set[int]:
         """Drop nodes with fewer than ``threshold`` live share holders, until stable."""
         alive = set(alive)
         changed = True
@@ -135,7 +148,12 @@ class ServerRound:
             for node in sorted(alive):
                 live = len(holders(node, alive))
                 if live < self.params.threshold:
-                    self._fault(node, stage, f"only {live} live neighbours < threshold {self.params.threshold}: excluded")
+                    self._fault(
+                        node,
+                        stage,
+                        f"only {live} live neighbours"
+                        f" < threshold {self.params.threshold}: excluded",
+                    )
                     alive.discard(node)
                     changed = True
         return alive
@@ -153,7 +171,10 @@ class ServerRound:
         self._advance(Stage.SHARE_KEYS, Stage.COLLECT_MASKED)
 
         def check(node: int, p: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
-            keys = (wire.bytes_field(p, wire.PK_MASK, crypto.KEY_BYTES), wire.bytes_field(p, wire.PK_ENC, crypto.KEY_BYTES))
+            keys = (
+                wire.bytes_field(p, wire.PK_MASK, crypto.KEY_BYTES),
+                wire.bytes_field(p, wire.PK_ENC, crypto.KEY_BYTES),
+            )
             for key in keys:
                 crypto.check_public_key(key)
             if keys[0] == keys[1]:
@@ -165,10 +186,14 @@ class ServerRound:
         for node, (pk_m, pk_e, _) in good.items():
             for key in (pk_m, pk_e):
                 owners.setdefault(key, []).append(node)
-        for key, nodes in owners.items():
+        for nodes in owners.values():
             if len(nodes) > 1:
                 for node in nodes:
-                    self._fault(node, Stage.SETUP, f"public key shared with nodes {sorted(set(nodes) - {node})}")
+                    self._fault(
+                        node,
+                        Stage.SETUP,
+                        f"public key shared with nodes {sorted(set(nodes) - {node})}",
+                    )
                     good.pop(node, None)
         alive = self._prune(Stage.SETUP, set(good), lambda v, a: set(self.graph[v]) & a)
         self._need(Stage.SETUP, alive, "sent valid public keys")
@@ -193,10 +218,12 @@ class ServerRound:
             dst = wire.id_list(p, wire.DESTINATIONS)
             cts = wire.bytes_list(p, wire.CIPHERTEXTS)
             if sorted(dst) != self._peers[node] or len(cts) != len(dst):
-                raise ValueError(f"ciphertexts for {sorted(dst)}, expected one for each of {self._peers[node]}")
+                raise ValueError(
+                    f"ciphertexts for {sorted(dst)}, expected one for each of {self._peers[node]}"
+                )
             if any(not ct for ct in cts):
                 raise ValueError("empty ciphertext")
-            return dict(zip(dst, cts))
+            return dict(zip(dst, cts, strict=True))
 
         good = self._accept(Stage.SHARE_KEYS, replies, set(self._peers), check)
         alive = self._prune(Stage.SHARE_KEYS, set(good), lambda v, a: set(self._peers[v]) & a)
@@ -205,7 +232,10 @@ class ServerRound:
         out: Payloads = {}
         for v in sorted(alive):
             self._routed[v] = [u for u in self._peers[v] if u in alive]
-            out[v] = {wire.SOURCES: self._routed[v], wire.CIPHERTEXTS: [self._cts[u][v] for u in self._routed[v]]}
+            out[v] = {
+                wire.SOURCES: self._routed[v],
+                wire.CIPHERTEXTS: [self._cts[u][v] for u in self._routed[v]],
+            }
         self._cts = {}  # routed: the server keeps no ciphertext it does not need
         return out
 
@@ -219,7 +249,10 @@ class ServerRound:
             vec = wire.ring_vector(pl, wire.MASKED, p.dim, p.bits)
             rejected = wire.id_list(pl, wire.REJECTED)
             if not set(rejected) <= set(self._routed[node]):
-                raise ValueError(f"rejects shares from {sorted(set(rejected) - set(self._routed[node]))}, which were not sent to it")
+                raise ValueError(
+                    f"rejects shares from {sorted(set(rejected) - set(self._routed[node]))},"
+                    " which were not sent to it"
+                )
             return vec, rejected
 
         good = self._accept(Stage.COLLECT_MASKED, replies, set(self._routed), check)
@@ -228,7 +261,12 @@ class ServerRound:
             for bad in rejected:
                 accused.setdefault(bad, []).append(node)
         for bad, by in sorted(accused.items()):
-            self._fault(bad, Stage.SHARE_KEYS, f"its encrypted shares failed to authenticate at nodes {sorted(by)}: input discarded")
+            self._fault(
+                bad,
+                Stage.SHARE_KEYS,
+                f"its encrypted shares failed to authenticate at nodes {sorted(by)}:"
+                " input discarded",
+            )
         survivors = set(good) - set(accused)
         self._need(Stage.COLLECT_MASKED, survivors, "sent valid masked inputs")
         self._mask_set = {v: set(self._routed[v]) - set(good[v][1]) for v in survivors}
@@ -238,9 +276,15 @@ class ServerRound:
             holders = self._holders(owner, survivors)
             if len(holders) < p.threshold:
                 what = "self-mask seed" if owner in survivors else "mask key"
-                raise SecAggAbort(Stage.COLLECT_MASKED, f"node {owner}'s {what} is held by {len(holders)} survivors < threshold {p.threshold}: nothing is released")
+                raise SecAggAbort(
+                    Stage.COLLECT_MASKED,
+                    f"node {owner}'s {what} is held by {len(holders)} survivors"
+                    f" < threshold {p.threshold}: nothing is released",
+                )
         self._survivors, self._dropped_keys = sorted(survivors), dropped
-        return {v: {wire.SURVIVORS: self._survivors, wire.DROPPED: dropped} for v in self._survivors}
+        return {
+            v: {wire.SURVIVORS: self._survivors, wire.DROPPED: dropped} for v in self._survivors
+        }
 
     def _holders(self, owner: int, responders: set[int]) -> set[int]:
         """Responders that hold a verified share of ``owner`` (they masked with it)."""
@@ -254,13 +298,15 @@ class ServerRound:
         seeds, keys = self._collect_shares(replies)
         total = np.zeros(p.dim, dtype=np.uint64)
         for v in self._survivors:
-            seed = self._recover(v, seeds.get(v, []), lambda s, v=v: crypto.commit(p.round_id, v, s) == self._commit[v], "self-mask seed")
+            seed = self._recover(v, seeds.get(v, []), partial(self._seed_ok, v), "self-mask seed")
             total += self._masked[v] - ring_mask(seed, p.dim, p.bits)
         for j in self._dropped_keys:
-            sk = self._recover(j, keys.get(j, []), lambda s, j=j: len(s) == crypto.KEY_BYTES and crypto.public_of(s) == self._pk_mask[j], "mask key")
+            sk = self._recover(j, keys.get(j, []), partial(self._key_ok, j), "mask key")
             for v in self._survivors:
                 if j in self._mask_set[v]:  # v added +mask if v < j, else -mask
-                    seed = crypto.derive_key(sk, self._pk_mask[v], crypto.MASK_PURPOSE, p.round_id, j, v)
+                    seed = crypto.derive_key(
+                        sk, self._pk_mask[v], crypto.MASK_PURPOSE, p.round_id, j, v
+                    )
                     mask = ring_mask(seed, p.dim, p.bits)
                     total = total - mask if v < j else total + mask
         integer = fixed_point.from_ring(total, p.bits)
@@ -276,13 +322,25 @@ class ServerRound:
             params=p,
         )
 
-    def _collect_shares(self, replies: Replies) -> tuple[dict[int, list[tuple[int, bytes]]], dict[int, list[tuple[int, bytes]]]]:
-        """Per owner, the (holder, share) pairs revealed, checked against routing and x-coordinate."""
+    def _seed_ok(self, owner: int, secret: bytes) -> bool:
+        """A reconstructed self-mask seed matches the owner's stage-1 commitment."""
+        return crypto.commit(self.params.round_id, owner, secret) == self._commit[owner]
+
+    def _key_ok(self, owner: int, secret: bytes) -> bool:
+        """A reconstructed mask key matches the owner's stage-1 public key."""
+        return crypto.public_of(secret) == self._pk_mask[owner]
+
+    def _collect_shares(
+        self, replies: Replies
+    ) -> tuple[dict[int, list[tuple[int, bytes]]], dict[int, list[tuple[int, bytes]]]]:
+        """Per owner, the (holder, share) pairs revealed, checked for routing and x-coordinate."""
         seeds: dict[int, list[tuple[int, bytes]]] = {}
         keys: dict[int, list[tuple[int, bytes]]] = {}
         survivors, dropped = set(self._survivors), set(self._dropped_keys)
 
-        def check(node: int, pl: Mapping[str, Any]) -> list[tuple[dict[int, list[tuple[int, bytes]]], int, bytes]]:
+        def check(
+            node: int, pl: Mapping[str, Any]
+        ) -> list[tuple[dict[int, list[tuple[int, bytes]]], int, bytes]]:
             out = []
             for owners_key, shares_key, allowed, sink in (
                 (wire.SEED_OWNERS, wire.SEED_SHARES, survivors, seeds),
@@ -291,12 +349,15 @@ class ServerRound:
                 owners, shares = wire.id_list(pl, owners_key), wire.bytes_list(pl, shares_key)
                 if len(owners) != len(shares):
                     raise ValueError(f"{owners_key} and {shares_key} differ in length")
-                for owner, share in zip(owners, shares):
+                for owner, share in zip(owners, shares, strict=True):
                     if owner not in allowed or owner not in self._mask_set[node]:
                         raise ValueError(f"revealed a share of node {owner} it should not reveal")
                     x = self._peers[owner].index(node) + 1
                     if shamir.share_x(share) != x:
-                        raise ValueError(f"share of node {owner} has x-coordinate {shamir.share_x(share)}, expected {x}")
+                        raise ValueError(
+                            f"share of node {owner} has x-coordinate {shamir.share_x(share)},"
+                            f" expected {x}"
+                        )
                     out.append((sink, owner, share))
             return out
 
@@ -305,11 +366,17 @@ class ServerRound:
                 sink.setdefault(owner, []).append((node, share))
         return seeds, keys
 
-    def _recover(self, owner: int, shares: list[tuple[int, bytes]], valid: Callable[[bytes], bool], what: str) -> bytes:
+    def _recover(
+        self, owner: int, shares: list[tuple[int, bytes]], valid: Callable[[bytes], bool], what: str
+    ) -> bytes:
         """Reconstruct a secret that passes ``valid``; name holders of wrong shares."""
         t = self.params.threshold
         if len(shares) < t:
-            raise SecAggAbort(Stage.UNMASK, f"{len(shares)} shares of node {owner}'s {what} revealed < threshold {t}: nothing is released")
+            raise SecAggAbort(
+                Stage.UNMASK,
+                f"{len(shares)} shares of node {owner}'s {what} revealed < threshold {t}:"
+                " nothing is released",
+            )
 
         def attempt(subset: Sequence[tuple[int, bytes]]) -> bytes | None:
             try:
@@ -321,31 +388,45 @@ class ServerRound:
         first = shares[:t]
         found = _first_valid([first], attempt)
         if found is None:  # some share is wrong: search the t-subsets for a consistent one
-            found = _first_valid(itertools.islice(itertools.combinations(shares, t), _MAX_SUBSETS), attempt)
+            found = _first_valid(
+                itertools.islice(itertools.combinations(shares, t), _MAX_SUBSETS), attempt
+            )
         if found is None:
-            raise SecAggAbort(Stage.UNMASK, f"node {owner}'s {what} cannot be reconstructed consistently from holders {sorted(h for h, _ in shares)}")
+            raise SecAggAbort(
+                Stage.UNMASK,
+                f"node {owner}'s {what} cannot be reconstructed consistently from holders"
+                f" {sorted(h for h, _ in shares)}",
+            )
         subset, secret = found
         if self.verify_all_shares or subset is not first:
             # t - 1 known-good shares plus one more reconstruct the secret iff that one is right
             base = list(subset[: t - 1])
             for item in shares:
                 if item not in subset and attempt([*base, item]) != secret:
-                    self._fault(item[0], Stage.UNMASK, f"revealed a wrong share of node {owner}'s {what}")
+                    self._fault(
+                        item[0], Stage.UNMASK, f"revealed a wrong share of node {owner}'s {what}"
+                    )
         return secret
 
     def _check_sum(self, integer: np.ndarray) -> None:
         """Abort unless the sum is within the bound of m in-bound inputs plus the noise tail."""
         m, p = len(self._survivors), self.params
-        coord, norm = int(np.abs(integer).max()) if integer.size else 0, float(np.linalg.norm(integer.astype(np.float64)))
+        coord, norm = (
+            int(np.abs(integer).max()) if integer.size else 0,
+            float(np.linalg.norm(integer.astype(np.float64))),
+        )
         if coord > p.sum_coord_bound(m) or norm > p.sum_norm_bound(m):
             raise SecAggAbort(
                 Stage.UNMASK,
-                f"unmasked sum out of bound (max |coord| {coord} vs {p.sum_coord_bound(m)}, L2 {norm:.4g} vs {p.sum_norm_bound(m):.4g}) for {m} survivors: wrap-around or corrupted unmasking; nothing is released",
+                f"unmasked sum out of bound (max |coord| {coord} vs {p.sum_coord_bound(m)},"
+                f" L2 {norm:.4g} vs {p.sum_norm_bound(m):.4g}) for {m} survivors:"
+                " wrap-around or corrupted unmasking; nothing is released",
             )
 
 
 def _first_valid(
-    subsets: Iterable[Sequence[tuple[int, bytes]]], attempt: Callable[[Sequence[tuple[int, bytes]]], bytes | None]
+    subsets: Iterable[Sequence[tuple[int, bytes]]],
+    attempt: Callable[[Sequence[tuple[int, bytes]]], bytes | None],
 ) -> tuple[Sequence[tuple[int, bytes]], bytes] | None:
     """The first subset whose reconstruction passes, with its secret."""
     for subset in subsets:

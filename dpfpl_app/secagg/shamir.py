@@ -33,7 +33,9 @@ def split(secret: bytes, threshold: int, holders: int) -> list[bytes]:
         raise ValueError(f"secrets have {SECRET_BYTES} bytes, got {len(secret)}")
     if not 1 <= threshold <= holders < 2**32 - 1:
         raise ValueError(f"need 1 <= threshold <= holders, got {threshold}, {holders}")
-    coeffs = [int.from_bytes(secret, "little")] + [secrets.randbelow(PRIME) for _ in range(threshold - 1)]
+    coeffs = [int.from_bytes(secret, "little")] + [
+        secrets.randbelow(PRIME) for _ in range(threshold - 1)
+    ]
     shares = []
     for x in range(1, holders + 1):
         y = 0

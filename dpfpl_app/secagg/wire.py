@@ -62,7 +62,9 @@ def field(payload: Mapping[str, Any], key: str) -> Any:
 def id_list(payload: Mapping[str, Any], key: str) -> list[int]:
     """A list of distinct non-negative ints (node ids)."""
     value = field(payload, key)
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, int) and v >= 0 for v in value):
+    if not isinstance(value, (list, tuple)) or not all(
+        isinstance(v, int) and v >= 0 for v in value
+    ):
         raise PayloadError(f"field {key!r} must be a list of node ids")
     if len(set(value)) != len(value):
         raise PayloadError(f"field {key!r} repeats a node id")
