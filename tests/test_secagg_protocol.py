@@ -252,7 +252,7 @@ def test_masked_vector_outside_the_ring_is_refused() -> None:
     def widen(node: int, reply: dict) -> dict:
         if node == 55:
             y = reply[wire.MASKED].copy()
-            y[0] = np.uint64(2**62)
+            y[0] = np.iinfo(y.dtype).max  # beyond the 2^bits ring
             reply = {**reply, wire.MASKED: y}
         return reply
 
@@ -371,3 +371,15 @@ def test_share_bundle_is_bound_to_its_pair() -> None:
         crypto.open_sealed(
             crypto.derive_key(sk, pk2, crypto.MASK_PURPOSE, rid, 1, 2), crypto.seal(k_ab, b"x")
         )
+
+
+def test_client_refuses_its_own_key_passed_off_as_a_neighbours() -> None:
+    fed = federation()
+    out = fed.server.setup()
+    clients = {v: ClientRound(CONFIG, v) for v in NODES}
+    replies = {v: clients[v].setup(out[v]) for v in NODES}
+    out = fed.server.share_keys(replies)
+    payload = dict(out[11])
+    payload[wire.PEER_PK_MASK] = [replies[11][wire.PK_MASK], *payload[wire.PEER_PK_MASK][1:]]
+    with pytest.raises(SecAggAbort, match="not all distinct"):
+        clients[11].share_keys(payload)

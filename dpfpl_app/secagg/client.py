@@ -130,10 +130,11 @@ class ClientRound:
                 f"node {self.node_id} has {len(peers)} live neighbours"
                 f" < threshold {params.threshold}",
             )
-        if len(set(pk_mask) | set(pk_enc)) != 2 * len(peers):
+        own = {crypto.public_of(st["sk-mask"]), crypto.public_of(st["sk-enc"])}
+        if len(set(pk_mask) | set(pk_enc) | own) != 2 * len(peers) + 2:
             raise SecAggAbort(
                 Stage.SHARE_KEYS,
-                f"node {self.node_id}: neighbours' public keys are not all distinct",
+                f"node {self.node_id}: public keys of neighbours (and mine) are not all distinct",
             )
         order = sorted(range(len(peers)), key=lambda i: peers[i])
         peers, pk_mask, pk_enc = (
@@ -248,7 +249,7 @@ class ClientRound:
                 "held-key-shares": [held[o][1] for o in owners],
             }
         )
-        return {wire.MASKED: y, wire.REJECTED: rejected}
+        return {wire.MASKED: y.astype(wire.ring_dtype(params.bits)), wire.REJECTED: rejected}
 
     # --- stage 3 -> 4 -----------------------------------------------------------------
     def unmask(self, payload: Mapping[str, Any]) -> dict[str, Any]:

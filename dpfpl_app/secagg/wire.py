@@ -1,9 +1,9 @@
 """Stage names, payload keys and the checks every received payload goes through.
 
 A payload is a flat ``dict[str, value]`` whose values are ints, floats, bytes, lists
-of those, or (only under ``MASKED``) one numpy array: everything a Flower
-``ConfigRecord`` holds, plus one ``ArrayRecord`` entry. The strategy copies payloads
-into records and back; it never needs to look inside.
+of those, or (only under ``MASKED``) one numpy array (uint32 for rings up to 2^32,
+else uint64): everything a Flower ``ConfigRecord`` holds, plus one ``ArrayRecord``
+entry. The strategy copies payloads into records and back; it never looks inside.
 """
 
 from __future__ import annotations
@@ -89,15 +89,20 @@ def bytes_field(payload: Mapping[str, Any], key: str, length: int) -> bytes:
     return value
 
 
+def ring_dtype(bits: int) -> np.dtype:
+    """The wire dtype of ring elements: uint32 when they fit (half the bytes), else uint64."""
+    return np.dtype(np.uint32) if bits <= 32 else np.dtype(np.uint64)
+
+
 def ring_vector(payload: Mapping[str, Any], key: str, dim: int, bits: int) -> np.ndarray:
-    """A length-``dim`` vector of residues mod 2^bits, returned as uint64."""
+    """A length-``dim`` vector of residues mod 2^bits in ``ring_dtype(bits)``, as uint64."""
     value = field(payload, key)
     if not isinstance(value, np.ndarray) or value.ndim != 1:
         raise PayloadError(f"field {key!r} must be a 1-D numpy array")
     if value.shape[0] != dim:
         raise PayloadError(f"field {key!r} has length {value.shape[0]}, expected {dim}")
-    if value.dtype != np.uint64:
-        raise PayloadError(f"field {key!r} has dtype {value.dtype}, expected uint64")
+    if value.dtype != ring_dtype(bits):
+        raise PayloadError(f"field {key!r} has dtype {value.dtype}, expected {ring_dtype(bits)}")
     if dim and int(value.max()) >= (1 << bits):
         raise PayloadError(f"field {key!r} has values outside Z_(2^{bits})")
-    return value
+    return value.astype(np.uint64)
