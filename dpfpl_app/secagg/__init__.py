@@ -44,6 +44,23 @@ threshold=None, min_survivors=None, wrap_probability=2**-40)``
 release at the ACTUAL number of survivors, to add to an opacus RDP history;
 ``dp.rdp_to_epsilon`` converts.
 
+Security model (what each mode protects against): an honest-but-curious server and up
+to t - 1 colluding clients learn nothing about a client's input beyond the noised sum
+of at least ``min_survivors`` inputs. Because t is a strict majority of a client's share
+holders and a client reveals one kind of share per owner, a server that lies about who
+dropped still cannot strip both masks of one client; but a malicious server could
+substitute public keys (no signatures here: Flower's node-auth keys could sign them),
+pick a client's neighbours, or claim fake survivors to pass the clients' count check.
+Colluding clients can subtract their own noise: against c colluders the DP guarantee is
+that of the other m - c survivors' noise (``DistributedSkellam.rdp(orders, m - c)``).
+
+Driving it from a Flower strategy: one ``ServerRound`` per training round; each stage
+is one ``grid.send_and_receive`` of ``Message(RecordDict({...}), node_id,
+f"train.{stage}")`` (or ``"query.{stage}"`` for the key-exchange stages); the ClientApp
+registers one handler per stage with ``@app.train(Stage.SETUP)`` etc. (Flower routes
+``"<category>.<action>"`` to the handler registered under that action; the action must
+be a Python identifier). Replies with ``msg.has_error()`` are dropouts: leave them out.
+
 Payloads are flat dicts of ints, floats, bytes and lists of those (a Flower
 ``ConfigRecord``), except ``wire.MASKED``, a uint64 numpy array (an ``ArrayRecord``
 entry); ``wire.ARRAY_KEYS`` lists the array keys. Client state is a flat dict of the

@@ -77,7 +77,10 @@ class ClientRound:
     def setup(self, payload: Mapping[str, Any]) -> dict[str, Any]:
         """Check the round, make two key pairs and a self-mask seed; reply public values."""
         self._expect(Stage.SETUP)
-        params = RoundParams.from_payload(payload)
+        try:
+            params = RoundParams.from_payload(payload)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise SecAggAbort(Stage.SETUP, f"malformed round parameters ({exc!r})") from None
         try:
             params.check_against(self.config)
         except ValueError as exc:
