@@ -172,3 +172,8 @@ def test_neighbour_graph_is_regular_symmetric_and_random(n: int, k: int) -> None
 def test_coordinate_bound_covers_rounding_up() -> None:
     assert coord_bound(1.0, 100.0) == 101
     assert Stage.ORDER[0] == Stage.SETUP
+
+
+def test_a_minority_threshold_warns() -> None:
+    with pytest.warns(UserWarning, match="not a strict majority"):
+        RoundParams.derive(dataclasses.replace(CONFIG, degree=4, threshold=2), range(10), bytes(16))

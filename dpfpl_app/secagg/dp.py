@@ -20,6 +20,11 @@ opacus asks for and adds to an opacus RDP history order by order.
 Rounds with more than the minimum number of survivors carry more noise: the caller
 passes the ACTUAL count m, and the curve is computed at m * mu_c. A round that
 released nothing (``SecAggAbort``) costs nothing and must not be accounted.
+
+Not included: amplification by subsampling. The curve is that of one release of the
+sum; if the sensitivity is per sample and samples are Poisson-drawn (DP-FPL's global
+channel), amplification needs a subsampled-RDP bound valid for a generic mechanism
+(e.g. Zhu and Wang 2019), not opacus's Gaussian-specific one.
 """
 
 from __future__ import annotations

@@ -9,11 +9,13 @@ noise or the threshold below what the client agreed to.
 Rules, for n sampled nodes (each overridable):
 
 * neighbour-graph degree k (SecAgg+, Bell et al. 2020): k = 2 ceil(log2 n) + 2 when
-  that is below n - 1, else the complete graph k = n - 1. Each client's cost then grows
-  like log n; the "+2" keeps k even (the Harary construction in ``graph``) and gives
-  every client at least 2 ceil(log2 n) + 2 share holders, which Bell et al. show keeps
-  the graph connected and the secrets recoverable with overwhelming probability for
-  moderate dropout rates.
+  that is below n - 1, else the complete graph k = n - 1 (the original SecAgg). Each
+  client's cost then grows like log n. Bell et al. prove k = O(log n) suffices and give
+  the constant as a function of the tolerated corruption and dropout fractions and the
+  security parameter; ours is a plain choice in that regime (k = 16 at n = 100), not
+  their derived value: compute theirs when a formal guarantee at given fractions is
+  needed, and pass it as ``degree``. The "+2" keeps k even (``graph``'s Harary
+  construction).
 * Shamir threshold t = floor(k / 2) + 1: a strict majority of a client's k share
   holders. Two disjoint sets of neighbours can then never both reach t, so a server
   that claims "dropped" to some and "survived" to others still cannot obtain both the
@@ -23,7 +25,8 @@ Rules, for n sampled nodes (each overridable):
   noised inputs a released sum may contain. Every client's noise is sized so that this
   many survivors reach the calibrated total (``dp.client_variance_for``); fewer
   survivors at any stage abort the round. It tolerates a third of the sampled clients
-  dropping; raising it lowers each client's noise share, lowering it raises it.
+  dropping; raising it lowers each client's noise share (less excess noise when
+  all survive) but tolerates fewer dropouts.
 * fixed-point scale: 64 sqrt(dim) / clip by default, so that randomised rounding (at
   most sqrt(dim) in L2) inflates the sensitivity by at most 1/64.
 * ring width: the smallest ``bits`` with |sum| < 2^(bits - 1) for n in-bound inputs
@@ -33,6 +36,7 @@ Rules, for n sampled nodes (each overridable):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -151,6 +155,12 @@ class RoundParams:
         threshold = config.threshold if config.threshold is not None else default_threshold(degree)
         if not 2 <= threshold <= degree:
             raise ValueError(f"threshold must be in [2, degree={degree}], got {threshold}")
+        if threshold <= degree // 2:
+            warnings.warn(
+                f"threshold {threshold} is not a strict majority of {degree} share holders: a"
+                " server that lies about dropouts could obtain both masks of a client",
+                stacklevel=2,
+            )
         min_surv = (
             config.min_survivors
             if config.min_survivors is not None
