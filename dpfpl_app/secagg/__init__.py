@@ -17,7 +17,7 @@ threshold=None, min_survivors=None, wrap_probability=2**-40)``
     The operator's choices; the same on the server and every client (from the run
     config). Rules for the derived values: ``params`` module docstring.
 
-``ServerRound(config, node_ids)``, driven in order::
+``ServerRound(config, node_ids, *, round_id=None, verify_all_shares=True)``, in order::
 
     out = server.setup()                       # {node: payload} for Stage.SETUP
     out = server.share_keys(replies)           # replies of SETUP   -> payloads for SHARE_KEYS
@@ -35,9 +35,13 @@ threshold=None, min_survivors=None, wrap_probability=2**-40)``
 
     reply = client.setup(payload)                     # Stage.SETUP
     reply = client.share_keys(payload)                # Stage.SHARE_KEYS
-    reply = client.collect_masked(payload, vector)    # Stage.COLLECT_MASKED (clipped float vector)
+    reply = client.collect_masked(payload, vector)    # Stage.COLLECT_MASKED (clipped floats)
     reply = client.unmask(payload)                    # Stage.UNMASK (then the state is empty)
     state = client.to_state()                         # store in context.state between stages
+
+    A stage that cannot go on raises ``SecAggAbort``; an input of L2 norm above
+    ``clip`` (or non-finite) raises ``InputOutOfBound`` before anything is computed
+    from it. Either way the ClientApp should answer with an error reply.
 
 ``AggregateResult``: ``total`` (float64 sum), ``integer_total``, ``survivors``, ``dropped``,
 ``faults``, ``params``; ``result.rdp(orders, l2_sensitivity)`` is the RDP curve of this
@@ -62,9 +66,10 @@ registers one handler per stage with ``@app.train(Stage.SETUP)`` etc. (Flower ro
 be a Python identifier). Replies with ``msg.has_error()`` are dropouts: leave them out.
 
 Payloads are flat dicts of ints, floats, bytes and lists of those (a Flower
-``ConfigRecord``), except ``wire.MASKED``, a uint64 numpy array (an ``ArrayRecord``
-entry); ``wire.ARRAY_KEYS`` lists the array keys. Client state is a flat dict of the
-same plain types. Stage names (``wire.Stage``) are valid Flower message actions.
+``ConfigRecord``), except ``wire.MASKED``, a numpy array of ``wire.ring_dtype(bits)``
+(uint32 up to a 2^32 ring, else uint64; an ``ArrayRecord`` entry); ``wire.ARRAY_KEYS``
+lists the array keys. Client state is a flat dict of the same plain types. Stage names
+(``wire.Stage``) are valid Flower message actions.
 """
 
 from __future__ import annotations
