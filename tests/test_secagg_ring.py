@@ -177,3 +177,17 @@ def test_coordinate_bound_covers_rounding_up() -> None:
 def test_a_minority_threshold_warns() -> None:
     with pytest.warns(UserWarning, match="not a strict majority"):
         RoundParams.derive(dataclasses.replace(CONFIG, degree=4, threshold=2), range(10), bytes(16))
+
+
+def test_wide_ring_travels_as_uint64_and_stays_exact() -> None:
+    config = dataclasses.replace(CONFIG, scale=1e10)
+    nodes = list(range(1, 6))
+    rng = np.random.default_rng(5)
+    fed = Federation(config, {v: rng.normal(size=64) / 10 for v in nodes})
+    result = fed.run()
+    assert fed.server.params.bits > 32
+    masked = [p["masked"] for stage, _, p in fed.received if stage == Stage.COLLECT_MASKED]
+    assert all(m.dtype == np.uint64 for m in masked)
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
