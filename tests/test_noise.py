@@ -8,7 +8,8 @@ import pytest
 import torch
 from scipy.stats import binomtest, chi2
 
-from dpfpl_app.noise import KEY_BYTES, NoiseSource
+from dpfpl_app.keystream import KEY_BYTES, KeyStream
+from dpfpl_app.noise import NoiseSource
 
 FALSE_ALARM = 1e-6  # probability that a correct sampler fails one statistical check
 
@@ -139,4 +140,4 @@ def test_bad_arguments_are_refused(call: object, match: str) -> None:
 
 def test_key_must_be_256_bits() -> None:
     with pytest.raises(ValueError, match=f"{KEY_BYTES} bytes"):
-        NoiseSource(b"short", public=False)
+        KeyStream(b"short")
