@@ -74,17 +74,21 @@ def run_server(grid: Grid, context: Context) -> Path:
     recorder = RunRecorder(out, config=cfg.to_flower(), notes=notes)
     recorder.doc["rounds"] = previous
 
+    guarantee = plan_for(cfg).guarantee
+    label = "" if guarantee is Guarantee.ACCOUNTED else f" ({guarantee.value})"
+
     def progress(server_round: int, metrics: dict[str, Any]) -> None:
         recorder.record(server_round, metrics)
         save_checkpoint(out, strategy.state_dict(), config=cfg)
         log(
             INFO,
-            "round %d/%d  local-acc %.3f  neighbour-acc %.3f  epsilon %.3g%s",
+            "round %d/%d  local-acc %.3f  neighbour-acc %.3f  epsilon %.3g%s%s",
             server_round,
             cfg.num_server_rounds,
             metrics.get("local-acc", math.nan),
             metrics.get("neighbour-acc", math.nan),
             metrics.get("epsilon", math.nan),
+            label,
             f"  loss {metrics['train-loss']:.4f}" if "train-loss" in metrics else "",
         )
 
