@@ -90,7 +90,10 @@ def global_aggregate_release(
     if not client_grads:
         raise ValueError("the aggregate needs at least one client")
     clients = len(client_grads)
-    mean = sum(clip_rows(g, clip_norm).sum(0) / expected_batch for g in client_grads) / clients
+    per_client = torch.stack(
+        [clip_rows(g, clip_norm).sum(0) / expected_batch for g in client_grads]
+    )
+    mean = per_client.mean(0)  # (N, n_ctx, d) -> (n_ctx, d): unweighted over clients
     std = noise_multiplier * clip_norm / (expected_batch * clients)
     return mean + noise.gaussian(mean.shape, std=std, dtype=mean.dtype)
 
