@@ -74,9 +74,13 @@ def clopper_pearson_upper(successes: int, trials: int, alpha: float) -> float:
         raise ValueError(f"need 0 <= successes <= trials and trials > 0, got {successes}/{trials}")
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha}")
-    if successes == trials:
-        return 1.0
-    return float(stats.beta.ppf(1.0 - alpha, successes + 1, trials - successes))
+    return float(_cp_upper(np.asarray(successes), trials, alpha))
+
+
+def _cp_upper(successes: np.ndarray, trials: int, alpha: float) -> np.ndarray:
+    """``clopper_pearson_upper`` for an array of counts, unchecked (1 where all succeed)."""
+    safe = np.minimum(successes, trials - 1)  # keeps the beta quantile defined; masked below
+    return np.where(successes < trials, stats.beta.ppf(1.0 - alpha, safe + 1, trials - safe), 1.0)
 
 
 def epsilon_from_error_rates(fpr: ArrayLike, fnr: ArrayLike, delta: float) -> np.ndarray:
@@ -115,13 +119,8 @@ def _bounded_epsilon(
     delta: float,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Epsilon from Clopper-Pearson upper bounds of both rates, each at level alpha / 2."""
-    half = alpha / 2.0
-    fpr_up = np.where(
-        false_pos < n_without, stats.beta.ppf(1.0 - half, false_pos + 1, n_without - false_pos), 1.0
-    )
-    fnr_up = np.where(
-        false_neg < n_with, stats.beta.ppf(1.0 - half, false_neg + 1, n_with - false_neg), 1.0
-    )
+    fpr_up = _cp_upper(false_pos, n_without, alpha / 2.0)
+    fnr_up = _cp_upper(false_neg, n_with, alpha / 2.0)
     return epsilon_from_error_rates(fpr_up, fnr_up, delta), fpr_up, fnr_up
 
 
