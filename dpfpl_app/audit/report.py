@@ -82,7 +82,8 @@ def plot_audits(audits: Sequence[WhiteBoxAudit], path: Path) -> None:
             fontsize=9,
         )
         ax.set_xlabel("adversary's score")
-        ax.set_ylabel("trials")
+        ax.set_ylabel("trials (log scale: the bound is decided in the tails)")
+        ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.savefig(path, dpi=110)
 
