@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from dpfpl_app import accounting
+from dpfpl_app.audit.cli import add_parser as add_audit_command
 from dpfpl_app.backbone_build import BACKBONES, ensure_backbone
 from dpfpl_app.results import load_results, summary_table
 from dpfpl_app.service_cli import add_service_commands
@@ -73,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_service_commands(sub)
     add_sweep_command(sub)
+    add_audit_command(sub)
     return parser
 
 
