@@ -109,9 +109,12 @@ class ChannelPlan:
     # --- noise ------------------------------------------------------------------------
     def global_std(self, accepted: int) -> float:
         """Std of the noise on the unweighted mean of ``accepted`` clients' gradients."""
-        if self.z_global == 0.0 or accepted < 1:
-            return 0.0
-        return self.z_global * self.clip_norm / (self.batch_size * accepted)
+        return global_noise_std(
+            noise_multiplier=self.z_global,
+            clip_norm=self.clip_norm,
+            batch_size=self.batch_size,
+            accepted=accepted,
+        )
 
     def client_sample_rate(self, num_train: int) -> float:
         """A client's Poisson rate ``min(bound, B / |D_i|)``: never above the accounted bound."""
@@ -195,6 +198,17 @@ def local_noise_std(
     if mode is DPMode.PAPER:
         return noise_multiplier * clip_norm / expected_batch
     return noise_multiplier * math.sqrt(tensors) * clip_norm / expected_batch
+
+
+def global_noise_std(
+    *, noise_multiplier: float, clip_norm: float, batch_size: float, accepted: int
+) -> float:
+    """Std of the noise on the unweighted mean of ``accepted`` clipped client gradients:
+    ``z C / (B N)``, the multiplier times the mean's sensitivity.
+    """
+    if noise_multiplier == 0.0 or accepted < 1:
+        return 0.0
+    return noise_multiplier * clip_norm / (batch_size * accepted)
 
 
 @lru_cache(maxsize=32)

@@ -310,7 +310,7 @@ def test_audit_fails_noise_scaled_by_a_tenth(channel: Channel) -> None:
 @pytest.mark.parametrize("channel", list(Channel))
 def test_audit_fails_without_clipping(channel: Channel, monkeypatch: pytest.MonkeyPatch) -> None:
     # Prepare: the bug: per-sample gradients pass unclipped (the canary is 100 C long)
-    monkeypatch.setattr(mechanism, "clip_rows", lambda rows, _max_norm: rows)
+    monkeypatch.setattr(mechanism, "clipped_sum", lambda rows, _max_norm: rows.sum(0))
 
     # Execute
     audit = _audit(channel, z=2.0, claimed_z=2.0, trials=300)

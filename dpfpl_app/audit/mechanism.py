@@ -1,10 +1,9 @@
 """The two noisy releases of DP-FPL, and neighbouring inputs with a worst-case canary.
 
-The release functions restate the mechanisms exactly as ALGORITHM.md (sections 3, 4)
-defines them, from the project's clipping (``privacy.clip_rows``) and noise
-(``NoiseSource``), so the audit attacks the same arithmetic the client and the server
-run; each takes its noise source and noise multiplier, so it can be pointed at the
-final channel code unchanged.
+The release functions are built from the production pieces: the clipping step both
+channels use (``privacy.clipped_sum``), the noise sizes of the channel plan
+(``dp_channel.local_noise_std``, ``dp_channel.global_noise_std``) and the noise source
+(``NoiseSource``), so the audit attacks the arithmetic the client and the server run.
 
 Sensitivities the audit puts under test (the canary's clipped contribution sits
 exactly at them, so the noise-to-shift ratio is the noise multiplier z):
@@ -26,8 +25,10 @@ from enum import Enum
 import torch
 from torch import Tensor
 
+from dpfpl_app.config import DPMode
+from dpfpl_app.dp_channel import global_noise_std, local_noise_std
 from dpfpl_app.noise import NoiseSource
-from dpfpl_app.privacy import clip_rows, factorise, local_noise_std
+from dpfpl_app.privacy import clipped_sum, factorise
 
 # The canary's per-sample gradient is this many clip norms long: a correct clip brings
 # it back to exactly C (the sensitivity bound), a missing or loose one shows at once.
@@ -60,9 +61,10 @@ def local_step_release(
     """
     du = per_sample_grads @ v.T  # (b, n_ctx, r)
     dv = u.T @ per_sample_grads  # (b, r, d)
-    du_mean = clip_rows(du, clip_norm).sum(0) / expected_batch
-    dv_mean = clip_rows(dv, clip_norm).sum(0) / expected_batch
+    du_mean = clipped_sum(du, clip_norm) / expected_batch
+    dv_mean = clipped_sum(dv, clip_norm) / expected_batch
     std = local_noise_std(
+        DPMode.PER_SAMPLE,
         noise_multiplier=noise_multiplier,
         clip_norm=clip_norm,
         expected_batch=expected_batch,
@@ -90,11 +92,14 @@ def global_aggregate_release(
     if not client_grads:
         raise ValueError("the aggregate needs at least one client")
     clients = len(client_grads)
-    per_client = torch.stack(
-        [clip_rows(g, clip_norm).sum(0) / expected_batch for g in client_grads]
+    per_client = torch.stack([clipped_sum(g, clip_norm) / expected_batch for g in client_grads])
+    mean = clipped_sum(per_client, clip_norm) / clients  # the server's re-clip, unweighted
+    std = global_noise_std(
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
+        batch_size=expected_batch,
+        accepted=clients,
     )
-    mean = per_client.mean(0)  # (N, n_ctx, d) -> (n_ctx, d): unweighted over clients
-    std = noise_multiplier * clip_norm / (expected_batch * clients)
     return mean + noise.gaussian(mean.shape, std=std, dtype=mean.dtype)
 
 
