@@ -8,12 +8,19 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 import client_app as client_module
 import server_app as server_module
 from dpfpl_app import server_run
-from dpfpl_app.checkpoint import CheckpointError, checkpoint_path, load_checkpoint
+from dpfpl_app.checkpoint import (
+    FORMAT_NAME,
+    CheckpointError,
+    CheckpointMeta,
+    checkpoint_path,
+    load_checkpoint,
+)
 from dpfpl_app.config import ConfigError, RunConfig
 from dpfpl_app.dp_channel import plan_for
 from tests.flower_harness import federation_config, run_server_app
@@ -57,14 +64,15 @@ def uninterrupted(digits_backbone: Path, tmp_path_factory: pytest.TempPathFactor
 def test_a_checkpoint_is_written_every_round(uninterrupted: Path) -> None:
     cfg = RunConfig.from_flower(_config(uninterrupted))
 
-    states = [
-        load_checkpoint(checkpoint_path(uninterrupted / "runs" / "t", r), config=cfg)
-        for r in range(1, ROUNDS + 1)
-    ]
+    metas = []
+    for r in range(1, ROUNDS + 1):
+        with safe_open(str(checkpoint_path(uninterrupted / "runs" / "t", r)), "pt") as handle:
+            metas.append(CheckpointMeta.model_validate_json(handle.metadata()[FORMAT_NAME]))
+    latest, _ = load_checkpoint(checkpoint_path(uninterrupted / "runs" / "t", ROUNDS), config=cfg)
 
-    assert [meta.round for _, meta in states] == list(range(1, ROUNDS + 1))
-    assert all(state["channel"] == plan_for(cfg).describe() for state, _ in states)
-    assert not torch.equal(states[0][0]["global_prompt"], states[-1][0]["global_prompt"])
+    assert [meta.round for meta in metas] == list(range(1, ROUNDS + 1))
+    assert all(meta.strategy["channel"] == plan_for(cfg).describe() for meta in metas)
+    assert not torch.equal(_prompt(uninterrupted, 1), latest["global_prompt"])
 
 
 def test_resume_after_round_k_continues_the_uninterrupted_trajectory(
