@@ -209,9 +209,17 @@ def test_each_organisation_can_bring_its_own_folder_by_node_config(
     # Prepare: two organisations, each with its whole own image folder (one partition)
     folders = [_imagefolder(tmp_path / f"org{i}", {"train": 4 + i, "test": 2}) for i in (0, 1)]
     cfg = _small_run(plumbing_clip, tmp_path, "orgs", 2)  # the run config names digits
+    # each on its own host: its own state directory (both are partition 0 of 1; sharing
+    # one directory, the second would load the first's private state, and its budget)
     nodes = [
-        {"partition-id": 0, "num-partitions": 1, "dataset": "imagefolder", "data-dir": str(f)}
-        for f in folders
+        {
+            "partition-id": 0,
+            "num-partitions": 1,
+            "dataset": "imagefolder",
+            "data-dir": str(f),
+            "state-dir": str(tmp_path / f"state-org{i}"),
+        }
+        for i, f in enumerate(folders)
     ]
 
     run = run_server_app(
