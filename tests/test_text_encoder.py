@@ -70,8 +70,10 @@ def test_fast_path_gradient_equals_plain_gradient(clip: FrozenClip) -> None:
     plain = grad_of(lambda x: encoder.plain_features(x, clip.model.text_model))
 
     # Assert
-    torch.testing.assert_close(fast, plain, atol=1e-6, rtol=1e-4)
-    assert fast.abs().max() > 0
+    # float32 sums in another order: one element in 512 differed by 4e-6 on this machine's
+    # kernels; a wrong path differs by the gradient's own size (~1e-2)
+    torch.testing.assert_close(fast, plain, atol=2e-5, rtol=1e-3)
+    assert fast.abs().max() > 1e-3
 
 
 def test_template_context_reproduces_clip_text_features_of_the_sentence(clip: FrozenClip) -> None:
