@@ -44,8 +44,9 @@ class LocalFlower:
     """A private ``FLWR_HOME`` whose local SuperLink simulates the runs it is given."""
 
     def __init__(self, app_dir: Path, flwr_home: Path) -> None:
-        self.app_dir = Path(app_dir)
-        self.flwr_home = Path(flwr_home)
+        # absolute: `flwr` runs with cwd=app_dir, so a relative path would resolve twice
+        self.app_dir = Path(app_dir).resolve()
+        self.flwr_home = Path(flwr_home).resolve()
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.flwr_home),
