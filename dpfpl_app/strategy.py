@@ -19,7 +19,6 @@ from __future__ import annotations
 import math
 import random
 import secrets
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from logging import DEBUG, INFO, WARNING
@@ -40,11 +39,10 @@ from dpfpl_app.accounting import (
     paper_noise_multiplier,
 )
 from dpfpl_app.config import DPMode
+from dpfpl_app.node_wait import wait_for_nodes
 
 RoundCallback = Callable[[int, dict[str, float | int]], None]
 
-# How often to ask the Grid whether enough nodes are connected while waiting.
-NODE_POLL_INTERVAL = 1.0
 # An honest client's clipped gradient can exceed clip_norm by float rounding only.
 _SUSPICIOUS_FACTOR = 2.0
 _CLIP_SLACK = 1e-4
@@ -358,26 +356,7 @@ class DPFPLStrategy(Strategy):
 
     def _sample_nodes(self, grid: Grid, fraction: float, purpose: str) -> list[int]:
         """Sample nodes like FedAvg, but give up after ``node_wait_timeout`` seconds."""
-        deadline = time.monotonic() + self.node_wait_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(
-                    f"{purpose}: only {len(nodes)} node(s) connected after waiting "
-                    f"{self.node_wait_timeout:g} s, but min_nodes={self.min_nodes} are "
-                    "needed. Check that the SuperNodes are running and reach the "
-                    "SuperLink (address, TLS root certificates, SuperNode auth "
-                    "registration), or lower min_nodes / raise node_wait_timeout."
-                )
-            log(
-                INFO,
-                "%s: waiting for nodes: %d connected, %d needed (%.0f s left)",
-                purpose,
-                len(nodes),
-                self.min_nodes,
-                remaining,
-            )
-            time.sleep(min(NODE_POLL_INTERVAL, remaining))
+        nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, purpose)
         size = min(len(nodes), max(int(len(nodes) * fraction), self.min_nodes))
         return sorted(self._node_rng.sample(nodes, size))
 

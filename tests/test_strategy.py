@@ -23,8 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from opacus.accountants import RDPAccountant
 
-from dpfpl_app import strategy as strategy_module
-from dpfpl_app import wire
+from dpfpl_app import node_wait, wire
 from dpfpl_app.accounting import RDP_ORDERS, AccountantKind
 from dpfpl_app.config import DPMode
 from dpfpl_app.strategy import DPFPLStrategy, GlobalNoise
@@ -468,10 +467,10 @@ def test_node_wait_timeout_raises_with_seen_needed_and_what_to_check() -> None:
     strategy = _strategy(min_nodes=2, node_wait_timeout=0.05)
 
     with pytest.raises(
-        RuntimeError, match=r"only 1 node\(s\) connected .* min_nodes=2 .*SuperLink"
+        RuntimeError, match=r"only 1 node\(s\) connected .* min-nodes=2 .*SuperLink"
     ):
         strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(), grid)
-    with pytest.raises(RuntimeError, match="min_nodes=2"):
+    with pytest.raises(RuntimeError, match="min-nodes=2"):
         strategy.configure_evaluate(1, strategy.global_arrays(), ConfigRecord(), grid)
 
 
@@ -487,7 +486,7 @@ class _LateNodesGrid(InProcessGrid):
 
 
 def test_sampling_waits_for_late_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategy_module, "NODE_POLL_INTERVAL", 0.01)
+    monkeypatch.setattr(node_wait, "NODE_POLL_INTERVAL", 0.01)
     grid = _LateNodesGrid(client_app=_idle_app, num_nodes=3, run_config={})
     strategy = _strategy(min_nodes=3, node_wait_timeout=5.0)
 
