@@ -19,6 +19,7 @@ from dpfpl_app import wire
 from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.client_trainer import ClientTrainer
 from dpfpl_app.config import DPMode, RunConfig
+from dpfpl_app.node_paths import PROMPT_FILE
 from dpfpl_app.prompt_file import (
     ChannelPrivacy,
     PrivacyStatus,
@@ -27,8 +28,6 @@ from dpfpl_app.prompt_file import (
     backbone_fingerprint,
     utc_now,
 )
-
-EXPORT_FILE = "prompt.safetensors"
 
 
 def local_channel(trainer: ClientTrainer) -> ChannelPrivacy:
@@ -102,4 +101,4 @@ def broadcast_epsilon(msg: Message) -> float | None:
 
 
 def export_path(state_directory: Path) -> Path:
-    return Path(state_directory) / EXPORT_FILE
+    return Path(state_directory) / PROMPT_FILE

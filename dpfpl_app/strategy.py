@@ -655,14 +655,18 @@ class DPFPLStrategy(Strategy):
                 torch.randn(prompt.shape, generator=self._generator, dtype=torch.float64)
 
 
-def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float]:
-    """Each client's own accuracies, keyed ``local-acc/node-<id>`` (none without examples)."""
-    out: dict[str, float] = {}
+def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float | int]:
+    """Each client's own accuracies, keyed ``local-acc/node-<id>`` (none without examples).
+
+    ``partition-id/node-<id>`` goes along for results.json's node map.
+    """
+    out: dict[str, float | int] = {}
     for r in sorted(accepted, key=lambda r: r.node_id):
         if r.local_examples:
             out[f"{wire.LOCAL_ACC}/node-{r.node_id}"] = r.local_acc
         if r.neighbour_examples:
             out[f"{wire.NEIGHBOUR_ACC}/node-{r.node_id}"] = r.neighbour_acc
+        out[f"{wire.PARTITION_ID}/node-{r.node_id}"] = r.partition_id
     return out
 
 

@@ -17,7 +17,8 @@ Protocol (all tensors float32, ``n_ctx x d``)::
         "metrics": MetricRecord {"num-examples", "train-loss", "sample-rate", "eps-local", ...}
     client -> server, evaluate
         "metrics": MetricRecord {"num-examples", "local-acc", "neighbour-acc",
-                                 "local-examples", "neighbour-examples", ...}
+                                 "local-examples", "neighbour-examples",
+                                 "partition-id" (the node's own config: public), ...}
 
 Why so strict: the private local prompt must never leave a client. A reply with any
 array key other than the global-prompt gradient, any record other than the two above,
@@ -56,6 +57,7 @@ LOCAL_ACC = "local-acc"
 NEIGHBOUR_ACC = "neighbour-acc"
 LOCAL_EXAMPLES = "local-examples"
 NEIGHBOUR_EXAMPLES = "neighbour-examples"
+PARTITION_ID = "partition-id"
 
 # --- round metric keys (strategy -> ServerApp / results) -----------------------------
 EPS_GLOBAL = "eps-global"
@@ -98,6 +100,7 @@ class EvaluateReply:
     neighbour_acc: float
     local_examples: int
     neighbour_examples: int
+    partition_id: int
 
 
 # --- builders -----------------------------------------------------------------------
@@ -155,13 +158,20 @@ def train_reply_content(
 
 
 def evaluate_reply_content(
-    *, local_acc: float, neighbour_acc: float, local_examples: int, neighbour_examples: int
+    *,
+    local_acc: float,
+    neighbour_acc: float,
+    local_examples: int,
+    neighbour_examples: int,
+    partition_id: int,
 ) -> RecordDict:
     """Build a client's evaluate reply content (metrics only: no arrays leave).
 
     An accuracy over no examples (a client holding every class has no neighbour data)
     travels as 0.0 with a count of 0: NaN would fail the server's checks, and the
-    server's means skip entries with no examples.
+    server's means skip entries with no examples. ``partition_id`` is the node's
+    ``--node-config`` value, already known to its operator: it lets results.json map
+    node ids to partitions and to where each node keeps its exported prompt.
     """
     return RecordDict(
         {
@@ -172,6 +182,7 @@ def evaluate_reply_content(
                     NEIGHBOUR_ACC: float(neighbour_acc) if neighbour_examples else 0.0,
                     LOCAL_EXAMPLES: int(local_examples),
                     NEIGHBOUR_EXAMPLES: int(neighbour_examples),
+                    PARTITION_ID: int(partition_id),
                 }
             )
         }
@@ -256,6 +267,7 @@ def parse_evaluate_reply(msg: Message) -> EvaluateReply:
         neighbour_acc=_float_metric(metrics, NEIGHBOUR_ACC, low=0.0, high=1.0),
         local_examples=_int_metric(metrics, LOCAL_EXAMPLES, minimum=0),
         neighbour_examples=_int_metric(metrics, NEIGHBOUR_EXAMPLES, minimum=0),
+        partition_id=_int_metric(metrics, PARTITION_ID, minimum=0),
     )
 
 

@@ -399,6 +399,7 @@ def _eval_reply(node: int, local_acc: float, local_n: int, neighbour_acc: float)
         neighbour_acc=neighbour_acc,
         local_examples=local_n,
         neighbour_examples=50,
+        partition_id=node % 7,
     )
     return make_reply(content, src_node_id=node, message_type=MessageType.EVALUATE)
 
@@ -435,6 +436,7 @@ def test_evaluate_means_over_clients_and_weighted_and_refuses_arrays(
     # the results get every accepted client's own figures too; the refused one has none
     assert merged[f"local-acc/node-{GOOD_A}"] == pytest.approx(0.9)
     assert merged[f"neighbour-acc/node-{GOOD_B}"] == pytest.approx(0.4)
+    assert merged[f"partition-id/node-{GOOD_A}"] == GOOD_A % 7  # for the node map
     assert not any(str(BAD) in key for key in merged)
 
 
