@@ -29,8 +29,10 @@ def _handle(
     + local), the one worth releasing.
     """
     from dpfpl_app.client_node import build_trainer, save_state
+    from dpfpl_app.logs import route_app_logs
     from dpfpl_app.prompt_export import broadcast_epsilon
 
+    route_app_logs()
     trainer = build_trainer(cfg, context)
     content = answer(trainer, msg)
     save_state(trainer, cfg, context, broadcast_epsilon=broadcast_epsilon(msg))
