@@ -107,3 +107,18 @@ def test_check_config_names_an_unknown_key_flower_would_refuse_without_naming(
 
     err = capsys.readouterr().err
     assert "learning-rate: unknown key; known keys:" in err and "lr-global" in err
+
+
+def test_readme_module_table_lists_every_module() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| module | holds |") :].split("\n\n", 1)[0]
+    named = {
+        name.strip().removesuffix(".py")
+        for row in table.splitlines()
+        for name in row.split("|")[1].replace("`", "").replace("dpfpl_app/", "").split(",")
+    }
+
+    modules = {p.stem for p in (REPO / "dpfpl_app").glob("*.py") if p.stem != "__init__"}
+
+    assert modules - named == set(), "add these modules to README's module table"
+    assert named - modules - {"module", "---", "client_app", "server_app"} == set()
