@@ -274,12 +274,16 @@ def _draw_targets(ax: Any, config: dict[str, Any]) -> None:
     """The target epsilon(s) of the run config as horizontal lines (none without DP)."""
     if config.get("dp-mode") == "off":
         return
-    for key, curve in TARGET_KEYS.items():
+    by_value: dict[float, list[str]] = {}  # equal targets share one line (and one label)
+    for key in TARGET_KEYS:
         target = config.get(key)
         if isinstance(target, (int, float)) and not isinstance(target, bool):
-            colour = CURVE_STYLES[curve][0] if curve else "black"
-            ax.axhline(float(target), color=colour, linestyle=":", linewidth=1.2,
-                       label=f"target {key}={float(target):g}")
+            by_value.setdefault(float(target), []).append(key)
+    for target, keys in by_value.items():
+        curve = TARGET_KEYS[keys[0]] if len(keys) == 1 else None
+        colour = CURVE_STYLES[curve][0] if curve else "black"
+        ax.axhline(target, color=colour, linestyle=":", linewidth=1.2,
+                   label=f"target {' = '.join(keys)} = {target:g}")
 
 
 def _draw_zeroshot(ax: Any, zeroshot: dict[str, Any] | None) -> None:

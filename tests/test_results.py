@@ -110,15 +110,22 @@ def test_epsilon_curves_differ_in_colour_style_and_marker_with_both_targets_draw
     assert to_rgba(local.get_color()) != to_rgba(global_.get_color())
     assert local.get_linestyle() != global_.get_linestyle()
     assert local.get_marker() != global_.get_marker()
-    assert set(lines["target epsilon-local=4"].get_ydata()) == {4.0}
-    assert set(lines["target epsilon-global=2"].get_ydata()) == {2.0}
+    assert set(lines["target epsilon-local = 4"].get_ydata()) == {4.0}
+    assert set(lines["target epsilon-global = 2"].get_ydata()) == {2.0}
+
+
+def test_equal_channel_targets_share_one_labelled_line() -> None:
+    lines = _lines(draw_run(_doc({"epsilon-local": 4.0, "epsilon-global": 4.0}))["epsilon.png"])
+
+    targets = [label for label in lines if label.startswith("target")]
+    assert targets == ["target epsilon-local = epsilon-global = 4"]
 
 
 def test_a_composed_epsilon_target_is_drawn_and_none_without_dp() -> None:
     composed = _lines(draw_run(_doc({"epsilon": 3.0}))["epsilon.png"])
     off = _lines(draw_run(_doc({"dp-mode": "off", "epsilon": 3.0}))["epsilon.png"])
 
-    assert set(composed["target epsilon=3"].get_ydata()) == {3.0}
+    assert set(composed["target epsilon = 3"].get_ydata()) == {3.0}
     assert not any(label.startswith("target") for label in off)
 
 
