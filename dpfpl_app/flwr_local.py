@@ -92,6 +92,18 @@ class LocalFlower:
                 status = str(listed["runs"][0]["status"])
         return run_id, status
 
+    def log(self, run_id: int) -> str:
+        """The run's log as ``flwr log --show`` prints it (ServerApp and simulation output)."""
+        return subprocess.run(
+            [FLWR, "log", str(run_id), "--show"],
+            cwd=self.app_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        ).stdout
+
     def stop(self) -> None:
         """End the background SuperLink of this FLWR_HOME (its simulation processes follow)."""
         deadline = time.monotonic() + 30
