@@ -30,12 +30,11 @@ def _handle(
     """
     from dpfpl_app.client_node import build_trainer, save_state
     from dpfpl_app.logs import route_app_logs
-    from dpfpl_app.prompt_export import broadcast_epsilon
 
     route_app_logs()
     trainer = build_trainer(cfg, context)
     content = answer(trainer, msg)
-    save_state(trainer, cfg, context, broadcast_epsilon=broadcast_epsilon(msg))
+    save_state(trainer, cfg, context)
     return Message(content, reply_to=msg)
 
 

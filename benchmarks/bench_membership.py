@@ -59,8 +59,8 @@ from dpfpl_app.offline_data import federated_pool  # noqa: E402
 from dpfpl_app.predict import PromptClassifier  # noqa: E402
 from dpfpl_app.prompt_export import personalised_prompt_file  # noqa: E402
 from dpfpl_app.prompt_file import PromptMetadata, load_prompt_file  # noqa: E402
-from dpfpl_app.server_run import global_noise, initial_prompt  # noqa: E402
 from dpfpl_app.strategy import DPFPLStrategy  # noqa: E402
+from dpfpl_app.strategy_build import build_strategy  # noqa: E402
 from tests.flower_harness import run_strategy  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -131,9 +131,9 @@ def run_config(setup: AuditSetup, setting: Setting) -> RunConfig:
     return RunConfig(
         method=setting.method,
         dp_mode=setting.dp_mode,
-        epsilon_local=eps,
-        epsilon_global=eps,
+        epsilon=eps,
         delta=setup.delta,
+        max_sample_rate=1.0,  # every client trains on all of its few images each step
         num_server_rounds=setup.rounds,
         local_steps=setup.local_steps,
         batch_size=setup.batch_size,
@@ -144,6 +144,7 @@ def run_config(setup: AuditSetup, setting: Setting) -> RunConfig:
         model=setup.model,
         dataset=setup.dataset,
         min_nodes=setup.clients,
+        node_wait_timeout=5.0,
         seed=setup.seed,
         reproducible_noise=True,
     )
@@ -187,16 +188,7 @@ def train_federation(
             tuple(range(len(pool.class_names))),
         )
         trainers[i] = ClientTrainer(cfg, pool.clip, pool.class_names, data, partition_id=i)
-    strategy = DPFPLStrategy(
-        initial_prompt=initial_prompt(cfg),
-        server_lr=cfg.lr_global,
-        clip_norm=cfg.clip_norm,
-        batch_size=cfg.batch_size,
-        noise=global_noise(cfg),
-        min_nodes=len(clients),
-        node_wait_timeout=5.0,
-        seed=cfg.seed,
-    )
+    strategy = build_strategy(cfg)
     run_strategy(
         strategy,
         client_app=_client_app(trainers),
@@ -264,9 +256,9 @@ def audit_target(pool: Pool, setup: AuditSetup, setting: Setting, work_dir: Path
     )
     check_disjoint(np.concatenate(clients), non_members)
     target, strategy = train_federation(pool, cfg, clients, non_members)
-    exported = personalised_prompt_file(
-        target, pool.clip, pool.class_names, broadcast_epsilon=strategy.epsilon()
-    ).save(work_dir / f"{setting.label.replace(' ', '_')}.safetensors")
+    exported = personalised_prompt_file(target, pool.clip, pool.class_names).save(
+        work_dir / f"{setting.label.replace(' ', '_')}.safetensors"
+    )
     released = load_prompt_file(exported)
     classifier = PromptClassifier(released, pool.clip)
     idx = np.concatenate([clients[0], non_members])
@@ -305,10 +297,8 @@ def audit_setting(pool: Pool, setup: AuditSetup, setting: Setting, work_dir: Pat
         "method": setting.method.value,
         "dp_mode": setting.dp_mode.value,
         "epsilon": setting.epsilon,
-        "eps_local": meta.local_privacy.epsilon,
-        "eps_local_status": meta.local_privacy.status.value,
-        "eps_global": meta.global_privacy.epsilon,
-        "eps_global_status": meta.global_privacy.status.value,
+        "eps": meta.privacy.epsilon,
+        "eps_guarantee": meta.privacy.guarantee.value,
         "heldout_accuracy": float(held_out),
         "threshold": asdict(threshold),
         "shadow": asdict(shadow.attack(out)),
@@ -339,15 +329,14 @@ def markdown(rows: list[dict], setup: AuditSetup) -> str:
         f"momentum {setup.momentum:g}; {setup.shadows} shadow federation(s) per setting; "
         f"{n} members vs {n} non-members: a blind attack's AUC has s.d. {sd:.2f}).",
         "",
-        "| method | DP mode | target eps | eps-local | eps-global | held-out acc "
+        "| method | DP mode | target eps | eps (composed) | held-out acc "
         "| threshold AUC | TPR@1%FPR | shadow AUC | shadow acc |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['dp_mode']} | {_num(r['epsilon'])} "
-            f"| {_eps(r['eps_local'], r['eps_local_status'])} "
-            f"| {_eps(r['eps_global'], r['eps_global_status'])} | {r['heldout_accuracy']:.3f} "
+            f"| {_eps(r['eps'], r['eps_guarantee'])} | {r['heldout_accuracy']:.3f} "
             f"| {r['threshold']['auc']:.3f} | {r['threshold']['tpr_at_low_fpr']:.3f} "
             f"| {r['shadow']['auc']:.3f} | {r['shadow']['accuracy']:.3f} |"
         )
@@ -358,12 +347,12 @@ def _num(value: float | None) -> str:
     return "-" if value is None else f"{value:g}"
 
 
-def _eps(value: float | None, status: str) -> str:
-    if status == "accounted":
+def _eps(value: float | None, guarantee: str) -> str:
+    if value is None:
+        return guarantee
+    if guarantee == "accounted":
         return f"{value:.2f}"
-    if status == "nominal":
-        return f"{value:g} (nominal)"
-    return status
+    return f"{value:.2f} ({guarantee})"
 
 
 def plot(rows: list[dict], path: Path) -> None:

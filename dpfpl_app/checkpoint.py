@@ -1,14 +1,15 @@
-"""Server checkpoints: the global prompt, the round and the accountant, every round.
+"""Server checkpoints: the global prompt, the round and the privacy plan, every round.
 
 A resumed run must continue the privacy accounting, not restart it: the checkpoint
-holds the strategy's whole ``state_dict`` (global prompt, round, noise multiplier,
-calibration rate, the global accountant's history) and the run config it was taken
-under, and a resume refuses a config that would change the noise or the data.
+holds the strategy's ``state_dict`` (global prompt, round, the channel plan's public
+numbers) and the run config it was taken under, and a resume refuses a config that
+would change the noise or the data, and a checkpoint older than the run's latest (the
+clients have trained the rounds after it: repeating them would spend their budget
+twice).
 
-The server's noise generator state is never saved (whoever read it could subtract the
-noise). With ``reproducible-noise=true`` the noise stream is a function of the public
-seed anyway, so a resume rebuilds it by replaying the draws already made; without it a
-resumed run draws fresh OS-seeded noise, which is what deployment wants.
+No noise key is ever saved (whoever read it could subtract the noise): a resumed run
+draws fresh secret noise, or with ``reproducible-noise=true`` derives each round's noise
+from the public seed and the round, as the uninterrupted run did.
 
 Format: ``<run dir>/checkpoints/round-NNNN.safetensors`` with the tensor
 ``global_prompt`` and the JSON of :class:`CheckpointMeta` in the header metadata.
@@ -91,6 +92,14 @@ def load_checkpoint(path: Path, *, config: RunConfig) -> tuple[dict[str, Any], C
         meta = CheckpointMeta.model_validate_json(header)
     except (FileNotFoundError, SafetensorError, OSError, ValidationError) as err:
         raise CheckpointError(f"cannot resume from {str(path)!r}: {err}") from None
+    latest = max(_saved_rounds(Path(path).parent), default=meta.round)
+    if latest > meta.round:
+        raise CheckpointError(
+            f"resume={str(path)!r} is older than this run's latest checkpoint (round "
+            f"{latest}): the clients have already trained the rounds after round "
+            f"{meta.round}, and training them again would spend their privacy budget twice. "
+            f"Resume from {str(checkpoint_path(Path(path).parent.parent, latest))!r}"
+        )
     changed = _changed_keys(meta.config, config.to_flower())
     if changed:
         raise CheckpointError(
@@ -99,6 +108,15 @@ def load_checkpoint(path: Path, *, config: RunConfig) -> tuple[dict[str, Any], C
             "on resume (the rest shapes the noise, the data or the prompt)"
         )
     return {**meta.strategy, PROMPT_KEY: prompt}, meta
+
+
+def _saved_rounds(directory: Path) -> list[int]:
+    rounds = []
+    for file in directory.glob("round-*.safetensors"):
+        digits = file.name.removeprefix("round-").removesuffix(".safetensors")
+        if digits.isdigit():
+            rounds.append(int(digits))
+    return rounds
 
 
 def _changed_keys(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -12,6 +12,7 @@ import logging
 import sys
 from pathlib import Path
 
+from dpfpl_app.audit.cli import add_parser as add_audit_command
 from dpfpl_app.config import Accountant
 from dpfpl_app.service_cli import add_service_commands
 from dpfpl_app.sweep_cli import add_sweep_command
@@ -127,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_service_commands(sub)
     add_sweep_command(sub)
+    add_audit_command(sub)
     return parser
 
 

@@ -20,11 +20,7 @@ def answer_train(trainer: ClientTrainer, msg: Message) -> RecordDict:
     server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
     outcome = trainer.train_round(prompt, server_round)
     return wire.train_reply_content(
-        grad=outcome.global_grad,
-        num_examples=trainer.data.num_train,
-        train_loss=outcome.loss,
-        sample_rate=outcome.sample_rate,
-        eps_local=outcome.eps_local,
+        grad=outcome.global_grad, train_loss=outcome.loss, dp_on=trainer.cfg.dp_on
     )
 
 

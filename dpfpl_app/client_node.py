@@ -113,18 +113,11 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
     return trainer
 
 
-def save_state(
-    trainer: ClientTrainer,
-    cfg: RunConfig,
-    context: Context,
-    *,
-    broadcast_epsilon: float | None = None,
-) -> None:
+def save_state(trainer: ClientTrainer, cfg: RunConfig, context: Context) -> None:
     """Keep the private state in ``context.state`` and on node-local disk (0600).
 
     The personalised prompt is exported next to it (``prompt.safetensors``, 0600) for
-    the organisation to release if it chooses; ``broadcast_epsilon`` is the server's
-    eps-global for the global prompt in use, recorded as unknown when not given.
+    the organisation to release if it chooses, with the composed epsilon it cost.
     """
     tensors, meta = trainer.state_dict()
     meta = {**meta, "run_id": context.run_id}
@@ -138,7 +131,6 @@ def save_state(
         trainer,
         cached_clip(cfg.model),
         class_names(trainer.cfg),  # the node's own data when its node config names it
-        broadcast_epsilon=broadcast_epsilon,
     )
     exported.save(export_path(directory))
 

@@ -1,49 +1,52 @@
-"""A client's side of a round: sample, train the private prompt, account, evaluate.
+"""A client's side of a round: sample, train the private prompt, count, evaluate.
 
-This is where the noise mechanics and the accountant meet on the client. The local
-noise multiplier is calibrated once from the run's targets, and every noisy step is
-recorded in the local accountant with the sampling rate actually used.
+The noise sizes and the epsilon come from the run's channel plan (``dp_channel.py``),
+which the server derives from the same public config, so nothing about this client's
+data (its size, its sampling rate, its loss) has to be reported for the accounting.
 
-Sampling: in per-sample mode minibatches are Poisson samples with rate q = B/|D_i| (the
-sampling the accountant's amplification analysis assumes), and sums are divided by the
-expected size B. With ``local-steps`` K > 1 the global gradient sent is the mean of the
-K step gradients: one sample still moves it by at most C/B, and it is included in at
-least one of the K batches with probability 1 - (1 - q)^K, the rate reported to the
-server for the global channel.
+Sampling: in per-sample mode minibatches are Poisson samples with rate
+``q_i = min(max-sample-rate, B/|D_i|)`` drawn from a secret stream (amplification by
+subsampling needs the batch to be unpredictable), and sums are divided by the expected
+size B. With ``local-steps`` K > 1 the global gradient sent is the mean of the K step
+gradients; ``dp_channel`` accounts it as K pieces, one per step.
+
+Budget: a client never takes more than the ``T K`` steps its plan covers, and never
+trains the same server round twice (a server resumed from an older checkpoint would
+otherwise make it spend that round's budget again): both are refused with the fix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import math
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from dpfpl_app import accounting
 from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method, RunConfig
+from dpfpl_app.dp_channel import plan_for
 from dpfpl_app.federated_data import ClientData
-from dpfpl_app.privacy import make_generator
+from dpfpl_app.noise import NoiseSource
 from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
 from dpfpl_app.text_encoder import CoOpTextEncoder
 
 logger = logging.getLogger(__name__)
 
 
+class BudgetError(ValueError):
+    """Training this round would spend privacy budget the run does not have."""
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What a client may tell the server after a round (the private parts stay here)."""
+    """A round's results; only ``global_grad`` (and, without DP, ``loss``) may leave."""
 
     global_grad: Tensor  # (n_ctx, d); zeros for methods that share nothing
-    loss: float
-    num_examples: int
-    sample_rate: float
-    eps_local: float
+    loss: float  # node-local: an unnoised statistic of the batch
+    epsilon: float  # composed epsilon of this client's releases so far
 
 
 def template_context(clip: FrozenClip, template: str) -> Tensor:
@@ -55,27 +58,8 @@ def template_context(clip: FrozenClip, template: str) -> Tensor:
     return table[torch.tensor(ids, device=table.device)].detach().float().cpu()
 
 
-@lru_cache(maxsize=64)
-def local_noise_multiplier(cfg: RunConfig, sample_rate: float) -> float:
-    """The local channel's noise multiplier for this client (0 when it adds no noise)."""
-    if not cfg.dp_on or not cfg.method.has_local:
-        return 0.0
-    steps = cfg.num_server_rounds * cfg.local_steps
-    if cfg.dp_mode is DPMode.PAPER:
-        return accounting.paper_noise_multiplier(
-            epsilon=cfg.epsilon_local, delta=cfg.delta, rounds=steps
-        )
-    return accounting.calibrate_noise_multiplier(
-        target_epsilon=cfg.epsilon_local,
-        delta=cfg.delta,
-        sample_rate=sample_rate,
-        steps=steps,
-        kind=accounting.AccountantKind(cfg.accountant.value),
-    )
-
-
 class ClientTrainer:
-    """One client's learner, data, local accountant and noise source."""
+    """One client's learner, data, budget counters and noise streams."""
 
     def __init__(
         self,
@@ -89,8 +73,10 @@ class ClientTrainer:
         if data.num_train == 0 and cfg.method is not Method.ZEROSHOT:
             raise ValueError(f"partition {partition_id} has no training images")
         self.cfg, self.data, self.partition_id = cfg, data, partition_id
-        self.sample_rate = min(1.0, cfg.batch_size / max(1, data.num_train))
-        self.noise_multiplier = local_noise_multiplier(cfg, self.sample_rate)
+        self.plan = plan_for(cfg)
+        self.sample_rate = (
+            self.plan.client_sample_rate(data.num_train) if self._poisson else 1.0
+        )
         template = (
             template_context(clip, cfg.zeroshot_template) if cfg.method is Method.ZEROSHOT else None
         )
@@ -106,7 +92,7 @@ class ClientTrainer:
             weight_decay=cfg.weight_decay,
             dp_mode=cfg.dp_mode if cfg.dp_on else DPMode.OFF,
             clip_norm=cfg.clip_norm,
-            local_noise_multiplier=self.noise_multiplier,
+            local_noise_multiplier=self.plan.z_local,
         )
         init = torch.Generator().manual_seed(_derived_seed(cfg.seed, "init", partition_id))
         self.learner = PromptLearner(
@@ -117,83 +103,100 @@ class ClientTrainer:
             width=clip.text_width,
             template_context=template,
         )
-        self.local_accountant = accounting.ChannelAccountant(
-            kind=accounting.AccountantKind(cfg.accountant.value), delta=cfg.delta
-        )
-        self.rounds_done = 0
+        self.rounds_done = 0  # rounds this client trained
+        self.last_round = 0  # the last server round it trained
+        self.steps_taken = 0  # local steps, each a release of the composed mechanism
 
     # ----- one round ---------------------------------------------------------------
     def train_round(self, global_prompt: Tensor, server_round: int) -> RoundOutcome:
         cfg, data = self.cfg, self.data
+        self._check_budget(server_round)
         self._receive(global_prompt)
         if cfg.method is Method.ZEROSHOT:  # nothing to train: report the template's loss
             logits = self.learner.logits(data.train_features[0])
             loss = float(torch.nn.functional.cross_entropy(logits, data.train_labels))
-            self.rounds_done += 1
-            return RoundOutcome(torch.zeros_like(global_prompt), loss, 0, self.sample_rate, 0.0)
-        self.learner.generator = self._round_generator(server_round)
-        sampler = self._round_generator(server_round, purpose="sampling")
-        grads, losses, drawn = [], [], 0
+            self._count(server_round)
+            return RoundOutcome(torch.zeros_like(global_prompt), loss, self.epsilon())
+        # the power iteration's start is public randomness (only the noise must be secret)
+        self.learner.generator = torch.Generator().manual_seed(
+            _derived_seed(cfg.seed, "carriers", self.partition_id, server_round)
+        )
+        self.learner.noise = self._source(server_round, "local-noise")
+        sampler = self._source(server_round, "batches", public=not cfg.dp_on)
+        grads, losses = [], []
         for _ in range(cfg.local_steps):
             idx = self._draw(sampler)
-            feats = self._views(idx, sampler)
             step = self.learner.train_step(
-                feats, data.train_labels[idx], expected_batch=self._expected_batch()
+                self._views(idx, sampler),
+                data.train_labels[idx],
+                expected_batch=self._expected_batch(),
             )
-            if step.local_noise_std > 0 and cfg.dp_mode is DPMode.PER_SAMPLE:
-                self.local_accountant.step(
-                    noise_multiplier=self.noise_multiplier, sample_rate=self.sample_rate
-                )
             if step.global_grad is not None:
                 grads.append(step.global_grad)
             losses.append(step.loss)
-            drawn += step.batch_size
-        self.rounds_done += 1
+        self._count(server_round)
         shared = torch.stack(grads).mean(0) if grads else torch.zeros_like(global_prompt)
-        rate = 1.0 - (1.0 - self.sample_rate) ** cfg.local_steps
         finite = [x for x in losses if x == x]
-        return RoundOutcome(
-            shared, sum(finite) / max(1, len(finite)), drawn, rate, self.eps_local()
-        )
+        return RoundOutcome(shared, sum(finite) / max(1, len(finite)), self.epsilon())
+
+    def _check_budget(self, server_round: int) -> None:
+        if server_round <= self.last_round:
+            raise BudgetError(
+                f"partition {self.partition_id} already trained round {self.last_round}, and "
+                f"the server asks for round {server_round}: training it again would spend "
+                "that privacy budget twice. The server was resumed from an older checkpoint: "
+                f"resume from the latest one (round {self.last_round} or later)"
+            )
+        if self.steps_taken + self.cfg.local_steps > self.plan.planned_steps:
+            raise BudgetError(
+                f"partition {self.partition_id} has taken all {self.plan.planned_steps} steps "
+                f"its privacy budget covers (num-server-rounds={self.cfg.num_server_rounds} x "
+                f"local-steps={self.cfg.local_steps}); start a new run to train further"
+            )
+
+    def _count(self, server_round: int) -> None:
+        self.rounds_done += 1
+        self.last_round = server_round
+        self.steps_taken += self.cfg.local_steps
+
+    @property
+    def _poisson(self) -> bool:
+        """Poisson batches (and division by the expected size) in per-sample DP."""
+        return self.cfg.dp_mode is DPMode.PER_SAMPLE and self.cfg.dp_on
 
     def _expected_batch(self) -> float:
-        """Per-sample sums are divided by B even when |D_i| < B (then q = 1): the server's
-        noise assumes every client's sensitivity is at most C/B.
+        """Per-sample sums are divided by B even when q_i < B/|D_i|: the noise of both
+        channels assumes every client's sensitivity is at most C/B.
         """
-        if self.cfg.dp_mode is DPMode.PER_SAMPLE and self.cfg.dp_on:
+        if self._poisson:
             return float(self.cfg.batch_size)
         return float(min(self.cfg.batch_size, self.data.num_train))
 
-    def _draw(self, generator: torch.Generator) -> Tensor:
+    def _draw(self, sampler: NoiseSource) -> Tensor:
         n = self.data.num_train
-        if self.cfg.dp_mode is DPMode.PER_SAMPLE and self.cfg.dp_on:
-            return torch.nonzero(torch.rand(n, generator=generator) < self.sample_rate).flatten()
-        return torch.randperm(n, generator=generator)[: min(self.cfg.batch_size, n)]
+        if self._poisson:
+            return torch.nonzero(sampler.bernoulli(n, self.sample_rate)).flatten()
+        return torch.tensor(sampler.sample(range(n), min(self.cfg.batch_size, n)))
 
-    def _views(self, idx: Tensor, generator: torch.Generator) -> Tensor:
+    def _views(self, idx: Tensor, sampler: NoiseSource) -> Tensor:
         feats = self.data.train_features
         if feats.shape[0] == 1:
             return feats[0, idx]
-        view = torch.randint(1, feats.shape[0], (idx.numel(),), generator=generator)
+        view = 1 + (sampler.uniform(idx.numel()) * (feats.shape[0] - 1)).long()
         return feats[view, idx]
 
-    def _round_generator(self, server_round: int, purpose: str = "noise") -> torch.Generator:
-        if self.cfg.reproducible_noise or purpose == "sampling" and not self.cfg.dp_on:
-            return torch.Generator().manual_seed(
-                _derived_seed(self.cfg.seed, purpose, self.partition_id, server_round)
-            )
-        return make_generator(None)
+    def _source(self, server_round: int, purpose: str, *, public: bool = False) -> NoiseSource:
+        """A round's stream: secret unless the run asks for reproducible (public) noise."""
+        return NoiseSource.for_run(
+            reproducible=public or self.cfg.reproducible_noise,
+            seed=self.cfg.seed,
+            purpose=(purpose, self.partition_id, server_round),
+        )
 
     # ----- privacy and evaluation ----------------------------------------------------
-    def eps_local(self) -> float:
-        """Epsilon of the local channel: 0 without one, infinite when it trains unnoised."""
-        if not self.cfg.method.has_local:
-            return 0.0  # nothing private is trained locally, nothing about it is released
-        if not self.cfg.dp_on:
-            return math.inf  # a local prompt trained on the data without any noise
-        if self.cfg.dp_mode is DPMode.PAPER and self.noise_multiplier > 0:
-            return self.cfg.epsilon_local  # nominal, not a formal guarantee
-        return self.local_accountant.epsilon()
+    def epsilon(self) -> float:
+        """Composed epsilon of everything this client released so far (its plan's meaning)."""
+        return self.plan.epsilon(self.steps_taken)
 
     def _receive(self, global_prompt: Tensor) -> None:
         """Take the broadcast global prompt; methods without one ignore it (a constant)."""
@@ -221,11 +224,11 @@ class ClientTrainer:
 
     # ----- persistence (node-local only) ------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
-        """Private tensors and the JSON-able rest (accountant, rounds) for the node's disk."""
+        """Private tensors and the JSON-able rest (budget counters) for the node's disk."""
         meta = {
             "rounds_done": self.rounds_done,
-            "local_accountant": self.local_accountant.state_dict(),
-            "noise_multiplier": self.noise_multiplier,
+            "last_round": self.last_round,
+            "steps_taken": self.steps_taken,
             "method": self.cfg.method.value,
         }
         return self.learner.private_state(), meta
@@ -236,11 +239,16 @@ class ClientTrainer:
                 f"saved client state is for method {meta.get('method')!r}, this run uses "
                 f"{self.cfg.method.value!r}: use another state-dir or run-name"
             )
+        missing = {"rounds_done", "last_round", "steps_taken"} - set(meta)
+        if missing:
+            raise ValueError(
+                f"saved client state lacks {sorted(missing)} (written by an older dpfpl): "
+                "its privacy budget cannot be continued; use another state-dir or run-name"
+            )
         self.learner.load_private_state(tensors)
-        self.local_accountant = accounting.ChannelAccountant.from_state_dict(
-            meta["local_accountant"]
-        )
         self.rounds_done = int(meta["rounds_done"])
+        self.last_round = int(meta["last_round"])
+        self.steps_taken = int(meta["steps_taken"])
 
 
 def _derived_seed(*parts: object) -> int:

@@ -79,9 +79,16 @@ class RunConfig(BaseModel):
     momentum: float = Field(0.0, ge=0, lt=1, description="local SGD momentum")
     weight_decay: float = Field(5e-4, ge=0, description="local SGD weight decay")
     dp_mode: DPMode = Field(DPMode.PER_SAMPLE, description="off | paper | per-sample")
-    epsilon_local: float = Field(4.0, gt=0, description="target epsilon, local channel")
-    epsilon_global: float = Field(4.0, gt=0, description="target epsilon, global channel")
-    delta: float = Field(1e-5, gt=0, lt=1, description="delta of both channels")
+    epsilon: float = Field(
+        4.0, gt=0, description="target epsilon of everything released (channels composed)"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="delta of the composed guarantee")
+    global_share: float = Field(
+        0.5, gt=0, lt=1, description="share of the per-step noise precision for the global channel"
+    )
+    max_sample_rate: float = Field(
+        0.5, gt=0, le=1, description="public bound on every client's Poisson rate B/|D_i|"
+    )
     clip_norm: float = Field(10.0, gt=0, description="per-sample (or batch) L2 clip C_th")
     accountant: Accountant = Field(Accountant.RDP, description="rdp | prv")
     model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")

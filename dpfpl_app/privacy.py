@@ -1,34 +1,14 @@
-"""Privacy mechanics in plain torch: factorisation, clipping, noise, Eq. 4.
+"""Privacy mechanics in plain torch: factorisation, clipping, Eq. 4.
 
-Nothing here knows about Flower or about accounting: these functions transform
-gradients; ``accounting.py`` turns what was done into an epsilon, and only the client
-trainer and the server strategy use both.
-
-Sensitivity of the local channel (per-sample mode), relied on by ``local_noise_std``:
-every sample's carrier gradients du_j and dv_j are each clipped to C, summed and divided
-by the expected batch size B, so adding or removing one sample moves the pair
-(du, dv) by at most sqrt(C^2 + C^2) / B = sqrt(2) C / B in L2. A full-rank local
-gradient (FedOTP-like, local CoOp) is one clipped tensor: C / B.
+Nothing here knows about Flower, noise sizes or accounting: these functions transform
+gradients. The noise comes from ``noise.py``, its size and the epsilon it buys from
+``dp_channel.py``, where the sensitivity of every clipped quantity is written down.
 """
 
 from __future__ import annotations
 
-import math
-import secrets
-
 import torch
 from torch import Tensor
-
-
-def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator:
-    """A noise generator: seeded for reproducible tests, from OS entropy otherwise.
-
-    torch's generators are not cryptographic; seeding from ``secrets`` keeps the noise
-    unpredictable across processes, which is what a deployment without a CSPRNG can do.
-    """
-    generator = torch.Generator(device=device)
-    generator.manual_seed(secrets.randbits(63) if seed is None else seed)
-    return generator
 
 
 def orthonormal_columns(x: Tensor) -> Tensor:
@@ -80,21 +60,15 @@ def clip_rows(per_sample: Tensor, max_norm: float) -> Tensor:
     return per_sample * factors.reshape(-1, *([1] * (per_sample.dim() - 1)))
 
 
+def clipped_sum(per_sample: Tensor, max_norm: float) -> Tensor:
+    """Sum over the leading dim of the rows clipped to ``max_norm``, in the rows' dtype.
+
+    The one clipping step of both channels: a client divides it by the expected batch
+    size B, the server by the number of replies N (``dp_channel`` has the sensitivities).
+    """
+    return clip_rows(per_sample, max_norm).sum(dim=0)
+
+
 def clip_tensor(x: Tensor, max_norm: float) -> Tensor:
     """Scale one tensor to L2 norm at most ``max_norm`` (batch-level clipping)."""
     return clip_rows(x.unsqueeze(0), max_norm).squeeze(0)
-
-
-def gaussian_noise(like: Tensor, std: float, generator: torch.Generator) -> Tensor:
-    """N(0, std^2) noise shaped like ``like``, drawn from the given generator."""
-    if std < 0 or not math.isfinite(std):
-        raise ValueError(f"noise std must be finite and >= 0, got {std}")
-    noise = torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
-    return noise * std
-
-
-def local_noise_std(
-    *, noise_multiplier: float, clip_norm: float, expected_batch: float, tensors: int
-) -> float:
-    """Noise std for ``tensors`` separately clipped per-sample means (module docstring)."""
-    return noise_multiplier * math.sqrt(tensors) * clip_norm / expected_batch

@@ -2,10 +2,10 @@
 
 Prompt as a service means a prompt leaves the organisation that trained it, so the file
 must say everything a user needs to use it correctly (which backbone, which classes in
-which order) and everything an auditor needs to judge it (method, DP mode, the epsilon
-each channel really spent). Format: a ``safetensors`` file holding one float32 tensor
-``prompt`` (n_ctx x d) and, in the header's string metadata, the JSON of
-:class:`PromptMetadata` under ``dpfpl-prompt``.
+which order) and everything an auditor needs to judge it (method, DP mode, the composed
+epsilon this node's releases spent, with its meaning). Format: a ``safetensors`` file
+holding one float32 tensor ``prompt`` (n_ctx x d) and, in the header's string metadata,
+the JSON of :class:`PromptMetadata` under ``dpfpl-prompt``.
 
 ``content_sha256`` covers the tensor bytes, dtype, shape and every other metadata field,
 so a truncated, corrupted or edited file (a changed byte of the prompt, a lowered
@@ -20,7 +20,6 @@ import hashlib
 import json
 import os
 from datetime import datetime, timezone
-from enum import Enum
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
@@ -34,6 +33,7 @@ from torch import Tensor
 from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.backbone_build import cache_root, weights_sha256
 from dpfpl_app.config import DPMode, Method
+from dpfpl_app.dp_channel import Guarantee
 
 FORMAT_NAME = "dpfpl-prompt"
 TENSOR_KEY = "prompt"
@@ -43,25 +43,21 @@ class PromptFileError(ValueError):
     """A prompt file cannot be used: unreadable, tampered with, or for another backbone."""
 
 
-class PrivacyStatus(str, Enum):
-    """What the epsilon of one channel means (never a number without its meaning)."""
+class PromptPrivacy(BaseModel):
+    """The guarantee of the prompt in this file for its node's training data.
 
-    ACCOUNTED = "accounted"  # sample-level bound from an accountant over the steps taken
-    NOMINAL = "nominal"  # the paper's figure (dp-mode=paper): no formal guarantee
-    NO_DP = "no-dp"  # the channel was used without noise: no privacy
-    NOT_APPLICABLE = "not-applicable"  # the method has no such channel
-    UNKNOWN = "unknown"  # the channel was used but its epsilon never reached this node
-
-
-class ChannelPrivacy(BaseModel):
-    """Epsilon spent by one channel of the prompt in this file, with its status."""
+    One composed figure, not one per channel: the personalised prompt is post-processing
+    of both noisy channels run on the same batches (``dp_channel.py``). The meaning is
+    written out beside the number, so an epsilon never travels without it.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    status: PrivacyStatus
-    epsilon: float | None = Field(default=None, ge=0)
+    guarantee: Guarantee
+    meaning: str = Field(min_length=1)
+    epsilon: float | None = Field(ge=0, description="None: no bound (trained without DP)")
     delta: float | None = Field(default=None, gt=0, lt=1)
-    steps: int | None = Field(default=None, ge=0, description="noisy steps accounted")
+    steps: int = Field(ge=0, description="local steps of the composed mechanism taken")
 
 
 class PromptMetadata(BaseModel):
@@ -70,7 +66,7 @@ class PromptMetadata(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["dpfpl-prompt"] = "dpfpl-prompt"
-    format_version: Literal[1] = 1
+    format_version: Literal[2] = 2
     backbone: str = Field(min_length=1, description="the run's `model`: name, hub id or dir")
     backbone_sha256: str = Field(min_length=8, description="fingerprint of the weights")
     text_width: int = Field(ge=1)
@@ -79,8 +75,7 @@ class PromptMetadata(BaseModel):
     rank: int | None = Field(default=None, ge=1, description="carrier rank (low-rank methods only)")
     class_names: tuple[str, ...] = Field(min_length=1)
     dp_mode: DPMode
-    local_privacy: ChannelPrivacy
-    global_privacy: ChannelPrivacy
+    privacy: PromptPrivacy
     dataset: str
     partition_id: int | None = None
     rounds_done: int = Field(ge=0)

@@ -29,13 +29,18 @@ from torch import Tensor
 
 from dpfpl_app import privacy
 from dpfpl_app.config import DPMode, Method
+from dpfpl_app.dp_channel import local_noise_std
 from dpfpl_app.gradients import class_logits, prompt_gradients
+from dpfpl_app.noise import NoiseSource
 from dpfpl_app.text_encoder import CoOpTextEncoder
 
 
 @dataclass(frozen=True)
 class LearnerSettings:
-    """What the learner needs from the run config, plus the calibrated local noise."""
+    """What the learner needs from the run config, plus the local noise multiplier.
+
+    ``local_noise_multiplier`` is the channel plan's ``z_local`` (``dp_channel.py``).
+    """
 
     method: Method
     n_ctx: int
@@ -72,7 +77,11 @@ class PromptLearner:
         generator: torch.Generator,
         width: int,
         template_context: Tensor | None = None,
+        noise: NoiseSource | None = None,
     ) -> None:
+        """``generator`` draws the initial prompts and the power iteration's start (public
+        randomness); ``noise`` draws the DP noise (a secret stream unless given).
+        """
         s = settings
         if s.method.low_rank and not 1 <= s.rank <= min(s.n_ctx, width):
             raise ValueError(
@@ -84,6 +93,7 @@ class PromptLearner:
         self.logit_scale = logit_scale.detach().float()
         self.settings = s
         self.generator = generator
+        self.noise = noise or NoiseSource.secure()
         shape = (s.n_ctx, width)
         self.global_prompt = torch.zeros(shape)
         self._template = template_context
@@ -194,19 +204,15 @@ class PromptLearner:
         """
         mode, c = self.settings.dp_mode, self.settings.clip_norm
         if mode is DPMode.PER_SAMPLE:
-            return privacy.clip_rows(grads, c).sum(dim=0) / expected_batch
+            return privacy.clipped_sum(grads, c) / expected_batch
         if mode is DPMode.PAPER:
             return privacy.clip_tensor(grads, c)
         return grads
 
     def _noise_std(self, tensors: int, expected_batch: float) -> float:
         s = self.settings
-        if s.dp_mode is DPMode.OFF:
-            return 0.0
-        if s.dp_mode is DPMode.PAPER:
-            # the paper's sigma with the code's sensitivity C/B, one tensor at a time
-            return s.local_noise_multiplier * s.clip_norm / expected_batch
-        return privacy.local_noise_std(
+        return local_noise_std(
+            s.dp_mode,
             noise_multiplier=s.local_noise_multiplier,
             clip_norm=s.clip_norm,
             expected_batch=expected_batch,
@@ -215,7 +221,9 @@ class PromptLearner:
 
     def _noised(self, grads: Tensor, std: float, expected_batch: float) -> Tensor:
         mean = self._private_mean(grads, expected_batch)
-        return mean + privacy.gaussian_noise(mean, std, self.generator) if std > 0 else mean
+        if std == 0.0:
+            return mean
+        return mean + self.noise.gaussian(mean.shape, std=std, dtype=mean.dtype, device=mean.device)
 
     def _update_local(
         self, grads: Tensor, carriers: tuple[Tensor, Tensor, Tensor] | None, expected_batch: float

@@ -176,7 +176,7 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
             summary[f"final-{key}"] = values[-1]
             tail = values[-LAST_ROUNDS:]
             summary[f"last{LAST_ROUNDS}-{key}"] = sum(tail) / len(tail)
-    for key in ("eps-local", "eps-global"):
+    for key in ("epsilon",):
         values = [r[key] for r in rounds if key in r]
         if values:
             summary[f"final-{key}"] = values[-1]
@@ -192,7 +192,9 @@ def load_results(run_dir: Path) -> dict[str, Any]:
 
 def summary_table(doc: dict[str, Any]) -> str:
     """A plain-text table of the run: one line per round and the summary."""
-    cols = ["round", "train-loss", "local-acc", "neighbour-acc", "eps-local", "eps-global"]
+    cols = ["round", "local-acc", "neighbour-acc", "epsilon"]
+    if any("train-loss" in row for row in doc["rounds"]):  # recorded only without DP
+        cols.insert(1, "train-loss")
     lines = ["  ".join(f"{c:>13}" for c in cols)]
     for row in doc["rounds"]:
         cells = [row.get(c, "") for c in cols]
@@ -216,15 +218,17 @@ CURVE_STYLES = {
     # usually coincide) must still be told apart, in colour and in greyscale
     "local-acc": ("tab:blue", "-", "o"),
     "neighbour-acc": ("tab:orange", "--", "s"),
+    "epsilon": ("tab:green", "-", "D"),
     "eps-local": ("tab:blue", "-", "o"),
     "eps-global": ("tab:orange", "--", "s"),
 }
-TARGET_KEYS = {"epsilon": None, "epsilon-local": "eps-local", "epsilon-global": "eps-global"}
-"""Run-config keys of a target epsilon -> the curve it bounds (None: the composed target)."""
+TARGET_KEYS = {"epsilon": "epsilon", "epsilon-local": "eps-local", "epsilon-global": "eps-global"}
+"""Run-config keys of a target epsilon -> the curve it bounds: the composed epsilon, or
+(results of runs before the composed accounting) one target per channel."""
 
 
 def plot_run(doc: dict[str, Any], out_dir: Path) -> None:
-    """accuracy.png (local and neighbour per round) and epsilon.png (both channels)."""
+    """accuracy.png (local and neighbour per round) and epsilon.png (spent and target)."""
     import matplotlib.pyplot as plt
 
     for name, fig in draw_run(doc).items():
@@ -245,7 +249,7 @@ def draw_run(doc: dict[str, Any]) -> dict[str, Figure]:
     figures = {}
     for name, keys, ylabel in (
         ("accuracy.png", ("local-acc", "neighbour-acc"), "accuracy (mean over clients)"),
-        ("epsilon.png", ("eps-local", "eps-global"), "epsilon spent"),
+        ("epsilon.png", ("epsilon", "eps-local", "eps-global"), "epsilon spent"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in keys:

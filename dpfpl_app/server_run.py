@@ -12,59 +12,38 @@ from logging import INFO
 from pathlib import Path
 from typing import Any
 
-import torch
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from transformers import AutoConfig
 
-from dpfpl_app import accounting
-from dpfpl_app.backbone import resolve_model_source
 from dpfpl_app.backbone_build import BACKBONES, CACHE_ENV, cache_root
 from dpfpl_app.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
-from dpfpl_app.config import DPMode, RunConfig
+from dpfpl_app.config import RunConfig
+from dpfpl_app.dp_channel import HONEST_SERVER, Guarantee, plan_for
 from dpfpl_app.node_paths import run_state_name
 from dpfpl_app.results import RunRecorder
-from dpfpl_app.strategy import DPFPLStrategy, GlobalNoise
-
-HONEST_SERVER = (
-    "the server sees each client's clipped global-prompt gradient in clear (honest-server "
-    "assumption, as in the paper); eps-global protects against everyone who sees only "
-    "the noised global prompt"
-)
-
-
-def global_noise(cfg: RunConfig) -> GlobalNoise:
-    if not cfg.dp_on or not cfg.method.has_global:
-        return GlobalNoise.off()
-    if cfg.dp_mode is DPMode.PAPER:
-        return GlobalNoise.paper(
-            epsilon=cfg.epsilon_global, delta=cfg.delta, rounds=cfg.num_server_rounds
-        )
-    return GlobalNoise.per_sample(
-        target_epsilon=cfg.epsilon_global,
-        delta=cfg.delta,
-        total_rounds=cfg.num_server_rounds,
-        accountant=accounting.AccountantKind(cfg.accountant.value),
-    )
+from dpfpl_app.strategy_build import build_strategy
 
 
 def privacy_notes(cfg: RunConfig) -> dict[str, str]:
-    """What the printed epsilons mean for this configuration, in words."""
-    if not cfg.dp_on:
-        return {"privacy": "no differential privacy: dp-mode is off (or nothing is trained)"}
-    if cfg.dp_mode is DPMode.PAPER:
-        return {
-            "privacy": "dp-mode=paper: batch-mean clipping with the paper's sigma; the "
-            "epsilons are the paper's nominal figures, NOT a formal sample-level guarantee"
-        }
-    return {
-        "privacy": "dp-mode=per-sample: every sample's gradient is clipped; eps-local and "
-        "eps-global are sample-level (epsilon, delta)-DP bounds from an opacus "
-        f"{cfg.accountant.value.upper()} accountant over the steps actually taken",
-        "honest-server": HONEST_SERVER,
-        "private-state": "local prompts, carriers u, v and residual R never leave the node",
-    }
+    """What the printed epsilon means for this configuration, in words."""
+    plan = plan_for(cfg)
+    notes = {"privacy": plan.meaning}
+    if plan.guarantee in {Guarantee.ACCOUNTED, Guarantee.NOMINAL_PUBLIC_SEED}:
+        notes["accountant"] = (
+            f"opacus {plan.accountant.value.upper()} over {plan.planned_steps} Poisson-"
+            f"subsampled Gaussian steps at the public rate bound q={plan.sample_rate:g}, "
+            f"composed multiplier z={plan.z_step:.4g} (local {plan.z_local:.4g}, global "
+            f"{plan.z_global:.4g} x sqrt(local-steps))"
+        )
+    if plan.z_global > 0:
+        notes["honest-server"] = HONEST_SERVER
+    if cfg.method.has_local:
+        notes["private-state"] = (
+            "local prompts, carriers u, v and residual R never leave the node; replies carry "
+            "the clipped global-prompt gradient only"
+        )
+    return notes
 
 
 def backbone_note(cfg: RunConfig) -> str:
@@ -75,15 +54,6 @@ def backbone_note(cfg: RunConfig) -> str:
             "not with ViT-B/16 figures"
         )
     return f"backbone {cfg.model!r}"
-
-
-def initial_prompt(cfg: RunConfig) -> torch.Tensor:
-    """p_G ~ N(0, init_std^2) (zeros when the method shares nothing)."""
-    width = int(AutoConfig.from_pretrained(resolve_model_source(cfg.model)).text_config.hidden_size)
-    if not cfg.method.has_global:
-        return torch.zeros(cfg.n_ctx, width)
-    generator = torch.Generator().manual_seed(cfg.seed)
-    return torch.randn(cfg.n_ctx, width, generator=generator) * cfg.init_std
 
 
 def output_dir(cfg: RunConfig, context: Context) -> Path:
@@ -135,43 +105,36 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) ->
     recorder.doc["notes"].update(notes)
     recorder.keep_rounds(up_to=resumed.round if resumed else 0)
 
+    guarantee = plan_for(cfg).guarantee
+    label = "" if guarantee is Guarantee.ACCOUNTED else f" ({guarantee.value})"
+
     def progress(server_round: int, metrics: dict[str, Any]) -> None:
         recorder.record(server_round, metrics)
         save_checkpoint(out, strategy.state_dict(), config=cfg)
         log(
             INFO,
-            "round %d/%d  loss %.4f  local-acc %.3f  neighbour-acc %.3f  "
-            "eps-local %.3g  eps-global %.3g",
+            "round %d/%d  local-acc %.3f  neighbour-acc %.3f  epsilon %.3g%s%s",
             server_round,
             cfg.num_server_rounds,
-            metrics.get("train-loss", math.nan),
             metrics.get("local-acc", math.nan),
             metrics.get("neighbour-acc", math.nan),
-            metrics.get("eps-local", math.nan),
-            metrics.get("eps-global", math.nan),
+            metrics.get("epsilon", math.nan),
+            label,
+            f"  loss {metrics['train-loss']:.4f}" if "train-loss" in metrics else "",
         )
 
-    strategy = DPFPLStrategy(
-        initial_prompt=initial_prompt(cfg),
-        server_lr=cfg.lr_global,
-        clip_norm=cfg.clip_norm,
-        batch_size=cfg.batch_size,
-        noise=global_noise(cfg),
-        min_nodes=cfg.min_nodes,
-        fraction_train=cfg.fraction_train,
-        fraction_evaluate=cfg.fraction_evaluate,
-        node_wait_timeout=cfg.node_wait_timeout,
-        seed=cfg.seed if cfg.reproducible_noise else None,
-        on_round=progress,
-    )
+    strategy = build_strategy(cfg, on_round=progress)
     if state is not None:
         strategy.load_state_dict(state)
         log(INFO, "resumed from %s after round %d", cfg.resume, strategy.rounds_done)
     remaining = cfg.num_server_rounds - strategy.rounds_done
     if remaining > 0:
         strategy.start(grid, strategy.global_arrays(), remaining)
+    plan = strategy.channel
+    steps = strategy.rounds_done * plan.local_steps
+    privacy = {**plan.describe(), "steps": steps, "epsilon": strategy.epsilon()}
     path = recorder.finish(
-        status="completed", extra={"noise-multiplier-global": strategy.noise_multiplier}
+        status="completed", extra={"privacy": {**privacy, **plan.components(steps)}}
     )
     log(INFO, "results written to %s", path)
     return out

@@ -119,8 +119,7 @@ class SweepSpec(BaseModel):
             values.update(
                 {
                     "dp-mode": self.dp_mode.value,
-                    "epsilon-local": cell.epsilon,
-                    "epsilon-global": cell.epsilon,
+                    "epsilon": cell.epsilon,
                 }
             )
         with warnings.catch_warnings():
@@ -224,7 +223,7 @@ class Aggregate:
     seeds: int
     means: dict[str, float]
     stds: dict[str, float]
-    eps_spent: dict[str, float]
+    eps_spent: float  # the largest composed epsilon over the seeds
 
 
 def aggregate(spec: SweepSpec, out_dir: Path) -> list[Aggregate]:
@@ -241,9 +240,7 @@ def aggregate(spec: SweepSpec, out_dir: Path) -> list[Aggregate]:
             values = [s[f"last{LAST_ROUNDS}-{key}"] for s in summaries]
             means[short] = statistics.fmean(values)
             stds[short] = statistics.stdev(values) if len(values) > 1 else 0.0
-        spent = {
-            ch: max(s.get(f"final-eps-{ch}", 0.0) for s in summaries) for ch in ("local", "global")
-        }
+        spent = max(s.get("final-epsilon", 0.0) for s in summaries)
         rows.append(Aggregate(method, eps, rank, len(summaries), means, stds, spent))
     return rows
 
@@ -280,7 +277,7 @@ def markdown_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
         f"# Sweep: {spec.dataset}, {spec.clients} clients, dp-mode {spec.dp_mode.value}",
         "",
         f"Accuracy (%) over all classes, mean ± std over seeds {list(spec.seeds)} of the "
-        f"mean over the last {LAST_ROUNDS} rounds; rank {rank}; epsilon per channel.",
+        f"mean over the last {LAST_ROUNDS} rounds; rank {rank}; epsilon of both channels composed.",
     ]
     if spec.overrides:
         given = ", ".join(f"{k}={v}" for k, v in spec.overrides.items())
@@ -319,15 +316,15 @@ def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
     writer.writerow(
         [
             "dataset", "method", "epsilon", "rank", "seeds", "local_mean", "local_std",
-            "neighbour_mean", "neighbour_std", "eps_local_spent", "eps_global_spent",
+            "neighbour_mean", "neighbour_std", "epsilon_spent",
         ]
     )
     order = {m: i for i, m in enumerate((*SHARED_METHODS, *REFERENCE_METHODS))}
 
     def spent(a: Aggregate) -> list[str]:
         if math.isinf(a.epsilon):  # no DP: there is no budget to report
-            return ["", ""]
-        return [f"{a.eps_spent['local']:.4f}", f"{a.eps_spent['global']:.4f}"]
+            return [""]
+        return [f"{a.eps_spent:.4f}"]
 
     for a in sorted(rows, key=lambda a: (a.epsilon, order[a.method], a.rank)):
         writer.writerow(
@@ -358,7 +355,7 @@ def plot_sweep(spec: SweepSpec, rows: list[Aggregate], out_dir: Path) -> None:
     labels = [*(f"{e:g}" for e in finite), "no DP"][: len(ticks)]
     _two_panels(
         out_dir / "accuracy_vs_epsilon.png", by_method, f"{spec.dataset}:",
-        "epsilon (per channel)", log_ticks=(ticks, labels),
+        "epsilon (both channels composed)", log_ticks=(ticks, labels),
     )
     if len(spec.ranks) < 2:
         return

@@ -10,17 +10,19 @@ Protocol (all tensors float32, ``n_ctx x d``)::
 
     server -> client, train / evaluate
         "arrays":  ArrayRecord {"global-prompt"}
-        "config":  ConfigRecord {"server-round": int,
-                                 "eps-global": float (with DP: what the p_G sent has spent)}
+        "config":  ConfigRecord {"server-round": int}
     client -> server, train
         "arrays":  ArrayRecord {"global-prompt-grad"}
-        "metrics": MetricRecord {"num-examples", "train-loss", "sample-rate", "eps-local", ...}
+        "metrics": MetricRecord {} with DP; {"train-loss"} without DP (``train_metric_keys``)
     client -> server, evaluate
         "metrics": MetricRecord {"num-examples", "local-acc", "neighbour-acc",
                                  "local-examples", "neighbour-examples",
                                  "partition-id" (the node's own config: public), ...}
 
-Why so strict: the private local prompt must never leave a client. A reply with any
+Why so strict: the private local prompt must never leave a client, and with DP nothing
+about its training data may leave but the clipped gradient the noise is sized for: no
+loss, no example count, no sampling rate (the accounting uses public bounds only). A
+train reply's metric keys must be exactly those of its DP mode. A reply with any
 array key other than the global-prompt gradient, any record other than the two above,
 or a list-valued metric (a list can carry a whole tensor) is refused, so that a client
 bug that leaks it fails loudly instead of silently being averaged.
@@ -51,8 +53,6 @@ SERVER_ROUND = "server-round"
 # --- metric keys (client -> server) ---------------------------------------------------
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
-SAMPLE_RATE = "sample-rate"
-EPS_LOCAL = "eps-local"
 LOCAL_ACC = "local-acc"
 NEIGHBOUR_ACC = "neighbour-acc"
 LOCAL_EXAMPLES = "local-examples"
@@ -60,14 +60,12 @@ NEIGHBOUR_EXAMPLES = "neighbour-examples"
 PARTITION_ID = "partition-id"
 
 # --- round metric keys (strategy -> ServerApp / results) -----------------------------
-EPS_GLOBAL = "eps-global"
+EPSILON = "epsilon"  # composed: everything released about a client's data (dp_channel)
 ACCEPTED = "accepted"
 REJECTED = "rejected"
-SERVER_CLIPPED = "server-clipped"
 BYTES_RECEIVED = "bytes-received"
 NOISE_STD = "noise-std"
-NOISE_MULTIPLIER = "noise-multiplier"
-GRAD_NORM = "grad-norm"
+UPDATE_NORM = "update-norm"  # norm of the NOISED mean: a function of the public p_G's
 LOCAL_ACC_WEIGHTED = "local-acc-weighted"
 NEIGHBOUR_ACC_WEIGHTED = "neighbour-acc-weighted"
 EVAL_ACCEPTED = "eval-accepted"
@@ -84,10 +82,7 @@ class TrainReply:
 
     node_id: int
     grad: torch.Tensor
-    num_examples: int
-    sample_rate: float
-    train_loss: float
-    eps_local: float
+    train_loss: float | None  # only without DP
 
 
 @dataclass(frozen=True)
@@ -131,28 +126,20 @@ def read_global_prompt(arrays: ArrayRecord) -> torch.Tensor:
     return prompt
 
 
-def train_reply_content(
-    *,
-    grad: torch.Tensor,
-    num_examples: int,
-    train_loss: float,
-    sample_rate: float,
-    eps_local: float,
-) -> RecordDict:
+def train_metric_keys(dp_on: bool) -> frozenset[str]:
+    """The exact metric keys of a train reply: none with DP, the batch loss without."""
+    return frozenset() if dp_on else frozenset({TRAIN_LOSS})
+
+
+def train_reply_content(*, grad: torch.Tensor, train_loss: float, dp_on: bool) -> RecordDict:
     """Build a client's train reply content, exactly as the server expects it."""
+    metrics = MetricRecord({} if dp_on else {TRAIN_LOSS: float(train_loss)})
     return RecordDict(
         {
             ARRAYS_RECORD: ArrayRecord(
                 {GLOBAL_PROMPT_GRAD: Array(grad.detach().to(PROMPT_DTYPE).contiguous())}
             ),
-            METRICS_RECORD: MetricRecord(
-                {
-                    NUM_EXAMPLES: int(num_examples),
-                    TRAIN_LOSS: float(train_loss),
-                    SAMPLE_RATE: float(sample_rate),
-                    EPS_LOCAL: float(eps_local),
-                }
-            ),
+            METRICS_RECORD: metrics,
         }
     )
 
@@ -233,7 +220,7 @@ def validate_grad_reply(
 
 
 def parse_train_reply(
-    msg: Message, *, expected_shape: tuple[int, ...], expected_dtype: torch.dtype
+    msg: Message, *, expected_shape: tuple[int, ...], expected_dtype: torch.dtype, dp_on: bool
 ) -> TrainReply:
     """Check a train reply against the protocol; :class:`InvalidReply` says why not."""
     _check_no_error(msg)
@@ -242,16 +229,15 @@ def parse_train_reply(
         msg.content.array_records[ARRAYS_RECORD], expected_shape, expected_dtype
     )
     metrics = msg.content.metric_records[METRICS_RECORD]
+    expected = train_metric_keys(dp_on)
+    if set(metrics.keys()) != expected:
+        raise InvalidReply(
+            f"train metrics {sorted(metrics.keys())}, expected exactly {sorted(expected)}: "
+            "with DP a reply carries nothing but the clipped gradient"
+        )
     _check_scalar_metrics(metrics)
-    return TrainReply(
-        node_id=msg.metadata.src_node_id,
-        grad=grad,
-        num_examples=_int_metric(metrics, NUM_EXAMPLES, minimum=1),
-        sample_rate=_float_metric(metrics, SAMPLE_RATE, low=0.0, high=1.0, open_low=True),
-        train_loss=_float_metric(metrics, TRAIN_LOSS, low=-math.inf, high=math.inf),
-        # Infinite eps-local is legal: it is what a client without local DP reports.
-        eps_local=_float_metric(metrics, EPS_LOCAL, low=0.0, high=math.inf, allow_inf=True),
-    )
+    loss = None if dp_on else _float_metric(metrics, TRAIN_LOSS, low=-math.inf, high=math.inf)
+    return TrainReply(node_id=msg.metadata.src_node_id, grad=grad, train_loss=loss)
 
 
 def parse_evaluate_reply(msg: Message) -> EvaluateReply:
@@ -307,24 +293,13 @@ def _int_metric(metrics: MetricRecord, key: str, *, minimum: int) -> int:
     return int(value)
 
 
-def _float_metric(
-    metrics: MetricRecord,
-    key: str,
-    *,
-    low: float,
-    high: float,
-    open_low: bool = False,
-    allow_inf: bool = False,
-) -> float:
+def _float_metric(metrics: MetricRecord, key: str, *, low: float, high: float) -> float:
     if key not in metrics:
         raise InvalidReply(f"missing metric '{key}'")
     value = metrics[key]
     if not isinstance(value, int | float) or math.isnan(value):
         raise InvalidReply(f"metric '{key}' must be a number, got {value!r}")
     value = float(value)
-    finite_ok = allow_inf or math.isfinite(value)
-    in_range = (low < value if open_low else low <= value) and value <= high
-    if not (finite_ok and in_range):
-        bracket = "(" if open_low else "["
-        raise InvalidReply(f"metric '{key}' must be in {bracket}{low}, {high}], got {value!r}")
+    if not (math.isfinite(value) and low <= value <= high):
+        raise InvalidReply(f"metric '{key}' must be finite and in [{low}, {high}], got {value!r}")
     return value

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from dpfpl_app import accounting
-from dpfpl_app.accounting import AccountantKind, ChannelAccountant, PrivacyBudgetError
+from dpfpl_app.accounting import AccountantKind, PrivacyBudgetError
 
 # the paper's setting with per-sample clipping (ALGORITHM.md section 4)
 Q, STEPS, DELTA = 32 / 400, 100, 1e-5
@@ -154,117 +153,3 @@ def test_paper_noise_multiplier_matches_the_papers_numbers(
 def test_paper_noise_multiplier_rejects_non_positive_epsilon() -> None:
     with pytest.raises(PrivacyBudgetError, match="paper epsilon must be > 0"):
         accounting.paper_noise_multiplier(epsilon=0.0, delta=DELTA, rounds=STEPS)
-
-
-@pytest.mark.parametrize("multipliers", [(2.0, 3.0), (1.0, 1.0, 4.0), (5.0,)])
-def test_composed_multiplier_spends_what_the_separate_releases_spend(
-    multipliers: tuple[float, ...],
-) -> None:
-    # Prepare: without subsampling, RDP composes additively; opacus composes the separate
-    # Gaussian releases itself (one history entry per channel)
-    steps = 20
-    separate = _opacus_epsilon(AccountantKind.RDP, [(z, 1.0, steps) for z in multipliers])
-
-    # Execute
-    z = accounting.composed_noise_multiplier(*multipliers)
-
-    # Assert
-    joint = accounting.epsilon_for(noise_multiplier=z, sample_rate=1.0, steps=steps, delta=DELTA)
-    assert joint == pytest.approx(separate, rel=1e-9)
-    assert z <= min(multipliers)
-
-
-@pytest.mark.parametrize("multipliers", [(), (0.0, 1.0), (-1.0,)])
-def test_composed_multiplier_rejects_non_positive(multipliers: tuple[float, ...]) -> None:
-    with pytest.raises(ValueError, match="noise multipliers must be positive"):
-        accounting.composed_noise_multiplier(*multipliers)
-
-
-# --- ChannelAccountant ---------------------------------------------------------------------------
-RELEASES = [(2.0, 0.1, 5), (3.0, 0.2, 3)]
-
-
-def _stepped(kind: AccountantKind) -> ChannelAccountant:
-    acc = ChannelAccountant(kind=kind, delta=DELTA)
-    for z, q, n in RELEASES:
-        acc.step(noise_multiplier=z, sample_rate=q, steps=n)
-    return acc
-
-
-@pytest.mark.parametrize("kind", list(AccountantKind))
-def test_channel_accountant_matches_opacus_and_counts_steps(kind: AccountantKind) -> None:
-    # Prepare
-    expected = _opacus_epsilon(kind, RELEASES)
-    fresh = ChannelAccountant(kind=kind, delta=DELTA)
-
-    # Execute
-    acc = _stepped(kind)
-
-    # Assert
-    assert fresh.epsilon() == 0.0 and fresh.steps == 0
-    assert acc.steps == 8
-    assert acc.epsilon() == pytest.approx(expected, rel=1e-9)
-
-
-@pytest.mark.parametrize("kind", list(AccountantKind))
-def test_channel_accountant_state_dict_round_trip_through_json(kind: AccountantKind) -> None:
-    # Prepare
-    acc = _stepped(kind)
-
-    # Execute
-    restored = ChannelAccountant.from_state_dict(json.loads(json.dumps(acc.state_dict())))
-
-    # Assert
-    assert restored.kind is kind and restored.delta == DELTA
-    assert restored.history == acc.history and restored.steps == acc.steps
-    assert restored.epsilon() == acc.epsilon()
-    # and it keeps accounting after the restore exactly as the original does
-    acc.step(noise_multiplier=2.0, sample_rate=0.1)
-    restored.step(noise_multiplier=2.0, sample_rate=0.1)
-    assert restored.epsilon() == acc.epsilon()
-
-
-def test_channel_accountant_epsilon_grows_with_releases() -> None:
-    # Prepare
-    acc = ChannelAccountant(delta=DELTA)
-    spent = []
-
-    # Execute
-    for _ in range(3):
-        acc.step(noise_multiplier=1.5, sample_rate=Q, steps=10)
-        spent.append(acc.epsilon())
-
-    # Assert
-    assert 0 < spent[0] < spent[1] < spent[2]
-
-
-@pytest.mark.parametrize(("z", "q"), [(0.0, 0.1), (-1.0, 0.1), (1.0, 0.0), (1.0, 2.0)])
-def test_channel_accountant_rejects_bad_steps(z: float, q: float) -> None:
-    acc = ChannelAccountant(delta=DELTA)
-    with pytest.raises(ValueError, match="noise_multiplier must be > 0|sample rate must be in"):
-        acc.step(noise_multiplier=z, sample_rate=q)
-
-
-def test_calibration_with_prior_history_fits_the_whole_mixed_history() -> None:
-    # Prepare: 40 rounds already spent at a smaller rate, the rest now at a larger one
-    prior = [(1.2, 0.05, 40)]
-    target, delta = 2.0, 1e-5
-
-    # Execute
-    z = accounting.calibrate_noise_multiplier(
-        target_epsilon=target, delta=delta, sample_rate=0.08, steps=60, prior_history=prior
-    )
-
-    # Assert: the whole history fits, 1% less noise would not, and ignoring the prior
-    # steps would have chosen too little noise
-    def whole(multiplier: float) -> float:
-        acc = accounting.ChannelAccountant(delta=delta)
-        acc.step(noise_multiplier=1.2, sample_rate=0.05, steps=40)
-        acc.step(noise_multiplier=multiplier, sample_rate=0.08, steps=60)
-        return acc.epsilon()
-
-    assert whole(z) <= target < whole(0.985 * z)
-    alone = accounting.calibrate_noise_multiplier(
-        target_epsilon=target, delta=delta, sample_rate=0.08, steps=60
-    )
-    assert whole(alone) > target

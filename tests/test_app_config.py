@@ -102,7 +102,7 @@ def test_check_config_names_an_unknown_key_flower_would_refuse_without_naming(
 ) -> None:
     from dpfpl_app.cli import main
 
-    assert main(["check-config", "--app-dir", str(REPO), "epsilon-local=2.0"]) == 0
+    assert main(["check-config", "--app-dir", str(REPO), "epsilon=2.0 seed=3"]) == 0
     assert main(["check-config", "--app-dir", str(REPO), "learning-rate=0.1"]) == 2
 
     err = capsys.readouterr().err
@@ -118,7 +118,9 @@ def test_readme_module_table_lists_every_module() -> None:
         for name in row.split("|")[1].replace("`", "").replace("dpfpl_app/", "").split(",")
     }
 
-    modules = {p.stem for p in (REPO / "dpfpl_app").glob("*.py") if p.stem != "__init__"}
+    package = REPO / "dpfpl_app"
+    modules = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    modules |= {f"{p.parent.name}/" for p in package.glob("*/__init__.py")}  # sub-packages
 
     assert modules - named == set(), "add these modules to README's module table"
     assert named - modules - {"module", "---", "client_app", "server_app"} == set()

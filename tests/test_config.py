@@ -76,15 +76,18 @@ def test_from_flower_does_not_mutate_the_callers_dict_and_result_is_frozen() -> 
         ({"n-ctx": 0}, r"n-ctx=0: Input should be greater than or equal to 1"),
         ({"n-ctx": -3}, r"n-ctx=-3: Input should be greater than or equal to 1"),
         ({"n-ctx": 61}, r"n-ctx=61: Input should be less than or equal to 60"),
-        ({"epsilon-local": 0}, r"epsilon-local=0: Input should be greater than 0"),
-        ({"epsilon-global": -1.0}, r"epsilon-global=-1\.0: Input should be greater than 0"),
+        ({"epsilon": 0}, r"epsilon=0: Input should be greater than 0"),
+        ({"epsilon": -1.0}, r"epsilon=-1\.0: Input should be greater than 0"),
+        ({"global-share": 1.0}, r"global-share=1\.0: Input should be less than 1"),
+        ({"global-share": 0.0}, r"global-share=0\.0: Input should be greater than 0"),
+        ({"max-sample-rate": 1.5}, r"max-sample-rate=1\.5: Input should be less than or equal"),
         ({"delta": 1.0}, r"delta=1\.0: Input should be less than 1"),
         ({"clip-norm": 0.0}, r"clip-norm=0\.0: Input should be greater than 0"),
         ({"momentum": 1.0}, r"momentum=1\.0: Input should be less than 1"),
         ({"learning-rate": 0.1}, r"learning-rate: unknown key; known keys: .*lr-global, lr-local"),
         ({"rank": "eight"}, r"rank='eight': Input should be a valid integer"),
         ({"rank": 2.5}, r"rank=2\.5: Input should be a valid integer"),
-        ({"epsilon-local": "small"}, r"epsilon-local='small': Input should be a valid number"),
+        ({"epsilon": "small"}, r"epsilon='small': Input should be a valid number"),
         ({"reproducible-noise": "maybe"}, r"reproducible-noise='maybe': Input should be a valid"),
         ({"model": ""}, r"model='': String should have at least 1 character"),
     ],
@@ -98,7 +101,7 @@ def test_bad_value_raises_config_error_naming_key_and_allowed_range(
 
 def test_every_bad_key_is_reported_in_one_message() -> None:
     # Prepare
-    raw = {"n-ctx": 0, "epsilon-local": 0, "batchsize": 32}
+    raw = {"n-ctx": 0, "epsilon": 0, "batchsize": 32}
 
     # Execute
     with pytest.raises(ConfigError) as info:
@@ -106,11 +109,11 @@ def test_every_bad_key_is_reported_in_one_message() -> None:
 
     # Assert
     text = str(info.value)
-    assert "n-ctx=0" in text and "epsilon-local=0" in text and "batchsize: unknown key" in text
+    assert "n-ctx=0" in text and "epsilon=0" in text and "batchsize: unknown key" in text
     assert "--run-config" in text  # says where to fix it
 
 
-@pytest.mark.parametrize("raw", [{"rank": True}, {"epsilon-local": True}])
+@pytest.mark.parametrize("raw", [{"rank": True}, {"epsilon": True}])
 def test_bool_for_a_numeric_key_is_a_wrong_type(raw: dict[str, Any]) -> None:
     with pytest.raises(ConfigError, match=next(iter(raw))):
         RunConfig.from_flower(raw)

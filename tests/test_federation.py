@@ -10,17 +10,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from opacus.accountants import RDPAccountant
 from safetensors.torch import load_file
 
 import client_app as client_module
 import server_app as server_module
 from dpfpl_app import wire
-from dpfpl_app.client_node import build_trainer, save_state
+from dpfpl_app.accounting import RDP_ORDERS
+from dpfpl_app.client_node import STATE_ARRAYS, build_trainer, save_state
 from dpfpl_app.config import ConfigError, Method, RunConfig
 from tests.flower_harness import federation_config, run_server_app
 
@@ -59,23 +60,47 @@ def test_dpfpl_federation_learns_and_writes_results(digits_backbone: Path, tmp_p
         assert (tmp_path / "runs" / "t" / name).stat().st_size > 0
 
 
+def _recording_client(replies: list[Message], private: list[torch.Tensor]) -> ClientApp:
+    """The real ClientApp, plus a record of every reply and of the node's private state
+    right after producing it (every round's, not only the final one).
+    """
+    spy = ClientApp()
+
+    def record(reply: Message, context: Context) -> Message:
+        replies.append(reply)
+        state = context.state.array_records[STATE_ARRAYS].to_torch_state_dict()
+        private.extend(t.clone() for t in state.values())
+        return reply
+
+    @spy.train()
+    def _train(msg: Message, context: Context) -> Message:
+        return record(client_module.train(msg, context), context)
+
+    @spy.evaluate()
+    def _evaluate(msg: Message, context: Context) -> Message:
+        return record(client_module.evaluate(msg, context), context)
+
+    return spy
+
+
 def test_no_private_tensor_ever_leaves_a_client(digits_backbone: Path, tmp_path: Path) -> None:
-    # Prepare: record every reply as it would go over the wire
+    # Prepare: record every reply as it would go over the wire, and every round's state
     replies: list[Message] = []
-    cfg = _config(tmp_path, **{"dp-mode": "per-sample"})
+    private: list[torch.Tensor] = []
+    cfg = _config(tmp_path, **{"dp-mode": "per-sample", "num-server-rounds": 3})
 
     # Execute
     run_server_app(
         server_module.app,
-        client_app=client_module.app,
+        client_app=_recording_client(private),
         num_nodes=4,
         run_config=cfg,
         on_reply=replies.append,
     )
 
-    # Assert: only the global-prompt gradient is ever sent, and it matches no private tensor
-    private = [t for state in _private_states(tmp_path) for t in state.values()]
-    assert len(private) >= 4
+    # Assert: only the global-prompt gradient is ever sent, and it is none of the private
+    # tensors (local prompt, carriers, residual-bearing momentum) of any node in any round
+    assert len(private) >= 4 * 3 * 2
     for reply in replies:
         content = reply.content
         for name in content.array_records:
@@ -86,8 +111,74 @@ def test_no_private_tensor_ever_leaves_a_client(digits_backbone: Path, tmp_path:
             for tensor in private:
                 if tensor.shape == sent.shape:
                     assert not torch.allclose(sent, tensor, atol=1e-6)
-        for record in content.metric_records.values():
-            assert all(np.isscalar(v) for v in record.values())
+                    assert not torch.allclose(sent, -tensor, atol=1e-6)
+
+
+TRAIN_METRICS = {"per-sample": set(), "paper": set(), "off": {wire.TRAIN_LOSS}}
+ROUND_KEYS = {
+    "round", "elapsed-s", wire.ACCEPTED, wire.REJECTED, wire.BYTES_RECEIVED, wire.EPSILON,
+    wire.NOISE_STD, wire.UPDATE_NORM, wire.EVAL_ACCEPTED, wire.EVAL_REJECTED, wire.LOCAL_ACC,
+    wire.NEIGHBOUR_ACC, wire.LOCAL_ACC_WEIGHTED, wire.NEIGHBOUR_ACC_WEIGHTED,
+}
+
+
+@pytest.mark.parametrize("dp_mode", ["per-sample", "paper", "off"])
+def test_replies_and_results_carry_exactly_what_the_dp_mode_allows(
+    dp_mode: str, digits_backbone: Path, tmp_path: Path
+) -> None:
+    # Prepare: with DP, nothing about a client's training data but the clipped gradient
+    # may leave it (no loss, size, sampling rate or pre-noise norm), nor reach the results
+    replies: list[Message] = []
+    cfg = _config(tmp_path, **{"dp-mode": dp_mode, "num-server-rounds": 2, "min-nodes": 3})
+
+    # Execute
+    run_server_app(
+        server_module.app,
+        client_app=client_module.app,
+        num_nodes=3,
+        run_config=cfg,
+        on_reply=replies.append,
+    )
+
+    # Assert
+    train = [r for r in replies if r.metadata.message_type == "train"]
+    assert len(train) == 6
+    assert all(set(r.content.metric_records["metrics"]) == TRAIN_METRICS[dp_mode] for r in train)
+    doc = _results(tmp_path)
+    for row in doc["rounds"]:
+        per_client = {k for k in row if "/node-" in k}
+        expected = ROUND_KEYS | ({wire.TRAIN_LOSS} if dp_mode == "off" else set())
+        assert set(row) - per_client == expected, set(row) ^ expected
+    csv_header = (tmp_path / "runs" / "t" / "metrics.csv").read_text().splitlines()[0]
+    assert ("train-loss" in csv_header) is (dp_mode == "off")
+
+
+def test_printed_epsilon_equals_an_independent_recomputation(
+    digits_backbone: Path, tmp_path: Path
+) -> None:
+    # Prepare: the main job's settings, shortened
+    cfg = _config(tmp_path, **{"num-server-rounds": 3, "local-steps": 2})
+
+    # Execute
+    run_server_app(server_module.app, client_app=client_module.app, num_nodes=4, run_config=cfg)
+
+    # Assert: a fresh opacus accountant fed the logged multiplier, rate bound and steps,
+    # one step at a time, gives every printed epsilon; the last is within the target
+    doc = _results(tmp_path)
+    privacy = doc["summary"]["privacy"]
+    assert privacy["guarantee"] == "accounted" and privacy["steps"] == 6
+    z, q = privacy["noise-multiplier-step"], privacy["sample-rate-bound"]
+    accountant = RDPAccountant()
+    for row in doc["rounds"]:
+        for _ in range(2):
+            accountant.step(noise_multiplier=z, sample_rate=q)
+        assert row["epsilon"] == pytest.approx(
+            accountant.get_epsilon(delta=1e-5, alphas=RDP_ORDERS), rel=1e-9
+        )
+    assert doc["rounds"][-1]["epsilon"] == privacy["epsilon"] <= privacy["target-epsilon"]
+    # the two channels' multipliers compose into the accounted one
+    z_local, z_global = privacy["noise-multiplier-local"], privacy["noise-multiplier-global"]
+    assert (z_local**-2 + 1 / (2 * z_global**2)) ** -0.5 == pytest.approx(z, rel=1e-12)
 
 
 def test_global_prompt_identical_across_clients_local_prompts_differ(

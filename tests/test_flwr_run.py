@@ -48,5 +48,5 @@ def test_flwr_run_offline_default_completes_with_results(
     assert sorted(node["partition-id"] for node in doc["nodes"].values()) == [0, 1, 2]
     # the log: one copy of each line, absolute paths, the clients' own progress
     assert log.count(f"results directory: {out_dir / 'ci'}") == 1, log
-    assert log.count("round 2/2  loss") == 1, log
+    assert log.count("round 2/2  local-acc") == 1, log
     assert "loaded frozen CLIP" in log, log

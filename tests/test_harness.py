@@ -10,7 +10,9 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from dpfpl_app import wire
-from dpfpl_app.strategy import DPFPLStrategy, GlobalNoise
+from dpfpl_app.config import RunConfig
+from dpfpl_app.dp_channel import plan_for
+from dpfpl_app.strategy import DPFPLStrategy
 
 SHAPE = (4, 8)
 NUM_NODES = 3
@@ -41,11 +43,7 @@ def _train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
     calls = _count_call(context)
     content = wire.train_reply_content(
-        grad=_fixed_grad(partition),
-        num_examples=10 * (partition + 1),
-        train_loss=float(calls),
-        sample_rate=0.1,
-        eps_local=float(partition),
+        grad=_fixed_grad(partition), train_loss=float(calls), dp_on=False
     )
     return Message(content, reply_to=msg)
 
@@ -67,9 +65,7 @@ def _strategy(**overrides: object) -> DPFPLStrategy:
     kwargs: dict[str, object] = {
         "initial_prompt": _initial_prompt(),
         "server_lr": 0.5,
-        "clip_norm": 10.0,
-        "batch_size": 4,
-        "noise": GlobalNoise.off(),
+        "channel": plan_for(RunConfig(clip_norm=10.0, batch_size=4, dp_mode="off")),
         "min_nodes": NUM_NODES,
         "node_wait_timeout": 1.0,
         "seed": 0,

@@ -113,7 +113,7 @@ def _overfitted_target(
     trainer = ClientTrainer(cfg, clip, names, data, partition_id=seed)
     files = []
     for name in ("untrained", "overfitted"):
-        released = personalised_prompt_file(trainer, clip, names, broadcast_epsilon=None)
+        released = personalised_prompt_file(trainer, clip, names)
         files.append(released.save(out / f"{name}-{seed}.safetensors"))
         for server_round in range(1, STEPS + 1) if name == "untrained" else ():
             trainer.train_round(torch.zeros_like(trainer.learner.global_prompt), server_round)

@@ -20,12 +20,13 @@ from dpfpl_app.cli import main as cli_main
 from dpfpl_app.client_node import build_trainer, save_state, state_directory
 from dpfpl_app.client_trainer import ClientTrainer
 from dpfpl_app.config import RunConfig
+from dpfpl_app.dp_channel import Guarantee
 from dpfpl_app.features import encode_pixels
 from dpfpl_app.image_processing import images_to_pixel_values
 from dpfpl_app.offline_data import DIGIT_CLASS_NAMES, federated_pool
 from dpfpl_app.predict import Prediction, PromptClassifier, classify
 from dpfpl_app.prompt_export import export_path
-from dpfpl_app.prompt_file import PrivacyStatus, PromptFile, PromptFileError, load_prompt_file
+from dpfpl_app.prompt_file import PromptFile, PromptFileError, load_prompt_file
 from tests.flower_harness import federation_config, run_server_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -57,7 +58,7 @@ def exported(
     )
     for server_round in (1, 2):
         trainer.train_round(global_prompt, server_round)
-    save_state(trainer, cfg, context, broadcast_epsilon=0.5)
+    save_state(trainer, cfg, context)
     return trainer, export_path(state_directory(cfg, context, 0))
 
 
@@ -93,14 +94,10 @@ def test_export_records_the_trainers_real_privacy_spend(
 
     meta = load_prompt_file(path).metadata
 
-    local = meta.local_privacy
-    assert local.status is PrivacyStatus.ACCOUNTED
-    assert local.steps == trainer.local_accountant.steps == 2
-    assert local.epsilon == pytest.approx(trainer.local_accountant.epsilon()) and local.epsilon > 0
-    assert (meta.global_privacy.status, meta.global_privacy.epsilon) == (
-        PrivacyStatus.ACCOUNTED,
-        0.5,
-    )
+    privacy = meta.privacy
+    assert privacy.guarantee is Guarantee.ACCOUNTED and "composed" in privacy.meaning
+    assert privacy.steps == trainer.steps_taken == 2
+    assert privacy.epsilon == pytest.approx(trainer.plan.epsilon(2)) and privacy.epsilon > 0
     assert meta.class_names == DIGIT_CLASS_NAMES
     assert (meta.method.value, meta.rank, meta.n_ctx, meta.rounds_done) == ("dpfpl", 8, 16, 2)
     assert meta.backbone == "dpfpl-tiny-digits" and meta.backbone_sha256.startswith("sha256:")
@@ -226,7 +223,7 @@ def test_a_tampered_prompt_file_stops_predict_with_a_clear_error(
     assert "failed its integrity check" in capsys.readouterr().err
 
 
-def test_exports_stay_on_the_nodes_and_record_the_broadcast_epsilon(
+def test_exports_stay_on_the_nodes_and_record_the_runs_composed_epsilon(
     digits_backbone: Path, tmp_path: Path
 ) -> None:
     # Prepare: the real ClientApp, which exports after every train and evaluate message
@@ -242,15 +239,15 @@ def test_exports_stay_on_the_nodes_and_record_the_broadcast_epsilon(
         on_reply=replies.append,
     )
 
-    # Assert: every node exported; the file's eps-global is the one of the p_G it used
-    # (the last evaluation received the final p_G, after round 3); no reply carries it
+    # Assert: every node exported; each file's composed epsilon is the one the server
+    # printed after round 3 (same public plan, same steps); no reply carries the prompt
     rounds = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())["rounds"]
     files = sorted((tmp_path / "state" / "t").glob("partition-*/prompt.safetensors"))
     assert len(files) == 3
     exports = [load_prompt_file(f) for f in files]
     for export in exports:
-        assert export.metadata.global_privacy.status is PrivacyStatus.ACCOUNTED
-        assert export.metadata.global_privacy.epsilon == pytest.approx(rounds[2]["eps-global"])
+        assert export.metadata.privacy.guarantee is Guarantee.ACCOUNTED
+        assert export.metadata.privacy.epsilon == pytest.approx(rounds[2]["epsilon"])
         assert export.metadata.rounds_done == 3
     for reply in replies:
         wire_bytes = message_to_proto(reply).SerializeToString()

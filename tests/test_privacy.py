@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from scipy.stats import chi2
 
 from dpfpl_app import privacy
+from dpfpl_app.config import DPMode
+from dpfpl_app.dp_channel import local_noise_std
 
 N_CTX, WIDTH = 6, 20
-FALSE_ALARM = 1e-6  # two-sided probability that a correct noise std fails the chi2 test
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -27,13 +27,6 @@ def _orthonormal(rows: int, cols: int, seed: int) -> torch.Tensor:
 def _projection_on_columns(a: torch.Tensor) -> torch.Tensor:
     """Orthogonal projector onto the column space of ``a``: a a^+ (no orthonormality used)."""
     return a @ torch.linalg.pinv(a)
-
-
-def _chi2_std_bounds(samples: int, p: float = FALSE_ALARM) -> tuple[float, float]:
-    """Bounds on s/sigma for ``samples`` zero-mean draws: k s^2 / sigma^2 ~ chi2(k)."""
-    low = math.sqrt(chi2.ppf(p / 2, samples) / samples)
-    high = math.sqrt(chi2.ppf(1 - p / 2, samples) / samples)
-    return low, high
 
 
 # --- Eq. 4 ------------------------------------------------------------------------------
@@ -210,57 +203,6 @@ def test_clip_tensor_clips_the_whole_tensor_not_its_rows() -> None:
     torch.testing.assert_close(clipped, x / x.norm())
 
 
-# --- noise -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("std", [0.37, 25.0])
-def test_gaussian_noise_has_the_requested_std(std: float) -> None:
-    # Prepare: 200k draws. Zero-mean normal draws give k s^2 / sigma^2 ~ chi2(k); the
-    # two-sided 1e-6 quantiles of chi2(200000) put s/sigma within about +-1.1%.
-    like = torch.empty(400, 500)
-    k = like.numel()
-    low, high = _chi2_std_bounds(k)
-
-    # Execute
-    noise = privacy.gaussian_noise(like, std, torch.Generator().manual_seed(0))
-
-    # Assert: std within the chi2 band, mean within 5 standard errors of 0
-    ratio = float(noise.double().pow(2).mean().sqrt()) / std
-    assert low < ratio < high, (low, ratio, high)
-    assert abs(float(noise.double().mean())) < 5 * std / math.sqrt(k)
-    assert noise.shape == like.shape and noise.dtype == like.dtype
-
-
-def test_gaussian_noise_is_reproducible_from_its_generator_and_zero_std_is_zero() -> None:
-    # Prepare
-    like = torch.empty(3, 4)
-
-    # Execute
-    a = privacy.gaussian_noise(like, 1.0, privacy.make_generator(7))
-    b = privacy.gaussian_noise(like, 1.0, privacy.make_generator(7))
-    zero = privacy.gaussian_noise(like, 0.0, privacy.make_generator(7))
-
-    # Assert
-    assert torch.equal(a, b)
-    assert torch.equal(zero, torch.zeros_like(like))
-
-
-def test_unseeded_generators_give_different_noise() -> None:
-    # Prepare
-    like = torch.empty(16)
-
-    # Execute
-    a = privacy.gaussian_noise(like, 1.0, privacy.make_generator(None))
-    b = privacy.gaussian_noise(like, 1.0, privacy.make_generator(None))
-
-    # Assert
-    assert not torch.equal(a, b)
-
-
-@pytest.mark.parametrize("std", [-1.0, float("nan"), float("inf")])
-def test_gaussian_noise_rejects_bad_std(std: float) -> None:
-    with pytest.raises(ValueError, match="noise std must be finite and >= 0"):
-        privacy.gaussian_noise(torch.empty(2), std, torch.Generator().manual_seed(0))
-
-
 # --- sensitivity of the local channel ----------------------------------------------------------
 def test_local_noise_std_is_multiplier_times_measured_pair_sensitivity() -> None:
     # Prepare: a batch of per-sample carrier gradients, and the same batch plus one sample
@@ -276,8 +218,8 @@ def test_local_noise_std_is_multiplier_times_measured_pair_sensitivity() -> None
 
     # Execute
     shift = release(torch.cat([du, extra_du]), torch.cat([dv, extra_dv])) - release(du, dv)
-    std = privacy.local_noise_std(
-        noise_multiplier=z, clip_norm=clip, expected_batch=batch, tensors=2
+    std = local_noise_std(
+        DPMode.PER_SAMPLE, noise_multiplier=z, clip_norm=clip, expected_batch=batch, tensors=2
     )
 
     # Assert: the worst-case shift reaches the stated sensitivity, and std / sensitivity = z

@@ -12,13 +12,13 @@ from safetensors.torch import save_file
 
 from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method
+from dpfpl_app.dp_channel import MEANINGS, Guarantee
 from dpfpl_app.prompt_file import (
     FORMAT_NAME,
-    ChannelPrivacy,
-    PrivacyStatus,
     PromptFile,
     PromptFileError,
     PromptMetadata,
+    PromptPrivacy,
     backbone_fingerprint,
     load_prompt_file,
     utc_now,
@@ -36,10 +36,13 @@ def _prompt_file(clip: FrozenClip, n_ctx: int = 4) -> PromptFile:
         rank=2,
         class_names=("zero", "one", "two"),
         dp_mode=DPMode.PER_SAMPLE,
-        local_privacy=ChannelPrivacy(
-            status=PrivacyStatus.ACCOUNTED, epsilon=1.5, delta=1e-5, steps=3
+        privacy=PromptPrivacy(
+            guarantee=Guarantee.ACCOUNTED,
+            meaning=MEANINGS[Guarantee.ACCOUNTED],
+            epsilon=1.5,
+            delta=1e-5,
+            steps=3,
         ),
-        global_privacy=ChannelPrivacy(status=PrivacyStatus.UNKNOWN, delta=1e-5),
         dataset="digits",
         partition_id=0,
         rounds_done=3,
@@ -97,7 +100,15 @@ def test_replaced_prompt_with_original_metadata_is_detected(
 @pytest.mark.parametrize(
     "changes",
     [
-        {"local_privacy": {"status": "accounted", "epsilon": 0.1, "delta": 1e-5, "steps": 3}},
+        {
+            "privacy": {
+                "guarantee": "accounted",
+                "meaning": MEANINGS[Guarantee.ACCOUNTED],
+                "epsilon": 0.1,
+                "delta": 1e-5,
+                "steps": 3,
+            }
+        },
         {"class_names": ["one", "zero", "two"]},
         {"backbone_sha256": "sha256:" + "0" * 64},
     ],

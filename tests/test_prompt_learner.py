@@ -17,9 +17,10 @@ from scipy.stats import chi2
 from torch import Tensor
 
 from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.client_trainer import ClientTrainer, template_context
+from dpfpl_app.client_trainer import BudgetError, ClientTrainer, template_context
 from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.federated_data import ClientData
+from dpfpl_app.noise import NoiseSource
 from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
 from dpfpl_app.text_encoder import CoOpTextEncoder
 
@@ -234,6 +235,7 @@ def test_local_noise_has_the_calibrated_std(
         a, b = _learner(setup, noisy, seed=trial), _learner(setup, clean, seed=trial)
         a.generator.manual_seed(100 + trial)
         b.generator.manual_seed(100 + trial)
+        a.noise = NoiseSource.public_seed(100 + trial)
         batch = _batch(setup, seed=trial)
 
         # Execute
@@ -437,6 +439,7 @@ def test_private_state_round_trip_resumes_identically(setup: Setup, method: Meth
     assert torch.equal(restored.personalised_prompt(), original.personalised_prompt())
     original.generator.manual_seed(7)
     restored.generator.manual_seed(7)
+    original.noise, restored.noise = NoiseSource.public_seed(7), NoiseSource.public_seed(7)
     batch = _batch(setup, seed=5)
     a = original.train_step(*batch, expected_batch=BATCH)
     b = restored.train_step(*batch, expected_batch=BATCH)
@@ -503,11 +506,11 @@ def test_loading_state_of_another_shape_fails_clearly(setup: Setup) -> None:
         target.load_private_state(state)
 
 
-# --- ClientTrainer: the learner, its data, sampling and the local accountant ---------------------
+# --- ClientTrainer: the learner, its data, sampling and its budget ------------------------------
 def _config(**overrides: object) -> RunConfig:
     values: dict[str, object] = {
         "n-ctx": N_CTX, "rank": RANK, "batch-size": 8, "num-server-rounds": 3, "local-steps": 2,
-        "dp-mode": "per-sample", "epsilon-local": 4.0, "momentum": 0.0, "seed": 0,
+        "dp-mode": "per-sample", "epsilon": 4.0, "momentum": 0.0, "seed": 0,
         "reproducible-noise": True,  # deterministic test; the warning it raises is intended
     }
     values.update(overrides)
@@ -532,8 +535,8 @@ def _trainer(setup: Setup, cfg: RunConfig, num_train: int = 20) -> ClientTrainer
                          partition_id=0)
 
 
-def test_client_spends_its_local_budget_over_the_planned_rounds_not_more(setup: Setup) -> None:
-    # Prepare: q = 8/20, T = 3 rounds x 2 local steps of noisy releases
+def test_client_spends_its_budget_over_the_planned_steps_and_refuses_more(setup: Setup) -> None:
+    # Prepare: q = min(0.5, 8/20), T = 3 rounds x 2 local steps of the composed mechanism
     cfg = _config()
     trainer = _trainer(setup, cfg)
     prompt = torch.zeros(N_CTX, setup.width)
@@ -541,11 +544,31 @@ def test_client_spends_its_local_budget_over_the_planned_rounds_not_more(setup: 
     # Execute
     outcomes = [trainer.train_round(prompt, r) for r in range(1, 4)]
 
-    # Assert: every noisy step is counted; the run ends just under its target (measured 3.98)
-    assert trainer.local_accountant.steps == 6
-    assert 0.9 * cfg.epsilon_local <= outcomes[-1].eps_local <= cfg.epsilon_local
-    assert outcomes[0].eps_local < outcomes[1].eps_local < outcomes[2].eps_local
-    assert outcomes[0].sample_rate == pytest.approx(1 - (1 - 0.4) ** 2)  # in >= 1 of 2 batches
+    # Assert: every step is counted; the run ends just under its target
+    assert trainer.steps_taken == 6 and trainer.sample_rate == pytest.approx(0.4)
+    assert 0.9 * cfg.epsilon <= outcomes[-1].epsilon <= cfg.epsilon
+    assert outcomes[0].epsilon < outcomes[1].epsilon < outcomes[2].epsilon
+    with pytest.raises(BudgetError, match="all 6 steps its privacy budget covers"):
+        trainer.train_round(prompt, 4)
+
+
+def test_client_refuses_a_round_it_already_trained(setup: Setup) -> None:
+    # Prepare: a server resumed from an older checkpoint asks for round 2 again
+    trainer = _trainer(setup, _config())
+    prompt = torch.zeros(N_CTX, setup.width)
+    for r in (1, 2):
+        trainer.train_round(prompt, r)
+
+    # Execute / Assert: refused, and nothing was spent
+    with pytest.raises(BudgetError, match="already trained round 2.*resume from the latest"):
+        trainer.train_round(prompt, 2)
+    assert trainer.steps_taken == 4
+
+
+def test_client_rate_never_exceeds_the_public_bound(setup: Setup) -> None:
+    # a client with fewer images than B / bound samples at the bound, still dividing by B
+    trainer = _trainer(setup, _config(**{"max-sample-rate": 0.1}), num_train=20)
+    assert trainer.sample_rate == 0.1 and trainer._expected_batch() == 8.0
 
 
 def test_client_of_a_method_that_shares_nothing_sends_zeros(setup: Setup) -> None:
@@ -559,20 +582,21 @@ def test_client_of_a_method_that_shares_nothing_sends_zeros(setup: Setup) -> Non
     # Assert: it trained its own prompt, and shares nothing
     assert torch.equal(outcome.global_grad, torch.zeros(N_CTX, setup.width))
     assert not torch.equal(trainer.learner.private_state()["local_prompt"], before)
-    assert outcome.num_examples == 16
     # a local prompt trained on the data without noise has no privacy guarantee at all
-    assert math.isinf(outcome.eps_local)
+    assert math.isinf(outcome.epsilon)
 
 
-def test_a_method_without_local_prompt_spends_no_local_epsilon(setup: Setup) -> None:
+def test_promptfl_puts_all_of_the_noise_on_the_global_channel(setup: Setup) -> None:
     trainer = _trainer(setup, _config(method="promptfl"))
 
     outcome = trainer.train_round(torch.zeros(N_CTX, setup.width), 1)
 
-    assert outcome.eps_local == 0.0
+    plan = trainer.plan
+    assert plan.z_local == 0.0 and plan.z_global == pytest.approx(plan.z_step / math.sqrt(2))
+    assert outcome.epsilon == plan.epsilon(2) > 0
 
 
-def test_client_state_round_trip_restores_prompt_accountant_and_rounds(setup: Setup) -> None:
+def test_client_state_round_trip_restores_prompt_and_budget_counters(setup: Setup) -> None:
     # Prepare: the same config as above, so the calibrated noise comes from the cache
     cfg = _config()
     original = _trainer(setup, cfg)
@@ -585,8 +609,8 @@ def test_client_state_round_trip_restores_prompt_accountant_and_rounds(setup: Se
                              json.loads(json.dumps(meta)))
 
     # Assert
-    assert restored.rounds_done == 1
-    assert restored.eps_local() == original.eps_local() > 0
+    assert (restored.rounds_done, restored.last_round, restored.steps_taken) == (1, 1, 2)
+    assert restored.epsilon() == original.epsilon() > 0
     saved = original.learner.private_state()
     assert all(torch.equal(restored.learner.private_state()[k], v) for k, v in saved.items())
 
@@ -628,4 +652,4 @@ def test_small_client_with_poisson_sampling_completes_its_rounds(setup: Setup) -
 
     # Assert
     assert torch.isfinite(outcome.global_grad).all()
-    assert trainer.local_accountant.steps == 20
+    assert trainer.steps_taken == 20

@@ -121,11 +121,18 @@ def test_equal_channel_targets_share_one_labelled_line() -> None:
     assert targets == ["target epsilon-local = epsilon-global = 4"]
 
 
-def test_a_composed_epsilon_target_is_drawn_and_none_without_dp() -> None:
-    composed = _lines(draw_run(_doc({"epsilon": 3.0}))["epsilon.png"])
+def test_the_composed_epsilon_is_drawn_with_its_target_and_no_target_without_dp() -> None:
+    doc = _doc({"epsilon": 3.0})
+    for row in doc["rounds"]:
+        row["epsilon"] = 0.4 * row["round"]
+
+    composed = _lines(draw_run(doc)["epsilon.png"])
     off = _lines(draw_run(_doc({"dp-mode": "off", "epsilon": 3.0}))["epsilon.png"])
 
-    assert set(composed["target epsilon = 3"].get_ydata()) == {3.0}
+    assert composed["epsilon"].get_ydata()[-1] == pytest.approx(2.8)
+    target = composed["target epsilon = 3"]
+    assert set(target.get_ydata()) == {3.0}
+    assert to_rgba(target.get_color()) == to_rgba(composed["epsilon"].get_color())
     assert not any(label.startswith("target") for label in off)
 
 

@@ -24,9 +24,10 @@ from flwr.clientapp import ClientApp
 from opacus.accountants import RDPAccountant
 
 from dpfpl_app import node_wait, wire
-from dpfpl_app.accounting import RDP_ORDERS, AccountantKind
-from dpfpl_app.config import DPMode
-from dpfpl_app.strategy import DPFPLStrategy, GlobalNoise
+from dpfpl_app.accounting import RDP_ORDERS
+from dpfpl_app.config import RunConfig
+from dpfpl_app.dp_channel import ChannelPlan, plan_for
+from dpfpl_app.strategy import DPFPLStrategy
 
 SHAPE = (4, 8)
 LR = 0.5
@@ -45,13 +46,18 @@ def _grad(scale: float, shape: tuple[int, int] = SHAPE) -> torch.Tensor:
     return g / g.norm() * scale
 
 
+def _plan(**config: object) -> ChannelPlan:
+    """The channel plan of a run config with this file's C and B."""
+    values: dict[str, object] = {"clip-norm": CLIP, "batch-size": BATCH, "dp-mode": "off"}
+    values.update(config)
+    return plan_for(RunConfig.from_flower(values))
+
+
 def _strategy(**overrides: object) -> DPFPLStrategy:
     kwargs: dict[str, object] = {
         "initial_prompt": _prompt(),
         "server_lr": LR,
-        "clip_norm": CLIP,
-        "batch_size": BATCH,
-        "noise": GlobalNoise.off(),
+        "channel": _plan(),
         "min_nodes": 1,
         "node_wait_timeout": 1.0,
         "seed": 0,
@@ -60,14 +66,12 @@ def _strategy(**overrides: object) -> DPFPLStrategy:
     return DPFPLStrategy(**kwargs)  # type: ignore[arg-type]
 
 
-def _train_content(grad: torch.Tensor, **metrics: float) -> RecordDict:
-    values = {"num_examples": 10, "train_loss": 1.0, "sample_rate": 0.1, "eps_local": 2.0}
-    values.update(metrics)
-    return wire.train_reply_content(grad=grad, **values)  # type: ignore[arg-type]
+def _train_content(grad: torch.Tensor, *, dp_on: bool = False, loss: float = 1.0) -> RecordDict:
+    return wire.train_reply_content(grad=grad, train_loss=loss, dp_on=dp_on)
 
 
-def _reply(node: int, grad: torch.Tensor, **metrics: float) -> Message:
-    return make_reply(_train_content(grad, **metrics), src_node_id=node)
+def _reply(node: int, grad: torch.Tensor, *, dp_on: bool = False, loss: float = 1.0) -> Message:
+    return make_reply(_train_content(grad, dp_on=dp_on, loss=loss), src_node_id=node)
 
 
 def _prompt_of(arrays: ArrayRecord | None) -> torch.Tensor:
@@ -89,22 +93,9 @@ def test_aggregate_is_prompt_minus_lr_times_mean_with_noise_off() -> None:
     torch.testing.assert_close(_prompt_of(arrays), expected, rtol=0, atol=1e-7)
     assert metrics is not None
     assert metrics[wire.NOISE_STD] == 0.0 and metrics[wire.ACCEPTED] == 2
-    assert metrics[wire.GRAD_NORM] == pytest.approx(float(((g_a + g_b) / 2).norm()), rel=1e-6)
-    assert metrics[wire.EPS_GLOBAL] == math.inf
-
-
-def test_mean_is_unweighted_whatever_num_examples_say() -> None:
-    # Prepare
-    g_a, g_b = _grad(0.2), _grad(0.9).flip(1)
-    replies = [_reply(GOOD_A, g_a, num_examples=1), _reply(GOOD_B, g_b, num_examples=1000)]
-
-    # Execute
-    arrays, _ = _strategy().aggregate_train(1, replies)
-
-    # Assert: 1/N each, not 1/1001 and 1000/1001
-    torch.testing.assert_close(
-        _prompt_of(arrays), _prompt() - LR * (g_a + g_b) / 2, rtol=0, atol=1e-7
-    )
+    assert metrics[wire.UPDATE_NORM] == pytest.approx(float(((g_a + g_b) / 2).norm()), rel=1e-6)
+    assert metrics[wire.EPSILON] == math.inf
+    assert metrics[wire.TRAIN_LOSS] == 1.0  # without DP the loss may be shown
 
 
 def test_server_reclips_a_huge_gradient_to_clip_norm(caplog: pytest.LogCaptureFixture) -> None:
@@ -118,13 +109,16 @@ def test_server_reclips_a_huge_gradient_to_clip_norm(caplog: pytest.LogCaptureFi
             1, [_reply(GOOD_A, g_small), _reply(BAD, g_huge)]
         )
 
-    # Assert: the huge reply counts as a gradient of norm CLIP in the same direction
+    # Assert: the huge reply counts as a gradient of norm CLIP in the same direction; the
+    # log names the node but no norm (a statistic of its batch), nor do the metrics
     expected = _prompt() - LR * (g_small + g_huge / g_huge.norm() * CLIP) / 2
     torch.testing.assert_close(_prompt_of(arrays), expected, rtol=0, atol=1e-6)
-    assert metrics is not None and metrics[wire.SERVER_CLIPPED] == 1
-    assert any(
-        str(BAD) in r.getMessage() and "re-clipped" in r.getMessage() for r in caplog.records
-    )
+    assert metrics is not None and set(metrics) == {
+        wire.ACCEPTED, wire.REJECTED, wire.BYTES_RECEIVED, wire.EPSILON, wire.NOISE_STD,
+        wire.UPDATE_NORM, wire.TRAIN_LOSS,
+    }
+    flagged = [r.getMessage() for r in caplog.records if str(BAD) in r.getMessage()]
+    assert flagged and all("re-clipped" in m and "1e+06" not in m for m in flagged)
 
 
 def test_zero_gradient_is_accepted_without_dividing_by_zero() -> None:
@@ -134,12 +128,7 @@ def test_zero_gradient_is_accepted_without_dividing_by_zero() -> None:
 
 # --- refusals ---------------------------------------------------------------------------
 def _content_with(arrays: dict[str, torch.Tensor], **metric_overrides: object) -> RecordDict:
-    metrics: dict[str, object] = {
-        wire.NUM_EXAMPLES: 10,
-        wire.TRAIN_LOSS: 1.0,
-        wire.SAMPLE_RATE: 0.1,
-        wire.EPS_LOCAL: 2.0,
-    }
+    metrics: dict[str, object] = {wire.TRAIN_LOSS: 1.0}
     metrics.update(metric_overrides)
     metrics = {k: v for k, v in metrics.items() if v is not None}
     return RecordDict(
@@ -170,29 +159,21 @@ BAD_REPLIES: dict[str, tuple[Callable[[], RecordDict | Error], str]] = {
     "nan": (lambda: _content_with({G: NAN_GRAD}), "NaN or Inf"),
     "inf": (lambda: _content_with({G: INF_GRAD}), "NaN or Inf"),
     "error message": (lambda: Error(code=2, reason="ClientApp crashed"), "error reply (code 2)"),
-    "missing num-examples": (
-        lambda: _content_with({G: _grad(0.1)}, **{wire.NUM_EXAMPLES: None}),
-        "missing metric 'num-examples'",
+    "missing train-loss": (
+        lambda: _content_with({G: _grad(0.1)}, **{wire.TRAIN_LOSS: None}),
+        "train metrics [], expected exactly ['train-loss']",
     ),
-    "zero num-examples": (
-        lambda: _content_with({G: _grad(0.1)}, **{wire.NUM_EXAMPLES: 0}),
-        "'num-examples' must be an integer >= 1",
+    "extra sample-rate": (
+        lambda: _content_with({G: _grad(0.1)}, **{"sample-rate": 0.1}),
+        "expected exactly ['train-loss']",
     ),
-    "sample-rate 0": (
-        lambda: _content_with({G: _grad(0.1)}, **{wire.SAMPLE_RATE: 0.0}),
-        "'sample-rate' must be in (0.0, 1.0]",
-    ),
-    "sample-rate above 1": (
-        lambda: _content_with({G: _grad(0.1)}, **{wire.SAMPLE_RATE: 1.5}),
-        "'sample-rate' must be in (0.0, 1.0]",
-    ),
-    "missing sample-rate": (
-        lambda: _content_with({G: _grad(0.1)}, **{wire.SAMPLE_RATE: None}),
-        "missing metric 'sample-rate'",
+    "nan loss": (
+        lambda: _content_with({G: _grad(0.1)}, **{wire.TRAIN_LOSS: math.nan}),
+        "'train-loss' must be a number",
     ),
     "list metric": (
-        lambda: _content_with({G: _grad(0.1)}, leak=[0.1, 0.2]),
-        "list-valued metrics ['leak']",
+        lambda: _content_with({G: _grad(0.1)}, **{wire.TRAIN_LOSS: [0.1, 0.2]}),
+        "list-valued metrics ['train-loss']",
     ),
     "second ArrayRecord": (
         lambda: _extra_record("local", ArrayRecord({"p": Array(_grad(0.1))})),
@@ -241,15 +222,43 @@ def test_duplicate_reply_from_one_node_counts_once(caplog: pytest.LogCaptureFixt
     assert any("duplicate" in r.getMessage() for r in caplog.records)
 
 
-def test_all_replies_bad_leaves_prompt_unchanged_and_spends_nothing(
+@pytest.mark.parametrize(
+    "metrics",
+    [{wire.TRAIN_LOSS: 0.5}, {"sample-rate": 0.01}, {wire.NUM_EXAMPLES: 1000}, {"eps-local": 0.1}],
+)
+def test_with_dp_a_reply_carrying_any_statistic_is_refused(
+    metrics: dict[str, float], caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: a client claiming a small sample rate (or leaking its loss or size) must
+    # neither be used nor move the accounting, which rests on public bounds only
+    plan = _plan(**{"dp-mode": "per-sample", "epsilon": 2.0, "num-server-rounds": 5})
+    strategy = _strategy(channel=plan)
+    leaking = _content_with({G: _grad(0.1)}, **{wire.TRAIN_LOSS: None, **metrics})
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, out = strategy.aggregate_train(
+            1, [_reply(GOOD_A, _grad(0.3), dp_on=True), make_reply(leaking, src_node_id=BAD)]
+        )
+
+    # Assert
+    assert out is not None and (out[wire.ACCEPTED], out[wire.REJECTED]) == (1, 1)
+    assert out[wire.EPSILON] == plan.epsilon(1)
+    assert wire.TRAIN_LOSS not in out
+    assert any(f"node {BAD}" in r.getMessage() and "nothing but" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_all_replies_bad_leaves_prompt_unchanged_but_the_round_still_counts(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # Prepare
-    noise = GlobalNoise.per_sample(target_epsilon=1.0, delta=1e-5, total_rounds=5)
-    strategy = _strategy(noise=noise)
+    # Prepare: the clients took their local steps, so the composed epsilon counts the
+    # round even though the server released nothing
+    plan = _plan(**{"dp-mode": "per-sample", "epsilon": 1.0, "num-server-rounds": 5})
+    strategy = _strategy(channel=plan)
     replies = [
         make_reply(BAD_REPLIES["nan"][0](), src_node_id=BAD),
-        _reply(GOOD_A, _grad(0.1), sample_rate=2.0),
+        _reply(GOOD_A, _grad(0.1), dp_on=False),  # carries a loss: refused with DP
     ]
 
     # Execute
@@ -260,19 +269,19 @@ def test_all_replies_bad_leaves_prompt_unchanged_and_spends_nothing(
     assert arrays is None
     torch.testing.assert_close(strategy.global_prompt, _prompt(), rtol=0, atol=0)
     assert metrics is not None and (metrics[wire.ACCEPTED], metrics[wire.REJECTED]) == (0, 2)
-    assert strategy.state_dict()["accountant"]["history"] == []
-    assert strategy.epsilon() == 0.0
-    assert any("no privacy budget spent" in r.getMessage() for r in caplog.records)
+    assert strategy.epsilon() == plan.epsilon(1) > 0
+    assert any("every reply refused" in r.getMessage() for r in caplog.records)
 
 
 # --- noise ------------------------------------------------------------------------------
 def test_noise_std_matches_z_c_over_b_n_with_n_counting_accepted_replies_only() -> None:
     # Prepare: 3 accepted zero-gradient replies + 1 refused; 32768 noise samples.
-    shape, z, lr = (64, 512), 2.0, 1.0
-    noise = GlobalNoise(mode=DPMode.PAPER, noise_multiplier=z, epsilon=1.0)
-    strategy = _strategy(initial_prompt=torch.zeros(shape), noise=noise, server_lr=lr)
-    replies = [_reply(1_000 + i, torch.zeros(shape)) for i in range(3)]
-    replies.append(_reply(BAD, torch.full(shape, math.nan)))
+    shape, lr = (64, 512), 1.0
+    plan = _plan(**{"dp-mode": "paper", "epsilon": 40.0, "num-server-rounds": 2})
+    z = plan.z_global
+    strategy = _strategy(initial_prompt=torch.zeros(shape), channel=plan, server_lr=lr)
+    replies = [_reply(1_000 + i, torch.zeros(shape), dp_on=True) for i in range(3)]
+    replies.append(_reply(BAD, torch.full(shape, math.nan), dp_on=True))
 
     # Execute
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -287,109 +296,72 @@ def test_noise_std_matches_z_c_over_b_n_with_n_counting_accepted_replies_only() 
     assert metrics is not None and metrics[wire.NOISE_STD] == pytest.approx(expected_std)
 
 
-def test_same_seed_same_noise_and_different_seed_different_noise() -> None:
-    noise = GlobalNoise(mode=DPMode.PAPER, noise_multiplier=1.0, epsilon=1.0)
-    runs = [
-        _prompt_of(
-            _strategy(noise=noise, seed=s).aggregate_train(1, [_reply(GOOD_A, _grad(0.1))])[0]
-        )
-        for s in (7, 7, 8)
-    ]
-    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
-    assert not torch.equal(runs[0], runs[2])
+def _noised_once(seed: int | None) -> torch.Tensor:
+    plan = _plan(**{"dp-mode": "paper", "epsilon": 1.0, "num-server-rounds": 2})
+    strategy = _strategy(channel=plan, seed=seed)
+    return _prompt_of(strategy.aggregate_train(1, [_reply(GOOD_A, _grad(0.1), dp_on=True)])[0])
+
+
+def test_public_seed_reproduces_the_noise_and_no_seed_never_does() -> None:
+    same, again, other = _noised_once(7), _noised_once(7), _noised_once(8)
+    torch.testing.assert_close(same, again, rtol=0, atol=0)
+    assert not torch.equal(same, other)
+    # production: a secret 256-bit OS key per strategy, never derived from the config
+    secret_a, secret_b = _noised_once(None), _noised_once(None)
+    assert not torch.equal(secret_a, secret_b)
+    assert not any(torch.equal(secret_a, _noised_once(s)) for s in (0, 1, 7))
 
 
 def test_paper_mode_reports_nominal_epsilon_and_says_it_is_not_formal(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    strategy = _strategy(noise=GlobalNoise.paper(epsilon=0.4, delta=1e-5, rounds=100))
+    plan = _plan(**{"dp-mode": "paper", "epsilon": 0.4, "num-server-rounds": 100})
+    strategy = _strategy(channel=plan)
 
-    with caplog.at_level(logging.WARNING, logger="flwr"):
+    with caplog.at_level(logging.INFO, logger="flwr"):
+        strategy.summary()
         for r in (1, 2):
-            _, metrics = strategy.aggregate_train(r, [_reply(GOOD_A, _grad(0.1))])
+            _, metrics = strategy.aggregate_train(r, [_reply(GOOD_A, _grad(0.1), dp_on=True)])
 
-    assert metrics is not None and metrics[wire.EPS_GLOBAL] == 0.4
+    assert metrics is not None and metrics[wire.EPSILON] == 0.4
     assert sum("NOT a formal" in rec.getMessage() for rec in caplog.records) == 1
 
 
 # --- accounting -------------------------------------------------------------------------
 def _opacus_epsilon(history: list[tuple[float, float]], delta: float) -> float:
+    """A fresh opacus RDP accountant fed one step per release (an independent count)."""
     accountant = RDPAccountant()
     for z, q in history:
         accountant.step(noise_multiplier=z, sample_rate=q)
     return float(accountant.get_epsilon(delta=delta, alphas=RDP_ORDERS))
 
 
-def test_epsilon_after_t_rounds_equals_opacus_and_reaches_at_most_the_target() -> None:
-    # Prepare
+@pytest.mark.parametrize("local_steps", [1, 3])
+def test_epsilon_after_t_rounds_equals_opacus_and_reaches_at_most_the_target(
+    local_steps: int,
+) -> None:
+    # Prepare: the composed multiplier over T K steps at the public rate bound
     target, delta, rounds, q = 2.0, 1e-5, 3, 0.1
-    noise = GlobalNoise.per_sample(target_epsilon=target, delta=delta, total_rounds=rounds)
-    strategy = _strategy(noise=noise)
+    plan = _plan(
+        **{
+            "dp-mode": "per-sample", "epsilon": target, "delta": delta,
+            "num-server-rounds": rounds, "max-sample-rate": q, "local-steps": local_steps,
+        }
+    )
+    strategy = _strategy(channel=plan)
 
     # Execute
     reported = []
     for r in range(1, rounds + 1):
-        _, metrics = strategy.aggregate_train(r, [_reply(GOOD_A, _grad(0.5), sample_rate=q)])
+        _, metrics = strategy.aggregate_train(r, [_reply(GOOD_A, _grad(0.5), dp_on=True)])
         assert metrics is not None
-        reported.append(metrics[wire.EPS_GLOBAL])
+        reported.append(metrics[wire.EPSILON])
 
     # Assert
-    z = strategy.noise_multiplier
-    assert z is not None
     for t, eps in enumerate(reported, start=1):
-        assert eps == pytest.approx(_opacus_epsilon([(z, q)] * t, delta), rel=1e-9)
+        expected = _opacus_epsilon([(plan.z_step, q)] * (t * local_steps), delta)
+        assert eps == pytest.approx(expected, rel=1e-9)
     assert 0.95 * target <= reported[-1] <= target
-
-
-def test_larger_sample_rate_later_recalibrates_and_budget_still_holds(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # Prepare
-    target, delta, rounds = 2.0, 1e-5, 3
-    noise = GlobalNoise.per_sample(target_epsilon=target, delta=delta, total_rounds=rounds)
-    strategy = _strategy(noise=noise)
-    rates = [0.05, 0.2, 0.1]  # node B always reports 0.1: the rounds' maxima are 0.1, 0.2, 0.1
-
-    # Execute
-    with caplog.at_level(logging.WARNING, logger="flwr"):
-        for r, q in enumerate(rates, start=1):
-            strategy.aggregate_train(
-                r, [_reply(GOOD_A, _grad(0.5), sample_rate=q), _reply(GOOD_B, _grad(0.2))]
-            )
-
-    # Assert: every step recorded with the (z, q) actually used; the total fits.
-    history = strategy.state_dict()["accountant"]["history"]
-    used = [(z, q) for z, q, n in history for _ in range(n)]
-    assert [q for _, q in used] == [0.1, 0.2, 0.1]
-    assert used[1][0] > used[0][0]
-    assert strategy.epsilon() == pytest.approx(_opacus_epsilon(used, delta), rel=1e-9)
-    assert strategy.epsilon() <= target
-    assert any("sample rate rose" in rec.getMessage() for rec in caplog.records)
-
-
-def test_sample_rate_that_no_noise_can_fit_is_refused_not_fatal(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    # Prepare: a budget for one round, already spent (and overrun) at q = 0.1.
-    noise = GlobalNoise.per_sample(target_epsilon=2.0, delta=1e-5, total_rounds=1)
-    strategy = _strategy(noise=noise)
-    for r in (1, 2):
-        strategy.aggregate_train(r, [_reply(GOOD_A, _grad(0.5))])
-    multiplier = strategy.noise_multiplier
-
-    # Execute
-    with caplog.at_level(logging.WARNING, logger="flwr"):
-        _, metrics = strategy.aggregate_train(
-            3, [_reply(GOOD_A, _grad(0.5)), _reply(BAD, _grad(0.5), sample_rate=0.2)]
-        )
-
-    # Assert
-    assert metrics is not None and (metrics[wire.ACCEPTED], metrics[wire.REJECTED]) == (1, 1)
-    assert strategy.noise_multiplier == multiplier
-    assert any(
-        f"node {BAD}" in r.getMessage() and "sample-rate" in r.getMessage() for r in caplog.records
-    )
-    assert any("exceed total_rounds" in r.getMessage() for r in caplog.records)
 
 
 # --- evaluate ---------------------------------------------------------------------------
@@ -458,7 +430,7 @@ def test_configure_train_samples_copies_config_and_broadcasts_the_prompt() -> No
     assert dict(config) == {"lr": 0.1}
     for msg in messages:
         assert msg.metadata.message_type == MessageType.TRAIN
-        assert msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND] == 3
+        assert dict(msg.content[wire.CONFIG_RECORD]) == {"lr": 0.1, wire.SERVER_ROUND: 3}
         torch.testing.assert_close(
             wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD]), _prompt()
         )
@@ -501,20 +473,22 @@ def test_sampling_waits_for_late_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_state_dict_round_trip_resumes_exactly() -> None:
     # Prepare: two per-sample rounds, then a checkpoint through torch.save/load; the
     # public seed's noise stream continues where it stopped after the resume
-    noise = GlobalNoise.per_sample(target_epsilon=2.0, delta=1e-5, total_rounds=5)
-    original = _strategy(noise=noise, seed=5)
+    plan = _plan(**{"dp-mode": "per-sample", "epsilon": 2.0, "num-server-rounds": 5})
+    original = _strategy(channel=plan, seed=5)
     for r in (1, 2):
-        original.aggregate_train(r, [_reply(GOOD_A, _grad(0.5)), _reply(GOOD_B, _grad(0.3))])
+        original.aggregate_train(
+            r, [_reply(GOOD_A, _grad(0.5), dp_on=True), _reply(GOOD_B, _grad(0.3), dp_on=True)]
+        )
     buffer = io.BytesIO()
     torch.save(original.state_dict(), buffer)
     buffer.seek(0)
 
     # Execute
-    resumed = _strategy(noise=noise, initial_prompt=torch.zeros(SHAPE), seed=5)
+    resumed = _strategy(channel=plan, initial_prompt=torch.zeros(SHAPE), seed=5)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     grid = InProcessGrid(client_app=_idle_app, num_nodes=1, run_config={})
     (msg,) = resumed.configure_train(1, resumed.global_arrays(), ConfigRecord(), grid)
-    third = [_reply(GOOD_A, _grad(0.4))]
+    third = [_reply(GOOD_A, _grad(0.4), dp_on=True)]
     out_original, m_original = original.aggregate_train(3, third)
     out_resumed, m_resumed = resumed.aggregate_train(1, third)  # resumed run restarts at 1
 
@@ -526,12 +500,10 @@ def test_state_dict_round_trip_resumes_exactly() -> None:
     assert msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND] == 3  # continues the count
 
 
-def test_load_state_dict_refuses_other_noise_settings() -> None:
-    state = _strategy(
-        noise=GlobalNoise.per_sample(target_epsilon=2.0, delta=1e-5, total_rounds=5)
-    ).state_dict()
-    other = _strategy(noise=GlobalNoise.per_sample(target_epsilon=1.0, delta=1e-5, total_rounds=5))
-    with pytest.raises(ValueError, match="noise settings"):
+def test_load_state_dict_refuses_another_privacy_plan() -> None:
+    state = _strategy(channel=_plan(**{"dp-mode": "per-sample", "epsilon": 2.0})).state_dict()
+    other = _strategy(channel=_plan(**{"dp-mode": "per-sample", "epsilon": 1.0}))
+    with pytest.raises(ValueError, match="privacy plan"):
         other.load_state_dict(state)
     with pytest.raises(ValueError, match="state keys"):
         other.load_state_dict({**state, "extra": 1})
@@ -542,13 +514,12 @@ def test_load_state_dict_refuses_other_noise_settings() -> None:
     ("name", "value"),
     [
         ("server_lr", 0.0),
-        ("clip_norm", -1.0),
-        ("batch_size", 0),
+        ("server_lr", math.inf),
         ("min_nodes", 0),
         ("fraction_train", 0.0),
         ("fraction_evaluate", 1.5),
         ("node_wait_timeout", 0.0),
-        ("noise", "off"),
+        ("channel", "off"),
         ("initial_prompt", torch.zeros(SHAPE, dtype=torch.float64)),
         ("initial_prompt", torch.full(SHAPE, math.nan)),
     ],
@@ -556,28 +527,3 @@ def test_load_state_dict_refuses_other_noise_settings() -> None:
 def test_constructor_rejects_bad_arguments_by_name(name: str, value: object) -> None:
     with pytest.raises(ValueError, match=name):
         _strategy(**{name: value})
-
-
-def test_seed_and_generator_are_exclusive() -> None:
-    with pytest.raises(ValueError, match="seed and generator"):
-        _strategy(seed=1, generator=torch.Generator())
-
-
-@pytest.mark.parametrize(
-    ("kwargs", "match"),
-    [
-        ({"mode": DPMode.PAPER, "epsilon": 1.0}, "noise_multiplier"),
-        ({"mode": DPMode.PER_SAMPLE, "epsilon": 1.0}, "total_rounds"),
-        ({"mode": DPMode.PER_SAMPLE, "epsilon": 0.0, "total_rounds": 3}, "epsilon"),
-        ({"mode": DPMode.OFF, "delta": 1.0}, "delta"),
-        ({"mode": "per-sample", "epsilon": 1.0, "total_rounds": 3, "accountant": "nope"}, "nope"),
-    ],
-)
-def test_global_noise_validation(kwargs: dict[str, object], match: str) -> None:
-    with pytest.raises(ValueError, match=match):
-        GlobalNoise(**kwargs)  # type: ignore[arg-type]
-
-
-def test_global_noise_accepts_enum_values_as_strings() -> None:
-    noise = GlobalNoise(mode="per-sample", epsilon=1.0, total_rounds=3, accountant="prv")  # type: ignore[arg-type]
-    assert noise.mode is DPMode.PER_SAMPLE and noise.accountant is AccountantKind.PRV

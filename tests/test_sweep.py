@@ -23,8 +23,7 @@ def _fake_result(out: Path, cell: Cell, local: float, neighbour: float) -> None:
     summary = {
         "last10-local-acc": local,
         "last10-neighbour-acc": neighbour,
-        "final-eps-local": 0.0 if math.isinf(cell.epsilon) else cell.epsilon,
-        "final-eps-global": 0.0 if math.isinf(cell.epsilon) else cell.epsilon,
+        "final-epsilon": 0.0 if math.isinf(cell.epsilon) else cell.epsilon,
     }
     (run / RESULTS_FILE).write_text(json.dumps({"status": "completed", "summary": summary}))
 
@@ -57,7 +56,7 @@ def test_cell_run_configs_are_valid_and_carry_the_cell(tmp_path: Path) -> None:
     off = RunConfig.from_flower(spec.run_config(public, tmp_path))
 
     assert (dp.method, dp.rank, dp.seed, dp.min_nodes) == (Method.DPFPL, 4, 1, 4)
-    assert dp.epsilon_local == dp.epsilon_global == 2.0 and dp.dp_mode.value == "per-sample"
+    assert dp.epsilon == 2.0 and dp.dp_mode.value == "per-sample"
     assert dp.num_server_rounds == 3 and dp.run_name == private.name
     assert off.dp_mode.value == "off" and off.method is Method.FEDOTP
 

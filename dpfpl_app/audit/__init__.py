@@ -1,0 +1,18 @@
+"""Empirical privacy audits: lower bounds on the epsilon a mechanism really has.
+
+An accountant gives an upper bound on epsilon from a proof; an audit attacks the running
+code and gives a lower bound that holds with a stated confidence. A lower bound above
+the claim means the code does not do what the proof assumes.
+
+Modules, one job each:
+
+* ``bounds``: statistics only (numpy/scipy): attacker scores or guesses -> epsilon lower
+  bound, for many independent trials and for one run with many canaries.
+* ``claims``: the epsilon a single noisy release is claimed to have, and its exact value.
+* ``mechanism``: the two releases of DP-FPL (local carriers, global aggregate) and the
+  neighbouring inputs with and without a worst-case canary.
+* ``white_box``: many trials of one release, an adversary that scores each, the verdict.
+* ``report`` and ``cli``: ``dpfpl audit`` (report.json, audit.png, a table).
+
+Nothing is imported here, so ``dpfpl`` can build its parser without loading torch.
+"""

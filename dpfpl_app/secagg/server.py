@@ -1,0 +1,436 @@
+"""The server's side of one SecAgg+ round: route, count, reconstruct, unmask, check.
+
+Stage methods take the replies of the previous stage as ``{node_id: payload}`` (a node
+missing from the dict dropped out; a Flower error reply should simply be left out) and
+return ``{node_id: payload}`` for the next stage. A reply that breaks the protocol is
+recorded as a ``Fault`` naming the node, the stage and why, and the round goes on
+without that node whenever the thresholds still hold; otherwise ``SecAggAbort`` names
+the stage and the counts and nothing is released.
+
+What the server can check without seeing an input: public keys are well formed and
+distinct; every client sent exactly one ciphertext per live neighbour; masked vectors
+have the round's length, dtype and ring; every revealed share has the x-coordinate of
+its holder and reconstructs a secret consistent with the commitment (self-mask seed)
+or public key (mask key) the owner advertised in stage 1; at least ``threshold`` share
+holders and ``min_survivors`` inputs at every stage; and the unmasked sum within the
+bound of ``min_survivors``.. n in-bound inputs plus the noise tail. It cannot check a
+single client's input norm: secure aggregation trades per-client poisoning checks for
+confidentiality.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Any
+
+import numpy as np
+
+from . import crypto, fixed_point, shamir, wire
+from .dp import DistributedSkellam
+from .errors import SecAggAbort
+from .graph import neighbour_graph
+from .params import ROUND_ID_BYTES, RoundParams, SecAggConfig
+from .stream import ring_mask
+from .wire import PayloadError, Stage
+
+Replies = Mapping[int, Mapping[str, Any]]
+Payloads = dict[int, dict[str, Any]]
+_MAX_SUBSETS = 2000  # share subsets tried before giving up on a corrupted secret
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A node that broke the protocol (or was left without enough neighbours)."""
+
+    node: int
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class AggregateResult:
+    """The one thing a round releases, and what the accounting needs to know about it."""
+
+    total: np.ndarray  # float64 sum of the survivors' noised inputs (de-quantised)
+    integer_total: np.ndarray  # the same in fixed point (int64), exact
+    survivors: tuple[int, ...]  # nodes whose noised input is in the sum
+    dropped: tuple[int, ...]  # sampled nodes whose input is not in the sum
+    faults: tuple[Fault, ...]
+    params: RoundParams
+
+    def accounting(self, l2_sensitivity: float | None = None) -> DistributedSkellam:
+        """``dp.DistributedSkellam`` of this round; use ``.rdp(orders, len(survivors))``."""
+        return self.params.accounting(l2_sensitivity)
+
+    def rdp(self, orders: Sequence[float], l2_sensitivity: float | None = None) -> np.ndarray:
+        """RDP curve of this release, with the noise of the ACTUAL number of survivors."""
+        return self.accounting(l2_sensitivity).rdp(orders, len(self.survivors))
+
+
+class ServerRound:
+    """One round's server state machine.
+
+    ``setup`` -> ``share_keys`` -> ``collect_masked`` -> ``unmask`` -> ``finish``.
+    """
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        nodes: Sequence[int],
+        *,
+        round_id: bytes | None = None,
+        verify_all_shares: bool = True,
+    ) -> None:
+        self.params = RoundParams.derive(config, nodes, round_id or os.urandom(ROUND_ID_BYTES))
+        self.graph = neighbour_graph(self.params.nodes, self.params.degree)
+        self.verify_all_shares = verify_all_shares
+        self.faults: list[Fault] = []
+        self._next = Stage.SETUP
+        self._pk_mask: dict[int, bytes] = {}
+        self._pk_enc: dict[int, bytes] = {}
+        self._commit: dict[int, bytes] = {}
+        self._peers: dict[int, list[int]] = {}  # share holders chosen in stage 1
+        self._cts: dict[int, dict[int, bytes]] = {}
+        self._routed: dict[int, list[int]] = {}
+        self._masked: dict[int, np.ndarray] = {}
+        self._mask_set: dict[int, set[int]] = {}
+        self._survivors: list[int] = []
+        self._dropped_keys: list[int] = []
+
+    # --- helpers ------------------------------------------------------------------------
+    def _advance(self, stage: str, following: str) -> None:
+        if self._next != stage:
+            raise RuntimeError(f"stage {stage!r} called, but the round expects {self._next!r}")
+        self._next = following
+
+    def _fault(self, node: int, stage: str, reason: str) -> None:
+        self.faults.append(Fault(node, stage, reason))
+
+    def _accept(
+        self,
+        stage: str,
+        replies: Replies,
+        expected: set[int],
+        check: Callable[[int, Mapping[str, Any]], Any],
+    ) -> dict[int, Any]:
+        """Run ``check`` on each expected reply; faults for bad and unexpected replies."""
+        good: dict[int, Any] = {}
+        for node, payload in replies.items():
+            if node not in expected:
+                self._fault(node, stage, "reply from a node not asked at this stage (ignored)")
+                continue
+            try:
+                good[node] = check(node, payload)
+            except (PayloadError, ValueError, TypeError) as exc:
+                self._fault(node, stage, f"invalid reply: {exc}")
+        return good
+
+    def _need(self, stage: str, alive: set[int], what: str) -> None:
+        if len(alive) < self.params.min_survivors:
+            raise SecAggAbort(
+                stage,
+                f"{len(alive)} of {len(self.params.nodes)} nodes {what}"
+                f" < min_survivors {self.params.min_survivors}: nothing is released",
+            )
+
+    def _prune(
+        self, stage: str, alive: set[int], holders: Callable[[int, set[int]], set[int]]
+    ) -> set[int]:
+        """Drop nodes with fewer than ``threshold`` live share holders, until stable."""
+        alive = set(alive)
+        changed = True
+        while changed:
+            changed = False
+            for node in sorted(alive):
+                live = len(holders(node, alive))
+                if live < self.params.threshold:
+                    self._fault(
+                        node,
+                        stage,
+                        f"only {live} live neighbours"
+                        f" < threshold {self.params.threshold}: excluded",
+                    )
+                    alive.discard(node)
+                    changed = True
+        return alive
+
+    # --- stage 0 ----------------------------------------------------------------------
+    def setup(self) -> Payloads:
+        """Round parameters and each node's neighbours (SecAgg+ graph)."""
+        self._advance(Stage.SETUP, Stage.SHARE_KEYS)
+        public = self.params.to_payload()
+        return {v: {**public, wire.NEIGHBOURS: list(self.graph[v])} for v in self.params.nodes}
+
+    # --- stage 1 ----------------------------------------------------------------------
+    def share_keys(self, replies: Replies) -> Payloads:
+        """Collect public keys; forward each node its live neighbours' keys."""
+        self._advance(Stage.SHARE_KEYS, Stage.COLLECT_MASKED)
+
+        def check(node: int, p: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
+            keys = (
+                wire.bytes_field(p, wire.PK_MASK, crypto.KEY_BYTES),
+                wire.bytes_field(p, wire.PK_ENC, crypto.KEY_BYTES),
+            )
+            for key in keys:
+                crypto.check_public_key(key)
+            if keys[0] == keys[1]:
+                raise ValueError("mask and encryption keys are equal")
+            return (*keys, wire.bytes_field(p, wire.SEED_COMMIT, 32))
+
+        good = self._accept(Stage.SETUP, replies, set(self.params.nodes), check)
+        owners: dict[bytes, list[int]] = {}
+        for node, (pk_m, pk_e, _) in good.items():
+            for key in (pk_m, pk_e):
+                owners.setdefault(key, []).append(node)
+        for nodes in owners.values():
+            if len(nodes) > 1:
+                for node in nodes:
+                    self._fault(
+                        node,
+                        Stage.SETUP,
+                        f"public key shared with nodes {sorted(set(nodes) - {node})}",
+                    )
+                    good.pop(node, None)
+        alive = self._prune(Stage.SETUP, set(good), lambda v, a: set(self.graph[v]) & a)
+        self._need(Stage.SETUP, alive, "sent valid public keys")
+        for node in alive:
+            self._pk_mask[node], self._pk_enc[node], self._commit[node] = good[node]
+            self._peers[node] = sorted(set(self.graph[node]) & alive)
+        return {
+            v: {
+                wire.PEERS: self._peers[v],
+                wire.PEER_PK_MASK: [self._pk_mask[u] for u in self._peers[v]],
+                wire.PEER_PK_ENC: [self._pk_enc[u] for u in self._peers[v]],
+            }
+            for v in sorted(alive)
+        }
+
+    # --- stage 2 ----------------------------------------------------------------------
+    def collect_masked(self, replies: Replies) -> Payloads:
+        """Collect encrypted shares; route each to its recipient."""
+        self._advance(Stage.COLLECT_MASKED, Stage.UNMASK)
+
+        def check(node: int, p: Mapping[str, Any]) -> dict[int, bytes]:
+            dst = wire.id_list(p, wire.DESTINATIONS)
+            cts = wire.bytes_list(p, wire.CIPHERTEXTS)
+            if sorted(dst) != self._peers[node] or len(cts) != len(dst):
+                raise ValueError(
+                    f"ciphertexts for {sorted(dst)}, expected one for each of {self._peers[node]}"
+                )
+            if any(not ct for ct in cts):
+                raise ValueError("empty ciphertext")
+            return dict(zip(dst, cts, strict=True))
+
+        good = self._accept(Stage.SHARE_KEYS, replies, set(self._peers), check)
+        alive = self._prune(Stage.SHARE_KEYS, set(good), lambda v, a: set(self._peers[v]) & a)
+        self._need(Stage.SHARE_KEYS, alive, "sent their encrypted shares")
+        self._cts = {v: good[v] for v in alive}
+        out: Payloads = {}
+        for v in sorted(alive):
+            self._routed[v] = [u for u in self._peers[v] if u in alive]
+            out[v] = {
+                wire.SOURCES: self._routed[v],
+                wire.CIPHERTEXTS: [self._cts[u][v] for u in self._routed[v]],
+            }
+        self._cts = {}  # routed: the server keeps no ciphertext it does not need
+        return out
+
+    # --- stage 3 ----------------------------------------------------------------------
+    def unmask(self, replies: Replies) -> Payloads:
+        """Collect masked inputs; ask survivors for the shares that remove every mask."""
+        self._advance(Stage.UNMASK, "finish")
+        p = self.params
+
+        def check(node: int, pl: Mapping[str, Any]) -> tuple[np.ndarray, list[int]]:
+            vec = wire.ring_vector(pl, wire.MASKED, p.dim, p.bits)
+            rejected = wire.id_list(pl, wire.REJECTED)
+            if not set(rejected) <= set(self._routed[node]):
+                raise ValueError(
+                    f"rejects shares from {sorted(set(rejected) - set(self._routed[node]))},"
+                    " which were not sent to it"
+                )
+            return vec, rejected
+
+        good = self._accept(Stage.COLLECT_MASKED, replies, set(self._routed), check)
+        accused: dict[int, list[int]] = {}
+        for node, (_, rejected) in good.items():
+            for bad in rejected:
+                accused.setdefault(bad, []).append(node)
+        for bad, by in sorted(accused.items()):
+            self._fault(
+                bad,
+                Stage.SHARE_KEYS,
+                f"its encrypted shares failed to authenticate at nodes {sorted(by)}:"
+                " input discarded",
+            )
+        survivors = set(good) - set(accused)
+        self._need(Stage.COLLECT_MASKED, survivors, "sent valid masked inputs")
+        self._mask_set = {v: set(self._routed[v]) - set(good[v][1]) for v in survivors}
+        self._masked = {v: good[v][0] for v in survivors}  # discarded inputs are not kept
+        dropped = sorted({u for v in survivors for u in self._mask_set[v]} - survivors)
+        for owner in sorted(survivors) + dropped:
+            holders = self._holders(owner, survivors)
+            if len(holders) < p.threshold:
+                what = "self-mask seed" if owner in survivors else "mask key"
+                raise SecAggAbort(
+                    Stage.COLLECT_MASKED,
+                    f"node {owner}'s {what} is held by {len(holders)} survivors"
+                    f" < threshold {p.threshold}: nothing is released",
+                )
+        self._survivors, self._dropped_keys = sorted(survivors), dropped
+        return {
+            v: {wire.SURVIVORS: self._survivors, wire.DROPPED: dropped} for v in self._survivors
+        }
+
+    def _holders(self, owner: int, responders: set[int]) -> set[int]:
+        """Responders that hold a verified share of ``owner`` (they masked with it)."""
+        return {h for h in responders if owner in self._mask_set.get(h, ())}
+
+    # --- stage 4 ----------------------------------------------------------------------
+    def finish(self, replies: Replies) -> AggregateResult:
+        """Reconstruct seeds and keys, remove every mask, check and release the sum."""
+        self._advance("finish", "done")
+        p = self.params
+        seeds, keys = self._collect_shares(replies)
+        total = np.zeros(p.dim, dtype=np.uint64)
+        for v in self._survivors:
+            seed = self._recover(v, seeds.get(v, []), partial(self._seed_ok, v), "self-mask seed")
+            total += self._masked[v] - ring_mask(seed, p.dim, p.bits)
+        for j in self._dropped_keys:
+            sk = self._recover(j, keys.get(j, []), partial(self._key_ok, j), "mask key")
+            for v in self._survivors:
+                if j in self._mask_set[v]:  # v added +mask if v < j, else -mask
+                    seed = crypto.derive_key(
+                        sk, self._pk_mask[v], crypto.MASK_PURPOSE, p.round_id, j, v
+                    )
+                    mask = ring_mask(seed, p.dim, p.bits)
+                    total = total - mask if v < j else total + mask
+        integer = fixed_point.from_ring(total, p.bits)
+        self._check_sum(integer)
+        survivors = tuple(self._survivors)
+        self._masked = {}
+        return AggregateResult(
+            total=fixed_point.dequantise(integer, p.scale),
+            integer_total=integer,
+            survivors=survivors,
+            dropped=tuple(v for v in p.nodes if v not in survivors),
+            faults=tuple(self.faults),
+            params=p,
+        )
+
+    def _seed_ok(self, owner: int, secret: bytes) -> bool:
+        """A reconstructed self-mask seed matches the owner's stage-1 commitment."""
+        return crypto.commit(self.params.round_id, owner, secret) == self._commit[owner]
+
+    def _key_ok(self, owner: int, secret: bytes) -> bool:
+        """A reconstructed mask key matches the owner's stage-1 public key."""
+        return crypto.public_of(secret) == self._pk_mask[owner]
+
+    def _collect_shares(
+        self, replies: Replies
+    ) -> tuple[dict[int, list[tuple[int, bytes]]], dict[int, list[tuple[int, bytes]]]]:
+        """Per owner, the (holder, share) pairs revealed, checked for routing and x-coordinate."""
+        seeds: dict[int, list[tuple[int, bytes]]] = {}
+        keys: dict[int, list[tuple[int, bytes]]] = {}
+        survivors, dropped = set(self._survivors), set(self._dropped_keys)
+
+        def check(
+            node: int, pl: Mapping[str, Any]
+        ) -> list[tuple[dict[int, list[tuple[int, bytes]]], int, bytes]]:
+            out = []
+            for owners_key, shares_key, allowed, sink in (
+                (wire.SEED_OWNERS, wire.SEED_SHARES, survivors, seeds),
+                (wire.KEY_OWNERS, wire.KEY_SHARES, dropped, keys),
+            ):
+                owners, shares = wire.id_list(pl, owners_key), wire.bytes_list(pl, shares_key)
+                if len(owners) != len(shares):
+                    raise ValueError(f"{owners_key} and {shares_key} differ in length")
+                for owner, share in zip(owners, shares, strict=True):
+                    if owner not in allowed or owner not in self._mask_set[node]:
+                        raise ValueError(f"revealed a share of node {owner} it should not reveal")
+                    x = self._peers[owner].index(node) + 1
+                    if shamir.share_x(share) != x:
+                        raise ValueError(
+                            f"share of node {owner} has x-coordinate {shamir.share_x(share)},"
+                            f" expected {x}"
+                        )
+                    out.append((sink, owner, share))
+            return out
+
+        for node, items in self._accept(Stage.UNMASK, replies, survivors, check).items():
+            for sink, owner, share in items:
+                sink.setdefault(owner, []).append((node, share))
+        return seeds, keys
+
+    def _recover(
+        self, owner: int, shares: list[tuple[int, bytes]], valid: Callable[[bytes], bool], what: str
+    ) -> bytes:
+        """Reconstruct a secret that passes ``valid``; name holders of wrong shares."""
+        t = self.params.threshold
+        if len(shares) < t:
+            raise SecAggAbort(
+                Stage.UNMASK,
+                f"{len(shares)} shares of node {owner}'s {what} revealed < threshold {t}:"
+                " nothing is released",
+            )
+
+        def attempt(subset: Sequence[tuple[int, bytes]]) -> bytes | None:
+            try:
+                secret = crypto.join_secret([s for _, s in subset])
+            except ValueError:
+                return None
+            return secret if valid(secret) else None
+
+        first = shares[:t]
+        found = _first_valid([first], attempt)
+        if found is None:  # some share is wrong: search the t-subsets for a consistent one
+            found = _first_valid(
+                itertools.islice(itertools.combinations(shares, t), _MAX_SUBSETS), attempt
+            )
+        if found is None:
+            raise SecAggAbort(
+                Stage.UNMASK,
+                f"node {owner}'s {what} cannot be reconstructed consistently from holders"
+                f" {sorted(h for h, _ in shares)}",
+            )
+        subset, secret = found
+        if self.verify_all_shares or subset is not first:
+            # t - 1 known-good shares plus one more reconstruct the secret iff that one is right
+            base = list(subset[: t - 1])
+            for item in shares:
+                if item not in subset and attempt([*base, item]) != secret:
+                    self._fault(
+                        item[0], Stage.UNMASK, f"revealed a wrong share of node {owner}'s {what}"
+                    )
+        return secret
+
+    def _check_sum(self, integer: np.ndarray) -> None:
+        """Abort unless the sum is within the bound of m in-bound inputs plus the noise tail."""
+        m, p = len(self._survivors), self.params
+        coord, norm = (
+            int(np.abs(integer).max()) if integer.size else 0,
+            float(np.linalg.norm(integer.astype(np.float64))),
+        )
+        if coord > p.sum_coord_bound(m) or norm > p.sum_norm_bound(m):
+            raise SecAggAbort(
+                Stage.UNMASK,
+                f"unmasked sum out of bound (max |coord| {coord} vs {p.sum_coord_bound(m)},"
+                f" L2 {norm:.4g} vs {p.sum_norm_bound(m):.4g}) for {m} survivors:"
+                " wrap-around or corrupted unmasking; nothing is released",
+            )
+
+
+def _first_valid(
+    subsets: Iterable[Sequence[tuple[int, bytes]]],
+    attempt: Callable[[Sequence[tuple[int, bytes]]], bytes | None],
+) -> tuple[Sequence[tuple[int, bytes]], bytes] | None:
+    """The first subset whose reconstruction passes, with its secret."""
+    for subset in subsets:
+        secret = attempt(subset)
+        if secret is not None:
+            return subset, secret
+    return None

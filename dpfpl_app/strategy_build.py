@@ -1,0 +1,42 @@
+"""The one way to build the strategy from a run config (ServerApp, benchmarks, audits).
+
+Everything the strategy needs is public: the run config fixes the initial global prompt
+(from the seed), the server learning rate, node sampling and the channel plan, so any
+caller that builds from the same config gets the same strategy.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoConfig
+
+from dpfpl_app.backbone import resolve_model_source
+from dpfpl_app.config import RunConfig
+from dpfpl_app.dp_channel import plan_for
+from dpfpl_app.strategy import DPFPLStrategy, RoundCallback
+
+
+def initial_prompt(cfg: RunConfig) -> torch.Tensor:
+    """p_G ~ N(0, init_std^2) from the seed (zeros when the method shares nothing)."""
+    width = int(AutoConfig.from_pretrained(resolve_model_source(cfg.model)).text_config.hidden_size)
+    if not cfg.method.has_global:
+        return torch.zeros(cfg.n_ctx, width)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    return torch.randn(cfg.n_ctx, width, generator=generator) * cfg.init_std
+
+
+def build_strategy(
+    cfg: RunConfig, *, on_round: RoundCallback | None = None, prompt: torch.Tensor | None = None
+) -> DPFPLStrategy:
+    """The run's strategy; ``prompt`` overrides the initial global prompt (tests, audits)."""
+    return DPFPLStrategy(
+        initial_prompt=initial_prompt(cfg) if prompt is None else prompt,
+        server_lr=cfg.lr_global,
+        channel=plan_for(cfg),
+        min_nodes=cfg.min_nodes,
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=cfg.fraction_evaluate,
+        node_wait_timeout=cfg.node_wait_timeout,
+        seed=cfg.seed if cfg.reproducible_noise else None,
+        on_round=on_round,
+    )
