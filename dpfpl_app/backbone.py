@@ -78,7 +78,39 @@ def resolve_model_source(name_or_path: str) -> str:
                 f"'openai/clip-vit-base-patch16', or one of {sorted(backbone_build.BACKBONES)}"
             )
         return str(path)
+    check_hub_model_reachable(name_or_path)
     return name_or_path
+
+
+def check_hub_model_reachable(hub_id: str) -> None:
+    """Fail in seconds, with the fix, when a hub model can be neither found nor fetched.
+
+    ``from_pretrained`` on an unreachable hub retries HTTP for half a minute and ends in
+    a raw connection traceback; every node and the server would each pay that. A model
+    in the local hub cache needs no network, so only an uncached one is checked: offline
+    mode is read first, then one short metadata request tells whether the hub answers.
+    """
+    import httpx
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    if isinstance(huggingface_hub.try_to_load_from_cache(hub_id, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        reason = "HF_HUB_OFFLINE is set"
+    else:
+        try:
+            huggingface_hub.model_info(hub_id, timeout=10)
+            return
+        except (OSError, httpx.HTTPError) as err:  # no route, no such repo, no access
+            reason = f"the hub did not serve it ({type(err).__name__}: {err})"
+    raise FileNotFoundError(
+        f"model {hub_id!r} is a Hugging Face hub id that is not in the local hub cache, "
+        f"and {reason}. Download it where there is internet "
+        f"(CLIPModel.from_pretrained({hub_id!r}).save_pretrained(DIR), and the same for "
+        "AutoTokenizer and AutoImageProcessor), copy DIR to this host and point `model` "
+        "at it: --run-config \"model='DIR'\""
+    )
 
 
 def load_frozen_clip(name_or_path: str, *, device: str = "auto") -> FrozenClip:

@@ -3,8 +3,8 @@
 Prompt learning needs a CLIP whose text and image towers already agree; a random CLIP leaves
 prompt learning at chance. Without internet no real checkpoint can be fetched, so this module
 pretrains a tiny CLIP (4-layer, 128-wide towers) contrastively on the *pretraining* split of
-the offline datasets (:mod:`dpfpl_app.offline_data`), deterministically, in a minute or two on
-two CPU cores, and caches it as an ordinary Hugging Face directory. The federated code then
+the offline datasets (:mod:`dpfpl_app.offline_data`), deterministically, in about three minutes
+on two idle CPU cores, and caches it as an ordinary Hugging Face directory. The federated code then
 loads it with ``from_pretrained`` exactly as it would load ``openai/clip-vit-base-patch16``.
 """
 
@@ -80,10 +80,10 @@ class BackboneSpec:
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        # Digits are 8x8: 16x16 input keeps 16 patches and builds in about a minute.
+        # Digits are 8x8: 16x16 input keeps 16 patches (about 3 min to build on 2 idle cores).
         # Measured zero-shot on the federated pool: 97-98.5% over seeds 0, 1, 2.
         BackboneSpec("dpfpl-tiny-digits", ("digits",), image_size=16, patch_size=4,
-                     steps=400, batch_size=128, learning_rate=5e-4, approx_minutes=1.5),
+                     steps=400, batch_size=128, learning_rate=5e-4, approx_minutes=3.0),
         # Batches are half digits, half Fashion-MNIST; 8x8 patches keep 16 tokens per image.
         BackboneSpec("dpfpl-tiny-digits-fashion", ("digits", "fashion-mnist"), image_size=32,
                      patch_size=8, steps=600, batch_size=128, learning_rate=5e-4,

@@ -32,4 +32,5 @@ def answer_evaluate(trainer: ClientTrainer, msg: Message) -> RecordDict:
         neighbour_acc=metrics["neighbour-acc"],
         local_examples=int(metrics["local-examples"]),
         neighbour_examples=int(metrics["neighbour-examples"]),
+        partition_id=trainer.partition_id,
     )

@@ -27,6 +27,7 @@ from dpfpl_app.client_trainer import ClientTrainer
 from dpfpl_app.config import RunConfig
 from dpfpl_app.features import FeatureCache
 from dpfpl_app.federated_data import client_data, load_federated_data, source_spec
+from dpfpl_app.node_paths import partition_subdir
 from dpfpl_app.prompt_export import export_path, personalised_prompt_file
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,7 @@ def state_directory(cfg: RunConfig, context: Context, partition_id: int) -> Path
     node_root = context.node_config.get("state-dir")
     if node_root:
         root = Path(str(node_root)).expanduser()
-    run = cfg.run_name or f"run-{context.run_id}"
-    return root / run / f"partition-{partition_id}"
+    return root / partition_subdir(cfg.run_name, context.run_id, partition_id)
 
 
 def class_names(cfg: RunConfig) -> tuple[str, ...]:

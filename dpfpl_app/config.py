@@ -188,9 +188,15 @@ class ConfigError(ValueError):
 
 
 def _describe(err: ValidationError) -> str:
+    """One line per bad key; never the whole config (Flower passes ~40 keys)."""
     lines = ["invalid run config:"]
     for e in err.errors():
-        key = ".".join(str(p) for p in e["loc"]) or "(whole config)"
+        key = ".".join(str(p) for p in e["loc"])
+        if not key:
+            # a cross-field rule: its own message names the keys; the input is every key
+            cause = e.get("ctx", {}).get("error")
+            lines.append(f"  {cause if cause is not None else e['msg']}")
+            continue
         if e["type"] == "extra_forbidden":
             known = ", ".join(
                 sorted(RunConfig.model_fields[f].alias or f for f in RunConfig.model_fields)

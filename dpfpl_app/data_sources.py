@@ -18,7 +18,6 @@ from typing import Any
 
 import numpy as np
 
-from dpfpl_app.image_processing import gray_to_rgb
 from dpfpl_app.offline_data import LabelledImages
 
 RgbReader = Callable[[np.ndarray], list[np.ndarray]]
@@ -58,6 +57,10 @@ class ImageSet:
 
     @classmethod
     def from_arrays(cls, data: LabelledImages) -> ImageSet:
+        # here, not at the top: the config validator imports this module and must stay
+        # torch-free, so a bad run config is refused in a second, not after torch loads
+        from dpfpl_app.image_processing import gray_to_rgb
+
         images = data.images
         digest = hashlib.sha256(
             np.ascontiguousarray(images).tobytes() + str(images.shape).encode()

@@ -44,8 +44,9 @@ class LocalFlower:
     """A private ``FLWR_HOME`` whose local SuperLink simulates the runs it is given."""
 
     def __init__(self, app_dir: Path, flwr_home: Path) -> None:
-        self.app_dir = Path(app_dir)
-        self.flwr_home = Path(flwr_home)
+        # absolute: `flwr` runs with cwd=app_dir, so a relative path would resolve twice
+        self.app_dir = Path(app_dir).resolve()
+        self.flwr_home = Path(flwr_home).resolve()
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.flwr_home),
@@ -90,6 +91,18 @@ class LocalFlower:
             if listed.get("success") and listed.get("runs"):
                 status = str(listed["runs"][0]["status"])
         return run_id, status
+
+    def log(self, run_id: int) -> str:
+        """The run's log as ``flwr log --show`` prints it (ServerApp and simulation output)."""
+        return subprocess.run(
+            [FLWR, "log", str(run_id), "--show"],
+            cwd=self.app_dir,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+            check=False,
+        ).stdout
 
     def stop(self) -> None:
         """End the background SuperLink of this FLWR_HOME (its simulation processes follow)."""

@@ -40,7 +40,16 @@ logger = logging.getLogger(__name__)
 
 
 class ImageReadError(ValueError):
-    """An input could not be read as an image; the message names the file and the cause."""
+    """An input could not be read as an image; the message names the file and the cause.
+
+    ``reason`` is the cause alone, for outputs that already show the path next to it
+    (a :class:`Failure`), so the path is printed once.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -120,11 +129,11 @@ def read_image(path: Path) -> Image.Image:
             image.load()  # decode now: a truncated file fails here, not mid-batch
             return image.convert("RGB")
     except FileNotFoundError:
-        raise ImageReadError(f"{path}: no such file") from None
+        raise ImageReadError(path, "no such file") from None
     except UnidentifiedImageError:
-        raise ImageReadError(f"{path}: not an image format PIL can read") from None
+        raise ImageReadError(path, "not an image format PIL can read") from None
     except (OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ImageReadError(f"{path}: cannot decode image ({err})") from None
+        raise ImageReadError(path, f"cannot decode image ({err})") from None
 
 
 def expand_inputs(inputs: Iterable[Path]) -> Iterator[Path | Failure]:
@@ -168,7 +177,7 @@ def classify(
             try:
                 loaded.append((position, read_image(item)))
             except ImageReadError as err:
-                results[position] = Failure(str(item), str(err))
+                results[position] = Failure(str(item), err.reason)
         if loaded:
             tops = classifier.top_k([image for _, image in loaded], top_k)
             for (position, _), top in zip(loaded, tops, strict=True):

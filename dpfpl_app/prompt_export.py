@@ -14,6 +14,7 @@ from pathlib import Path
 from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.client_trainer import ClientTrainer
 from dpfpl_app.config import DPMode
+from dpfpl_app.node_paths import PROMPT_FILE
 from dpfpl_app.prompt_file import (
     PromptFile,
     PromptMetadata,
@@ -21,8 +22,6 @@ from dpfpl_app.prompt_file import (
     backbone_fingerprint,
     utc_now,
 )
-
-EXPORT_FILE = "prompt.safetensors"
 
 
 def prompt_privacy(trainer: ClientTrainer) -> PromptPrivacy:
@@ -64,4 +63,4 @@ def personalised_prompt_file(
 
 
 def export_path(state_directory: Path) -> Path:
-    return Path(state_directory) / EXPORT_FILE
+    return Path(state_directory) / PROMPT_FILE

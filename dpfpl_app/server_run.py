@@ -16,10 +16,11 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from dpfpl_app.backbone_build import BACKBONES
+from dpfpl_app.backbone_build import BACKBONES, CACHE_ENV, cache_root
 from dpfpl_app.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
 from dpfpl_app.config import RunConfig
 from dpfpl_app.dp_channel import HONEST_SERVER, Guarantee, plan_for
+from dpfpl_app.node_paths import run_state_name
 from dpfpl_app.results import RunRecorder
 from dpfpl_app.strategy_build import build_strategy
 
@@ -63,16 +64,46 @@ def output_dir(cfg: RunConfig, context: Context) -> Path:
 
 
 def run_server(grid: Grid, context: Context) -> Path:
-    """Run the whole federation; returns the results directory."""
+    """Run the whole federation; returns the results directory.
+
+    Once the results directory exists, whatever stops the run (a missing model, an
+    unreachable hub, a crash mid-run) leaves results.json ``failed`` with the reason.
+    """
     cfg = RunConfig.from_flower(context.run_config)
     out = output_dir(cfg, context)
+    # a resumed run continues the rounds results.json holds: read them before the
+    # recorder rewrites it; the checkpoint then says how many of them still count
+    recorded = earlier_rounds(out, cfg.num_server_rounds) if cfg.resume else []
+    recorder = RunRecorder(
+        out, config=cfg.to_flower(), notes={}, run_id=context.run_id, rounds=recorded
+    )
+    log_locations(recorder.out_dir, cfg, context)
+    with recorder.failure_recorded():
+        return _run(grid, context, cfg, recorder)
+
+
+def log_locations(out: Path, cfg: RunConfig, context: Context) -> None:
+    """Log where results, private state and the cache are, as absolute paths.
+
+    Relative paths and ``$DPFPL_CACHE`` are resolved by this process, whose cwd and
+    environment are the SuperLink's, not those of the shell that ran ``flwr run``.
+    """
+    state_root = Path(cfg.state_dir).expanduser() if cfg.state_dir else cache_root() / "state"
+    state = state_root.resolve() / run_state_name(cfg.run_name, context.run_id)
+    log(INFO, "results directory: %s", out)
+    log(INFO, "clients' private state (simulation; each SuperNode's own host in a "
+        "deployment): %s", state)
+    log(INFO, "cache (%s): %s", CACHE_ENV, cache_root().resolve())
+
+
+def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) -> Path:
+    out = recorder.out_dir
     notes = {"backbone": backbone_note(cfg), **privacy_notes(cfg)}
     for key, text in notes.items():
         log(INFO, "%s: %s", key, text)
     state, resumed = load_checkpoint(Path(cfg.resume), config=cfg) if cfg.resume else (None, None)
-    previous = earlier_rounds(out, resumed.round) if resumed else []
-    recorder = RunRecorder(out, config=cfg.to_flower(), notes=notes)
-    recorder.doc["rounds"] = previous
+    recorder.doc["notes"].update(notes)
+    recorder.keep_rounds(up_to=resumed.round if resumed else 0)
 
     guarantee = plan_for(cfg).guarantee
     label = "" if guarantee is Guarantee.ACCOUNTED else f" ({guarantee.value})"
@@ -96,13 +127,9 @@ def run_server(grid: Grid, context: Context) -> Path:
     if state is not None:
         strategy.load_state_dict(state)
         log(INFO, "resumed from %s after round %d", cfg.resume, strategy.rounds_done)
-    try:
-        remaining = cfg.num_server_rounds - strategy.rounds_done
-        if remaining > 0:
-            strategy.start(grid, strategy.global_arrays(), remaining)
-    except BaseException:
-        recorder.finish(status="failed")
-        raise
+    remaining = cfg.num_server_rounds - strategy.rounds_done
+    if remaining > 0:
+        strategy.start(grid, strategy.global_arrays(), remaining)
     plan = strategy.channel
     steps = strategy.rounds_done * plan.local_steps
     privacy = {**plan.describe(), "steps": steps, "epsilon": strategy.epsilon()}

@@ -16,7 +16,6 @@ soon as the round's evaluation is aggregated (progress lines, results files).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable, Iterable
 from logging import INFO, WARNING
 from typing import Any
@@ -30,12 +29,11 @@ from flwr.serverapp.strategy import Strategy
 from dpfpl_app import privacy, wire
 from dpfpl_app.config import DPMode
 from dpfpl_app.dp_channel import HONEST_SERVER, ChannelPlan
+from dpfpl_app.node_wait import wait_for_nodes
 from dpfpl_app.noise import NoiseSource
 
 RoundCallback = Callable[[int, dict[str, float | int]], None]
 
-# How often to ask the Grid whether enough nodes are connected while waiting.
-NODE_POLL_INTERVAL = 1.0
 # A Poisson batch larger than B makes an honest client's clipped sum / B exceed C a
 # little; far beyond that a client skipped clipping (or is hostile).
 _SUSPICIOUS_FACTOR = 2.0
@@ -211,26 +209,7 @@ class DPFPLStrategy(Strategy):
 
     def _sample_nodes(self, grid: Grid, fraction: float, purpose: str, round_: int) -> list[int]:
         """Sample nodes like FedAvg, but give up after ``node_wait_timeout`` seconds."""
-        deadline = time.monotonic() + self.node_wait_timeout
-        while len(nodes := sorted(grid.get_node_ids())) < self.min_nodes:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise RuntimeError(
-                    f"{purpose}: only {len(nodes)} node(s) connected after waiting "
-                    f"{self.node_wait_timeout:g} s, but min_nodes={self.min_nodes} are "
-                    "needed. Check that the SuperNodes are running and reach the "
-                    "SuperLink (address, TLS root certificates, SuperNode auth "
-                    "registration), or lower min_nodes / raise node_wait_timeout."
-                )
-            log(
-                INFO,
-                "%s: waiting for nodes: %d connected, %d needed (%.0f s left)",
-                purpose,
-                len(nodes),
-                self.min_nodes,
-                remaining,
-            )
-            time.sleep(min(NODE_POLL_INTERVAL, remaining))
+        nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, purpose)
         size = min(len(nodes), max(int(len(nodes) * fraction), self.min_nodes))
         return self._source("nodes", purpose, round_, secret=self._secret_nodes).sample(
             nodes, size
@@ -402,14 +381,18 @@ class DPFPLStrategy(Strategy):
         self._last_round = self._round_offset = int(state["round"])
 
 
-def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float]:
-    """Each client's own accuracies, keyed ``local-acc/node-<id>`` (none without examples)."""
-    out: dict[str, float] = {}
+def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float | int]:
+    """Each client's own accuracies, keyed ``local-acc/node-<id>`` (none without examples).
+
+    ``partition-id/node-<id>`` goes along for results.json's node map.
+    """
+    out: dict[str, float | int] = {}
     for r in sorted(accepted, key=lambda r: r.node_id):
         if r.local_examples:
             out[f"{wire.LOCAL_ACC}/node-{r.node_id}"] = r.local_acc
         if r.neighbour_examples:
             out[f"{wire.NEIGHBOUR_ACC}/node-{r.node_id}"] = r.neighbour_acc
+        out[f"{wire.PARTITION_ID}/node-{r.node_id}"] = r.partition_id
     return out
 
 

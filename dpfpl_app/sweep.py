@@ -154,8 +154,13 @@ def cell_result(out_dir: Path, cell: Cell) -> dict[str, Any] | None:
 def run_sweep(
     spec: SweepSpec, out_dir: Path, *, app_dir: Path, timeout_s: float = 3600.0
 ) -> list[Cell]:
-    """Run every unfinished cell; returns the cells that failed."""
-    out_dir = Path(out_dir)
+    """Run every unfinished cell; returns the cells that failed.
+
+    Both paths are made absolute first: the runs execute in a SuperLink whose working
+    directory is ``app_dir``, so a relative ``output-dir`` would land (and be looked
+    for) somewhere else, and a relative ``app_dir`` would be resolved twice.
+    """
+    out_dir, app_dir = Path(out_dir).resolve(), Path(app_dir).resolve()
     cells = spec.cells()
     configs = {c.name: spec.run_config(c, out_dir) for c in cells}  # a bad grid stops here
     _claim(out_dir, spec)

@@ -12,6 +12,7 @@ from dpfpl_app.sweep import SHARED_METHODS, SweepSpec, run_sweep
 
 logger = logging.getLogger(__name__)
 
+
 def _list(kind: type) -> Any:
     return lambda text: tuple(kind(v) for v in text.split(",") if v.strip())
 
@@ -46,14 +47,15 @@ def _sweep(args: argparse.Namespace) -> int:
         clients=args.clients,
         overrides=dict(args.set or []),
     )
-    app_dir = Path(args.app_dir)
+    # resolved against the caller's cwd now: the runs execute with cwd=app_dir
+    app_dir, out = Path(args.app_dir).resolve(), Path(args.out).resolve()
     if not (app_dir / "pyproject.toml").is_file():
         raise FileNotFoundError(
-            f"{app_dir.resolve()} holds no pyproject.toml: run `dpfpl sweep` from the dpfpl "
+            f"{app_dir} holds no pyproject.toml: run `dpfpl sweep` from the dpfpl "
             "project directory (the Flower app) or pass --app-dir"
         )
-    failed = run_sweep(spec, Path(args.out), app_dir=app_dir, timeout_s=args.timeout)
-    print((Path(args.out) / "table.md").read_text())
+    failed = run_sweep(spec, out, app_dir=app_dir, timeout_s=args.timeout)
+    print((out / "table.md").read_text())
     if failed:
         logger.error("%d cells failed: %s (rerun the same command to retry them)",
                      len(failed), ", ".join(c.name for c in failed))
@@ -65,23 +67,26 @@ def add_sweep_command(sub: Any) -> None:
     p = sub.add_parser(
         "sweep", help="run a grid of Flower simulations and write the paper-style tables"
     )
-    p.add_argument("--out", required=True, help="sweep directory (resumable)")
-    p.add_argument("--dataset", default="digits")
+    p.add_argument("--out", required=True, help="sweep directory (resumable; relative to cwd)")
+    p.add_argument("--dataset", default="digits", help="run-config dataset of every cell")
     p.add_argument(
         "--methods", type=_list(Method), default=SHARED_METHODS,
         help="comma-separated, e.g. promptfl,fedotp,fedpgp,dplora,dpfpl",
     )
     p.add_argument("--epsilons", type=_list(float), default=(1.0, 4.0, float("inf")),
-                   help="per-channel targets; inf = no DP")
-    p.add_argument("--seeds", type=_list(int), default=(0,))
+                   help="per-channel targets, comma-separated; inf = no DP")
+    p.add_argument("--seeds", type=_list(int), default=(0,), help="comma-separated seeds")
     p.add_argument("--ranks", type=_list(int), default=(8,),
                    help="first = main grid; more = DP-FPL vs DP-LoRA rank ablation")
-    p.add_argument("--ablation-epsilon", type=float, default=None)
+    p.add_argument("--ablation-epsilon", type=float, default=None,
+                   help="epsilon of the rank ablation (default: the first of --epsilons)")
     p.add_argument("--no-references", action="store_true", help="skip zero-shot / local CoOp")
-    p.add_argument("--dp-mode", choices=["per-sample", "paper"], default="per-sample")
-    p.add_argument("--clients", type=int, default=10)
+    p.add_argument("--dp-mode", choices=["per-sample", "paper"], default="per-sample",
+                   help="DP mode of every private cell")
+    p.add_argument("--clients", type=int, default=10, help="simulated SuperNodes per cell")
     p.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
                    help="any run-config key for every cell, e.g. --set num-server-rounds=20")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell")
-    p.add_argument("--app-dir", default=".", help="the Flower app's directory (this project)")
+    p.add_argument("--app-dir", default=".",
+                   help="the Flower app's directory (this project; relative to cwd)")
     p.set_defaults(func=_sweep)

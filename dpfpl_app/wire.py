@@ -16,7 +16,8 @@ Protocol (all tensors float32, ``n_ctx x d``)::
         "metrics": MetricRecord {} with DP; {"train-loss"} without DP (``train_metric_keys``)
     client -> server, evaluate
         "metrics": MetricRecord {"num-examples", "local-acc", "neighbour-acc",
-                                 "local-examples", "neighbour-examples", ...}
+                                 "local-examples", "neighbour-examples",
+                                 "partition-id" (the node's own config: public), ...}
 
 Why so strict: the private local prompt must never leave a client, and with DP nothing
 about its training data may leave but the clipped gradient the noise is sized for: no
@@ -56,6 +57,7 @@ LOCAL_ACC = "local-acc"
 NEIGHBOUR_ACC = "neighbour-acc"
 LOCAL_EXAMPLES = "local-examples"
 NEIGHBOUR_EXAMPLES = "neighbour-examples"
+PARTITION_ID = "partition-id"
 
 # --- round metric keys (strategy -> ServerApp / results) -----------------------------
 EPSILON = "epsilon"  # composed: everything released about a client's data (dp_channel)
@@ -93,6 +95,7 @@ class EvaluateReply:
     neighbour_acc: float
     local_examples: int
     neighbour_examples: int
+    partition_id: int
 
 
 # --- builders -----------------------------------------------------------------------
@@ -142,13 +145,20 @@ def train_reply_content(*, grad: torch.Tensor, train_loss: float, dp_on: bool) -
 
 
 def evaluate_reply_content(
-    *, local_acc: float, neighbour_acc: float, local_examples: int, neighbour_examples: int
+    *,
+    local_acc: float,
+    neighbour_acc: float,
+    local_examples: int,
+    neighbour_examples: int,
+    partition_id: int,
 ) -> RecordDict:
     """Build a client's evaluate reply content (metrics only: no arrays leave).
 
     An accuracy over no examples (a client holding every class has no neighbour data)
     travels as 0.0 with a count of 0: NaN would fail the server's checks, and the
-    server's means skip entries with no examples.
+    server's means skip entries with no examples. ``partition_id`` is the node's
+    ``--node-config`` value, already known to its operator: it lets results.json map
+    node ids to partitions and to where each node keeps its exported prompt.
     """
     return RecordDict(
         {
@@ -159,6 +169,7 @@ def evaluate_reply_content(
                     NEIGHBOUR_ACC: float(neighbour_acc) if neighbour_examples else 0.0,
                     LOCAL_EXAMPLES: int(local_examples),
                     NEIGHBOUR_EXAMPLES: int(neighbour_examples),
+                    PARTITION_ID: int(partition_id),
                 }
             )
         }
@@ -242,6 +253,7 @@ def parse_evaluate_reply(msg: Message) -> EvaluateReply:
         neighbour_acc=_float_metric(metrics, NEIGHBOUR_ACC, low=0.0, high=1.0),
         local_examples=_int_metric(metrics, LOCAL_EXAMPLES, minimum=0),
         neighbour_examples=_int_metric(metrics, NEIGHBOUR_EXAMPLES, minimum=0),
+        partition_id=_int_metric(metrics, PARTITION_ID, minimum=0),
     )
 
 

@@ -67,3 +67,60 @@ def test_the_app_bundle_ships_the_app_and_nothing_of_tests_docs_or_deployment(
     assert {"client_app.py", "server_app.py", "pyproject.toml", "dpfpl_app/wire.py"} <= set(names)
     shipped_dirs = {n.split("/")[0] for n in names if "/" in n}
     assert shipped_dirs == {".info", "dpfpl_app"}, shipped_dirs
+
+
+@pytest.mark.parametrize("app", ["server_app", "client_app"])
+def test_a_bad_run_config_stops_the_app_before_torch_is_imported(app: str) -> None:
+    # a fresh interpreter: validating must not wait for torch, transformers or opacus
+    probe = f"""
+import sys
+from flwr.app import Context, RecordDict
+import {app} as module
+from dpfpl_app.config import ConfigError
+context = Context(run_id=1, node_id=1, node_config={{"partition-id": 0, "num-partitions": 1}},
+                  state=RecordDict(), run_config={{"rank": 32, "n-ctx": 16}})
+try:
+    module.main(None, context) if "{app}" == "server_app" else module.train(None, context)
+except ConfigError as err:
+    print("refused:", err)
+print("torch" in sys.modules)
+"""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+
+    assert "refused: invalid run config:" in out.stdout, out.stderr
+    assert "rank=32 exceeds n-ctx=16" in out.stdout
+    assert out.stdout.strip().endswith("False"), out.stdout
+
+
+def test_check_config_names_an_unknown_key_flower_would_refuse_without_naming(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from dpfpl_app.cli import main
+
+    assert main(["check-config", "--app-dir", str(REPO), "epsilon=2.0 seed=3"]) == 0
+    assert main(["check-config", "--app-dir", str(REPO), "learning-rate=0.1"]) == 2
+
+    err = capsys.readouterr().err
+    assert "learning-rate: unknown key; known keys:" in err and "lr-global" in err
+
+
+def test_readme_module_table_lists_every_module() -> None:
+    readme = (REPO / "README.md").read_text()
+    table = readme[readme.index("| module | holds |") :].split("\n\n", 1)[0]
+    named = {
+        name.strip().removesuffix(".py")
+        for row in table.splitlines()
+        for name in row.split("|")[1].replace("`", "").replace("dpfpl_app/", "").split(",")
+    }
+
+    package = REPO / "dpfpl_app"
+    modules = {p.stem for p in package.glob("*.py") if p.stem != "__init__"}
+    modules |= {f"{p.parent.name}/" for p in package.glob("*/__init__.py")}  # sub-packages
+
+    assert modules - named == set(), "add these modules to README's module table"
+    assert named - modules - {"module", "---", "client_app", "server_app"} == set()

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
+import httpx
+import huggingface_hub
 import pytest
 import torch
 
@@ -75,10 +78,34 @@ def test_directory_with_config_but_no_weights_raises_file_not_found(
 
 
 def test_resolve_model_source_passes_hub_ids_through_and_checks_paths(
-    plumbing_clip: Path,
+    plumbing_clip: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Prepare: the hub cache holds the model (no network needed)
+    monkeypatch.setattr(
+        huggingface_hub, "try_to_load_from_cache", lambda repo, name: f"/cache/{repo}/{name}"
+    )
+
     # Execute / Assert: hub ids are not touched; existing directories come back as paths
     assert resolve_model_source("openai/clip-vit-base-patch16") == "openai/clip-vit-base-patch16"
     assert resolve_model_source(str(plumbing_clip)) == str(plumbing_clip)
     with pytest.raises(FileNotFoundError, match="directory 'no-such-model' has no config.json"):
         resolve_model_source("./no-such-model")
+
+
+@pytest.mark.parametrize("offline_flag", [True, False])
+def test_an_unreachable_hub_model_fails_fast_naming_the_fix(
+    offline_flag: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: not cached; offline either by HF_HUB_OFFLINE or by a hub that cannot answer
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", offline_flag)
+
+    def unreachable(*args: object, **kwargs: object) -> None:
+        raise httpx.ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(huggingface_hub, "model_info", unreachable)
+    started = time.monotonic()
+
+    # Execute / Assert
+    with pytest.raises(FileNotFoundError, match=r"'dpfpl-test/not-cached'.*point `model` at it"):
+        resolve_model_source("dpfpl-test/not-cached")
+    assert time.monotonic() - started < 5

@@ -156,3 +156,18 @@ def test_dp_on_only_when_something_is_trained_with_dp(raw: dict[str, Any], dp_on
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert RunConfig.from_flower(raw).dp_on is dp_on
+
+
+def test_a_cross_field_error_names_its_keys_without_dumping_the_config() -> None:
+    # Prepare: the whole config, as Flower passes it
+    raw = {**RunConfig().to_flower(), "rank": 32}
+
+    # Execute
+    with pytest.raises(ConfigError) as info:
+        RunConfig.from_flower(raw)
+
+    # Assert: one short message that names the two keys and none of the others
+    text = str(info.value)
+    assert "rank=32 exceeds n-ctx=16" in text
+    assert "zeroshot-template" not in text and "Value error" not in text
+    assert len(text) < 300

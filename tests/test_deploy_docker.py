@@ -3,7 +3,8 @@
 The compose files are parsed with PyYAML and held against what ``scripts/make-certs.sh``
 really produces: every secret file exists, each private file is mounted only where it
 belongs, TLS and SuperNode auth are on, ports and addresses agree, each organisation has
-its own state and data volumes, and every Flower image tag is the installed Flower.
+its own state and data volumes, and every Flower image tag is the Flower of
+``requirements.lock`` (what ``scripts/install.sh`` installs).
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import re
 import stat
 import subprocess
-from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +22,15 @@ from cryptography import x509
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 MAKE_CERTS = REPO / "scripts" / "make-certs.sh"
-FLWR_VERSION = version("flwr")
+
+def locked_version(package: str) -> str:
+    """The version ``requirements.lock`` pins for ``package``."""
+    lock = (REPO / "requirements.lock").read_text().splitlines()
+    (pin,) = [line for line in lock if line.lower().startswith(f"{package}==")]
+    return pin.split("==", 1)[1]
+
+
+FLWR_VERSION = locked_version("flwr")
 NUM_ORGS = 3
 ORG_ENV = {
     "SUPERLINK_ADDRESS": "superlink.example.org:9091",

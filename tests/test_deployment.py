@@ -120,7 +120,7 @@ def test_too_few_nodes_fails_with_a_clear_message_after_the_timeout(
 
     # Assert
     assert info["status"] == "finished:failed", info
-    assert f"only {NUM_NODES} node(s) connected after waiting 8 s, but min_nodes=4" in log
+    assert f"only {NUM_NODES} node(s) connected after waiting 8 s, but min-nodes=4" in log
     assert _results(federation, "too-few")["status"] == "failed"
 
 

@@ -36,6 +36,7 @@ def test_flwr_run_offline_default_completes_with_results(
     # Execute: LocalFlower ends the SuperLink it started by PID on exit, pass or fail
     with LocalFlower(REPO, tmp_path / "flwr-home") as flower:
         run_id, status = flower.run(overrides, num_supernodes=3, timeout_s=RUN_TIMEOUT_S)
+        log = flower.log(run_id)
     assert not flower.superlink_pids(), "the local SuperLink outlived the test"
 
     # Assert: the run's own status, then the results it wrote
@@ -44,3 +45,8 @@ def test_flwr_run_offline_default_completes_with_results(
     assert doc["status"] == "completed"
     assert [r["round"] for r in doc["rounds"]] == [1, 2]
     assert all(r["accepted"] == 3 for r in doc["rounds"])
+    assert sorted(node["partition-id"] for node in doc["nodes"].values()) == [0, 1, 2]
+    # the log: one copy of each line, absolute paths, the clients' own progress
+    assert log.count(f"results directory: {out_dir / 'ci'}") == 1, log
+    assert log.count("round 2/2  local-acc") == 1, log
+    assert "loaded frozen CLIP" in log, log

@@ -56,6 +56,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
         neighbour_acc=0.1,
         local_examples=10,
         neighbour_examples=20,
+        partition_id=partition,
     )
     return Message(content, reply_to=msg)
 

@@ -185,6 +185,29 @@ def test_bad_inputs_are_reported_and_the_rest_of_the_batch_is_classified(
     assert len(out) == 8
 
 
+def test_a_bad_file_is_named_once_per_line_of_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: no image is readable, so the classifier is never asked and a stub will do
+    missing = tmp_path / "missing.png"
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not an image")
+    monkeypatch.setattr(PromptClassifier, "from_file", classmethod(lambda cls, *a, **k: None))
+
+    # Execute
+    prompt = str(tmp_path / "p.safetensors")
+    code = cli_main(["predict", "--prompt", prompt, str(missing), str(notes)])
+
+    # Assert: every line that mentions a file mentions it exactly once
+    captured = capsys.readouterr()
+    lines = [line for line in (captured.out + captured.err).splitlines() if line.strip()]
+    assert code == 1
+    for path in (missing, notes):
+        mentioning = [line for line in lines if str(path) in line]
+        assert len(mentioning) == 2  # the result line (stdout) and the error line (stderr)
+        assert all(line.count(str(path)) == 1 for line in mentioning), mentioning
+
+
 def test_a_tampered_prompt_file_stops_predict_with_a_clear_error(
     exported: tuple[ClientTrainer, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

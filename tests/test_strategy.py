@@ -23,8 +23,7 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from opacus.accountants import RDPAccountant
 
-from dpfpl_app import strategy as strategy_module
-from dpfpl_app import wire
+from dpfpl_app import node_wait, wire
 from dpfpl_app.accounting import RDP_ORDERS
 from dpfpl_app.config import RunConfig
 from dpfpl_app.dp_channel import ChannelPlan, plan_for
@@ -372,6 +371,7 @@ def _eval_reply(node: int, local_acc: float, local_n: int, neighbour_acc: float)
         neighbour_acc=neighbour_acc,
         local_examples=local_n,
         neighbour_examples=50,
+        partition_id=node % 7,
     )
     return make_reply(content, src_node_id=node, message_type=MessageType.EVALUATE)
 
@@ -408,6 +408,7 @@ def test_evaluate_means_over_clients_and_weighted_and_refuses_arrays(
     # the results get every accepted client's own figures too; the refused one has none
     assert merged[f"local-acc/node-{GOOD_A}"] == pytest.approx(0.9)
     assert merged[f"neighbour-acc/node-{GOOD_B}"] == pytest.approx(0.4)
+    assert merged[f"partition-id/node-{GOOD_A}"] == GOOD_A % 7  # for the node map
     assert not any(str(BAD) in key for key in merged)
 
 
@@ -440,10 +441,10 @@ def test_node_wait_timeout_raises_with_seen_needed_and_what_to_check() -> None:
     strategy = _strategy(min_nodes=2, node_wait_timeout=0.05)
 
     with pytest.raises(
-        RuntimeError, match=r"only 1 node\(s\) connected .* min_nodes=2 .*SuperLink"
+        RuntimeError, match=r"only 1 node\(s\) connected .* min-nodes=2 .*SuperLink"
     ):
         strategy.configure_train(1, strategy.global_arrays(), ConfigRecord(), grid)
-    with pytest.raises(RuntimeError, match="min_nodes=2"):
+    with pytest.raises(RuntimeError, match="min-nodes=2"):
         strategy.configure_evaluate(1, strategy.global_arrays(), ConfigRecord(), grid)
 
 
@@ -459,7 +460,7 @@ class _LateNodesGrid(InProcessGrid):
 
 
 def test_sampling_waits_for_late_nodes(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(strategy_module, "NODE_POLL_INTERVAL", 0.01)
+    monkeypatch.setattr(node_wait, "NODE_POLL_INTERVAL", 0.01)
     grid = _LateNodesGrid(client_app=_idle_app, num_nodes=3, run_config={})
     strategy = _strategy(min_nodes=3, node_wait_timeout=5.0)
 

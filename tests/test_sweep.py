@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -156,3 +157,51 @@ def test_cli_parses_the_grid_and_refuses_a_directory_that_is_no_app(
 
     assert code == 2
     assert "holds no pyproject.toml" in capsys.readouterr().err
+
+
+class _FlowerResolvingLikeASuperLink:
+    """Stands in for ``LocalFlower``, resolving paths the way a real run does.
+
+    ``flwr`` runs with cwd = the app directory and is handed the app directory again,
+    and the ServerApp writes a relative ``output-dir`` against that cwd.
+    """
+
+    def __init__(self, app_dir: Path, flwr_home: Path) -> None:
+        self.app_dir = Path(app_dir)
+
+    def __enter__(self) -> _FlowerResolvingLikeASuperLink:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def run(self, run_config: dict, *, num_supernodes: int, timeout_s: float) -> tuple[int, str]:
+        if not (self.app_dir / self.app_dir / "pyproject.toml").is_file():
+            raise RuntimeError(f"flwr run: no pyproject.toml in {self.app_dir / self.app_dir}")
+        run = self.app_dir / run_config["output-dir"] / run_config["run-name"]
+        run.mkdir(parents=True)
+        summary = {"last10-local-acc": 0.9, "last10-neighbour-acc": 0.8}
+        (run / RESULTS_FILE).write_text(json.dumps({"status": "completed", "summary": summary}))
+        return 1, "finished:completed"
+
+
+def test_relative_out_and_app_dir_find_the_finished_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Prepare: call from a directory that is neither the app nor the sweep directory
+    from dpfpl_app import cli
+
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setattr(sweep_module, "LocalFlower", _FlowerResolvingLikeASuperLink)
+    app_dir = Path(os.path.relpath(REPO, work))
+
+    # Execute
+    code = cli.main(["sweep", "--out", "sweeps/rel", "--app-dir", str(app_dir),
+                     "--methods", "promptfl", "--epsilons", "1", "--no-references"])
+
+    # Assert: the cell counts as finished, its numbers are in the table, in the cwd's sweep
+    assert code == 0, capsys.readouterr().err
+    table = (work / "sweeps" / "rel" / "table.md").read_text()
+    assert "| digits | 1 | 90.0 ± 0.0 |" in table

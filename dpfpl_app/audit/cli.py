@@ -37,10 +37,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--channel", choices=CHANNEL_CHOICES, action="append", help="repeatable; default: both"
     )
-    p.add_argument("--delta", type=float, default=1e-5)
-    p.add_argument("--confidence", type=float, default=0.95)
-    p.add_argument("--accountant", choices=ACCOUNTANT_CHOICES, default="rdp")
-    p.add_argument("--clip-norm", type=float, default=10.0)
+    p.add_argument("--delta", type=float, default=1e-5, help="delta of the claim")
+    p.add_argument(
+        "--confidence", type=float, default=0.95, help="confidence of the lower bound"
+    )
+    p.add_argument(
+        "--accountant", choices=ACCOUNTANT_CHOICES, default="rdp", help="accountant of the claim"
+    )
+    p.add_argument("--clip-norm", type=float, default=10.0, help="clip norm C of the release")
     p.add_argument("--batch-size", type=int, default=32, help="expected batch B")
     p.add_argument("--clients", type=int, default=10, help="N clients in the aggregate")
     p.add_argument(
