@@ -74,7 +74,7 @@ def add_sweep_command(sub: Any) -> None:
         help="comma-separated, e.g. promptfl,fedotp,fedpgp,dplora,dpfpl",
     )
     p.add_argument("--epsilons", type=_list(float), default=(1.0, 4.0, float("inf")),
-                   help="per-channel targets, comma-separated; inf = no DP")
+                   help="composed targets of both channels, comma-separated; inf = no DP")
     p.add_argument("--seeds", type=_list(int), default=(0,), help="comma-separated seeds")
     p.add_argument("--ranks", type=_list(int), default=(8,),
                    help="first = main grid; more = DP-FPL vs DP-LoRA rank ablation")
