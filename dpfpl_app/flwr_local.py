@@ -94,15 +94,7 @@ class LocalFlower:
 
     def log(self, run_id: int) -> str:
         """The run's log as ``flwr log --show`` prints it (ServerApp and simulation output)."""
-        return subprocess.run(
-            [FLWR, "log", str(run_id), "--show"],
-            cwd=self.app_dir,
-            env=self.env,
-            capture_output=True,
-            text=True,
-            timeout=180,
-            check=False,
-        ).stdout
+        return self._flwr(["log", str(run_id), "--show"]).stdout
 
     def stop(self) -> None:
         """End the background SuperLink of this FLWR_HOME (its simulation processes follow)."""
@@ -127,9 +119,10 @@ class LocalFlower:
                 pids.append(int(pid))
         return pids
 
-    def _json(self, args: list[str]) -> dict[str, Any]:
-        out = subprocess.run(
-            [FLWR, *args, "--format", "json"],
+    def _flwr(self, args: list[str]) -> subprocess.CompletedProcess[str]:
+        """One ``flwr`` CLI call against this FLWR_HOME, from the app directory."""
+        return subprocess.run(
+            [FLWR, *args],
             cwd=self.app_dir,
             env=self.env,
             capture_output=True,
@@ -137,6 +130,9 @@ class LocalFlower:
             timeout=180,
             check=False,
         )
+
+    def _json(self, args: list[str]) -> dict[str, Any]:
+        out = self._flwr([*args, "--format", "json"])
         start = out.stdout.find("{")
         if start < 0:
             raise RuntimeError(f"flwr {args[0]} printed no JSON:\n{out.stdout}\n{out.stderr}")
