@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dpfpl_app.audit.canaries import ENV_VAR as CANARY_ENV
+from dpfpl_app.audit.canaries import CanaryError, injector_from_env
 from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.dp_channel import plan_for
@@ -94,7 +96,7 @@ class ClientTrainer:
             clip_norm=cfg.clip_norm,
             local_noise_multiplier=self.plan.z_local,
         )
-        init = torch.Generator().manual_seed(_derived_seed(cfg.seed, "init", partition_id))
+        init = init_generator(cfg.seed, partition_id)
         self.learner = PromptLearner(
             encoder,
             clip.model.logit_scale.exp().cpu(),
@@ -106,6 +108,15 @@ class ClientTrainer:
         self.rounds_done = 0  # rounds this client trained
         self.last_round = 0  # the last server round it trained
         self.steps_taken = 0  # local steps, each a release of the composed mechanism
+        # an audit's canaries: only if this node's operator named a canary file
+        self.canaries = injector_from_env(
+            partition_id, shape=tuple(self.learner.global_prompt.shape), clip_norm=cfg.clip_norm
+        )
+        if self.canaries is not None and not self._poisson:
+            raise CanaryError(
+                "audit canaries test the accounted mechanism: they need dp-mode per-sample "
+                f"(this run has dp-mode {cfg.dp_mode.value}); unset {CANARY_ENV} or change it"
+            )
 
     # ----- one round ---------------------------------------------------------------
     def train_round(self, global_prompt: Tensor, server_round: int) -> RoundOutcome:
@@ -130,6 +141,7 @@ class ClientTrainer:
                 self._views(idx, sampler),
                 data.train_labels[idx],
                 expected_batch=self._expected_batch(),
+                canary_rows=self.canaries.draw(sampler) if self.canaries else None,
             )
             if step.global_grad is not None:
                 grads.append(step.global_grad)
@@ -249,6 +261,11 @@ class ClientTrainer:
         self.rounds_done = int(meta["rounds_done"])
         self.last_round = int(meta["last_round"])
         self.steps_taken = int(meta["steps_taken"])
+
+
+def init_generator(seed: int, partition_id: int) -> torch.Generator:
+    """The public generator of a client's initial prompts (an audit's adversary knows it)."""
+    return torch.Generator().manual_seed(_derived_seed(seed, "init", partition_id))
 
 
 def _derived_seed(*parts: object) -> int:

@@ -65,6 +65,13 @@ class StepResult:
     local_noise_std: float  # std of the noise added to the local channel (0 = none)
 
 
+def initial_local_prompt(
+    shape: tuple[int, int], init_std: float, generator: torch.Generator
+) -> Tensor:
+    """p_L at the start: the first draw of the learner's public generator."""
+    return torch.randn(shape, generator=generator) * init_std
+
+
 class PromptLearner:
     """Trains the private part of a client's prompt and differentiates the shared part."""
 
@@ -99,7 +106,7 @@ class PromptLearner:
         self._template = template_context
         self._state: dict[str, Tensor] = {}
         if s.method in {Method.DPFPL, Method.DPLORA, Method.FEDOTP, Method.LOCAL}:
-            self._state["local_prompt"] = torch.randn(shape, generator=generator) * s.init_std
+            self._state["local_prompt"] = initial_local_prompt(shape, s.init_std, generator)
         if s.method is Method.FEDPGP:
             start = torch.randn(s.n_ctx, s.rank, generator=generator)
             self._state["u"] = privacy.orthonormal_columns(start)
@@ -140,15 +147,26 @@ class PromptLearner:
         return class_logits(text, features, self.logit_scale)
 
     # ----- training ---------------------------------------------------------------
-    def train_step(self, features: Tensor, labels: Tensor, *, expected_batch: float) -> StepResult:
+    def train_step(
+        self,
+        features: Tensor,
+        labels: Tensor,
+        *,
+        expected_batch: float,
+        canary_rows: Tensor | None = None,
+    ) -> StepResult:
         """One local iteration (Algorithm 1, steps 2-6) on the given minibatch.
 
         ``expected_batch`` is the B that per-sample sums are divided by; with Poisson
         sampling it is q |D|, not the drawn size, so that one sample's influence is C/B.
+        ``canary_rows`` (k, n_ctx, width) are per-sample gradients of audit canaries in
+        this batch (``audit/canaries.py``): clipped and summed like the real samples'.
         """
         s = self.settings
         if s.method is Method.ZEROSHOT:
             raise ValueError("method 'zeroshot' trains nothing; evaluate it directly")
+        if canary_rows is not None and s.dp_mode is not DPMode.PER_SAMPLE:
+            raise ValueError("audit canaries are per-sample gradients: use dp-mode per-sample")
         carriers = self._carriers()
         prompt = self._compose(carriers)
         per_sample = s.dp_mode is DPMode.PER_SAMPLE
@@ -166,6 +184,8 @@ class PromptLearner:
                 chunk_size=s.chunk_size,
             )
             loss = float(losses.mean())
+        if canary_rows is not None:
+            grads = torch.cat([grads, canary_rows.to(grads.dtype)])
         global_grad = self._private_mean(grads, expected_batch) if s.method.has_global else None
         noise_std = self._update_local(grads, carriers, expected_batch)
         return StepResult(global_grad, loss, int(labels.numel()), noise_std)

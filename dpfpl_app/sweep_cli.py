@@ -17,7 +17,7 @@ def _list(kind: type) -> Any:
     return lambda text: tuple(kind(v) for v in text.split(",") if v.strip())
 
 
-def _override(text: str) -> tuple[str, int | float | bool | str]:
+def parse_override(text: str) -> tuple[str, int | float | bool | str]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(f"--set expects key=value, got {text!r}")
@@ -84,7 +84,7 @@ def add_sweep_command(sub: Any) -> None:
     p.add_argument("--dp-mode", choices=["per-sample", "paper"], default="per-sample",
                    help="DP mode of every private cell")
     p.add_argument("--clients", type=int, default=10, help="simulated SuperNodes per cell")
-    p.add_argument("--set", type=_override, action="append", metavar="KEY=VALUE",
+    p.add_argument("--set", type=parse_override, action="append", metavar="KEY=VALUE",
                    help="any run-config key for every cell, e.g. --set num-server-rounds=20")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell")
     p.add_argument("--app-dir", default=".",

@@ -353,11 +353,18 @@ def test_cli_exits_non_zero_on_a_violation(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "report.json").read_text())["violation"] is True
 
 
-def test_cli_without_white_box_says_what_exists(capsys: pytest.CaptureFixture[str]) -> None:
-    code = cli.main(["audit", "--noise-multiplier", "2", "--out", "unused"])
+def test_cli_without_a_kind_says_which_exist(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as ended:
+        cli.main(["audit", "--noise-multiplier", "2", "--out", "unused"])
 
-    assert code == 2
-    assert "--white-box" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "--white-box" in err and "--one-run" in err
+
+
+def test_cli_white_box_needs_its_noise_multiplier(capsys: pytest.CaptureFixture[str]) -> None:
+    code = cli.main(["audit", "--white-box", "--out", "unused"])
+
+    assert code == 2 and "--noise-multiplier" in capsys.readouterr().err
 
 
 def test_cli_choices_match_the_enums() -> None:

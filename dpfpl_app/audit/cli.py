@@ -1,13 +1,19 @@
 """``dpfpl audit``: an empirical lower bound under the epsilon we claim.
 
-Only argparse is imported at module level: ``dpfpl`` builds every subcommand's parser
-on each call, and torch, opacus and matplotlib are loaded only when an audit runs.
+Two audits: ``--white-box`` attacks one release of each channel many times;
+``--one-run`` runs whole federations with canaries and attacks what they released.
+
+Only argparse (and the sweep's KEY=VALUE parser) is imported at module level: ``dpfpl``
+builds every subcommand's parser on each call, and torch, opacus and matplotlib are
+loaded only when an audit runs.
 """
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
+
+from dpfpl_app.sweep_cli import parse_override
 
 # Mirrors audit.mechanism.Channel and accounting.AccountantKind without importing them
 # (see the module docstring); run() converts through the enums, and a test pins both.
@@ -19,35 +25,53 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add ``audit`` to the ``dpfpl`` subcommands."""
     p = subparsers.add_parser(
         "audit",
-        help="empirical lower bound on epsilon (white-box mechanism audit)",
+        help="empirical lower bound on epsilon (white-box or one-run canary audit)",
         description=(
-            "Attack one noisy release many times, with and without a worst-case canary at "
-            "the sensitivity bound, and bound epsilon from below. Exit code 1 when the "
-            "lower bound exceeds the claimed epsilon."
+            "--white-box: attack one noisy release many times, with and without a "
+            "worst-case canary at the sensitivity bound. --one-run: run real federations "
+            "(flwr run on a private local SuperLink) with gradient canaries in one client's "
+            "data, score them from the broadcast global prompts and the released prompt. "
+            "Both bound epsilon from below; exit code 1 when a bound exceeds its claim."
         ),
     )
-    p.add_argument(
-        "--white-box",
-        action="store_true",
-        help="audit the mechanism itself (one local step / one aggregation); required for now",
+    kind = p.add_mutually_exclusive_group(required=True)
+    kind.add_argument(
+        "--white-box", action="store_true", help="one local step / one aggregation, many trials"
     )
-    p.add_argument("--noise-multiplier", type=float, required=True, help="z of the release")
-    p.add_argument("--trials", type=int, default=20000, help="releases with and without canary")
-    p.add_argument("--out", required=True, help="directory for report.json and audit.png")
-    p.add_argument(
+    kind.add_argument("--one-run", action="store_true", help="whole federations with canaries")
+    p.add_argument("--out", required=True, help="directory for report.json and the plot")
+    w = p.add_argument_group("--white-box")
+    w.add_argument("--noise-multiplier", type=float, help="z of the release (required)")
+    w.add_argument("--trials", type=int, default=20000, help="releases with and without canary")
+    w.add_argument(
         "--channel", choices=CHANNEL_CHOICES, action="append", help="repeatable; default: both"
     )
-    p.add_argument("--delta", type=float, default=1e-5, help="delta of the claim")
-    p.add_argument(
-        "--confidence", type=float, default=0.95, help="confidence of the lower bound"
-    )
-    p.add_argument(
+    w.add_argument("--delta", type=float, default=1e-5, help="delta of the claim")
+    w.add_argument(
         "--accountant", choices=ACCOUNTANT_CHOICES, default="rdp", help="accountant of the claim"
     )
-    p.add_argument("--clip-norm", type=float, default=10.0, help="clip norm C of the release")
-    p.add_argument("--batch-size", type=int, default=32, help="expected batch B")
-    p.add_argument("--clients", type=int, default=10, help="N clients in the aggregate")
+    w.add_argument("--clip-norm", type=float, default=10.0, help="clip norm C of the release")
+    w.add_argument("--batch-size", type=int, default=32, help="expected batch B")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the lower bound")
     p.add_argument(
+        "--clients", type=int, default=10, help="N clients (aggregate / simulated SuperNodes)"
+    )
+    o = p.add_argument_group("--one-run")
+    o.add_argument("--method", action="append", help="repeatable; default: dpfpl and promptfl")
+    o.add_argument(
+        "--epsilon", type=float, action="append", help="target epsilons; default: 1 and 4"
+    )
+    o.add_argument("--canaries", type=int, default=1000, help="m canaries (<= prompt size)")
+    o.add_argument(
+        "--set",
+        type=parse_override,
+        action="append",
+        metavar="KEY=VALUE",
+        help="run-config value of every audited run (repeatable)",
+    )
+    o.add_argument("--timeout", type=float, default=3600.0, help="seconds per run")
+    o.add_argument("--app-dir", default=".", help="the dpfpl app (its pyproject.toml)")
+    w.add_argument(
         "--public-noise-seed",
         type=int,
         help="draw the noise from this public seed (as reproducible-noise=true does) and let "
@@ -58,11 +82,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the audits; print the table; 1 on a violation, 0 otherwise."""
-    if not args.white_box:
-        raise ValueError(
-            "only --white-box is available so far: the one-run canary audit of a whole "
-            "federation is still to come (issue 17)"
-        )
+    if args.one_run:
+        return run_one_run(args)
+    if args.noise_multiplier is None:
+        raise ValueError("--white-box needs --noise-multiplier (z of the release to attack)")
     if args.trials < 2:
         raise ValueError(f"--trials must be >= 2, got {args.trials}")
 
@@ -110,3 +133,60 @@ def run(args: argparse.Namespace) -> int:
     print(summary_table(audits))
     print(f"confidence {args.confidence:g}; report: {path}")
     return 1 if any(a.violation for a in audits) else 0
+
+
+def run_one_run(args: argparse.Namespace) -> int:
+    """One audited federation per (method, epsilon), resumable; report, table, plot."""
+    import json
+    import logging
+    import time
+
+    from dpfpl_app.audit import one_run, one_run_report
+
+    log = logging.getLogger("dpfpl.audit")
+    out = Path(args.out).resolve()
+    cells = [
+        (method, eps)
+        for method in dict.fromkeys(args.method or ("dpfpl", "promptfl"))
+        for eps in dict.fromkeys(args.epsilon or (1.0, 4.0))
+    ]
+    configs = {  # every cell is checked before the first run starts
+        cell: one_run.audit_config(
+            {**dict(args.set or []), "method": cell[0], "epsilon": cell[1]},
+            out_dir=out / f"{cell[0]}-eps{cell[1]:g}",
+            clients=args.clients,
+        )
+        for cell in cells
+    }
+    records, started = [], time.monotonic()
+    for i, (cell, cfg) in enumerate(configs.items(), 1):
+        cell_dir = out / f"{cell[0]}-eps{cell[1]:g}"
+        done = cell_dir / "record.json"
+        if done.is_file():
+            log.info("[%d/%d] %s: audited before, kept", i, len(cells), cell_dir.name)
+            records.append(json.loads(done.read_text()))
+            continue
+        log.info(
+            "[%d/%d] %s: running the federation with %d canaries ...",
+            i,
+            len(cells),
+            cell_dir.name,
+            args.canaries,
+        )
+        spec = one_run.plan_canaries(cfg, count=args.canaries)
+        one_run.run_federation(
+            cfg, spec, cell_dir, app_dir=Path(args.app_dir), timeout_s=args.timeout
+        )
+        record = one_run_report.run_record(
+            cfg, spec, one_run.audit_run(cfg, spec, confidence=args.confidence)
+        )
+        done.write_text(json.dumps(record, indent=1) + "\n")
+        records.append(record)
+        left = (time.monotonic() - started) / i * (len(cells) - i)
+        log.info("[%d/%d] %s done (about %.0f min left)", i, len(cells), cell_dir.name, left / 60)
+    path = one_run_report.write(records, out)
+    table = one_run_report.table(records)
+    (out / "report.md").write_text(table + "\n")
+    print(table)
+    print(f"confidence {args.confidence:g}; report: {path}")
+    return 1 if any(r["violation"] for r in records) else 0

@@ -1,0 +1,240 @@
+"""One-run canary audit: canaries reach the clipped sums, only where the node says, and the
+audit of a real ``flwr run`` finds them in what was released."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dpfpl_app import cli
+from dpfpl_app.audit import one_run
+from dpfpl_app.audit.canaries import (
+    ENV_VAR,
+    CanaryError,
+    CanaryInjector,
+    CanarySpec,
+    directions,
+    injector_from_env,
+    load_spec,
+)
+from dpfpl_app.backbone import load_frozen_clip
+from dpfpl_app.client_trainer import ClientTrainer
+from dpfpl_app.config import DPMode, Method, RunConfig
+from dpfpl_app.federated_data import ClientData
+from dpfpl_app.noise import NoiseSource
+from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
+from dpfpl_app.text_encoder import CoOpTextEncoder
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ("cat", "dog", "owl")
+N_CTX, CLIP = 4, 2.0
+
+
+def _spec(included: tuple[bool, ...] = (True, False, True, False), **kw: object) -> CanarySpec:
+    values: dict[str, object] = {
+        "partition_id": 0, "direction_seed": 7, "included": included, "sample_rate": 1.0,
+    }
+    values.update(kw)
+    return CanarySpec(**values)  # type: ignore[arg-type]
+
+
+# --- the canary file and its directions --------------------------------------------------------
+def test_directions_are_orthonormal_and_reproducible_from_their_seed() -> None:
+    dirs = directions(3, 50, (4, 16))
+
+    gram = dirs.flatten(1).double() @ dirs.flatten(1).double().T
+    assert dirs.shape == (50, 4, 16)
+    assert torch.allclose(gram, torch.eye(50, dtype=torch.float64), atol=1e-5)
+    assert torch.equal(dirs, directions(3, 50, (4, 16)))
+    assert not torch.allclose(dirs, directions(4, 50, (4, 16)))
+
+
+def test_more_canaries_than_prompt_numbers_are_refused_with_the_limit() -> None:
+    with pytest.raises(CanaryError, match="at most 64 canaries"):
+        directions(0, 65, (4, 16))
+
+
+def test_coins_all_on_one_side_are_refused() -> None:
+    with pytest.raises(ValueError, match="one side"):
+        _spec(included=(True, True, True))
+
+
+def test_canary_file_is_private_and_round_trips(tmp_path: Path) -> None:
+    path = _spec().save(tmp_path / "c.json")
+
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert load_spec(path) == _spec()
+
+
+def test_a_bad_canary_file_names_the_variable_and_the_problem(tmp_path: Path) -> None:
+    (tmp_path / "bad.json").write_text('{"format": "dpfpl-canaries"}')
+
+    with pytest.raises(CanaryError, match=f"{ENV_VAR}=.*not a valid canary file"):
+        load_spec(tmp_path / "bad.json")
+    with pytest.raises(CanaryError, match="no such canary file"):
+        load_spec(tmp_path / "missing.json")
+
+
+# --- who gets canaries ----------------------------------------------------------------------------
+def test_only_the_named_partition_of_a_node_with_the_variable_gets_canaries(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = _spec(partition_id=1).save(tmp_path / "c.json")
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    assert injector_from_env(1, shape=(N_CTX, 16), clip_norm=CLIP) is None
+
+    monkeypatch.setenv(ENV_VAR, str(path))
+    assert injector_from_env(0, shape=(N_CTX, 16), clip_norm=CLIP) is None
+    injector = injector_from_env(1, shape=(N_CTX, 16), clip_norm=CLIP)
+    assert injector is not None and injector.gradients.shape == (2, N_CTX, 16)
+
+
+def test_kept_canaries_are_drawn_at_the_spec_rate_with_gradients_far_beyond_the_clip() -> None:
+    injector = CanaryInjector(
+        _spec(included=(True, False) * 200, sample_rate=0.3), shape=(N_CTX, 128), clip_norm=CLIP
+    )
+    noise = NoiseSource.public_seed(0, "test")
+
+    drawn = [injector.draw(noise).shape[0] for _ in range(200)]
+
+    norms = injector.gradients.flatten(1).norm(dim=1)
+    assert torch.allclose(norms, torch.full_like(norms, 1000 * CLIP))
+    assert np.mean(drawn) == pytest.approx(0.3 * 200, rel=0.05)
+
+
+# --- canaries in a training step ----------------------------------------------------------------
+@pytest.fixture(scope="module")
+def encoder(plumbing_clip: Path) -> tuple[CoOpTextEncoder, torch.Tensor, int]:
+    clip = load_frozen_clip(str(plumbing_clip), device="cpu")
+    return (
+        CoOpTextEncoder(clip.model, clip.tokenizer, CLASSES, N_CTX),
+        clip.model.logit_scale.exp().detach(),
+        clip.text_width,
+    )
+
+
+def _learner(encoder: tuple, mode: DPMode) -> PromptLearner:
+    enc, scale, width = encoder
+    settings = LearnerSettings(
+        method=Method.PROMPTFL, n_ctx=N_CTX, rank=1, init_std=0.02, lr=0.1, momentum=0.0,
+        weight_decay=0.0, dp_mode=mode, clip_norm=CLIP,
+    )
+    return PromptLearner(enc, scale, settings, generator=torch.Generator().manual_seed(0),
+                         width=width)
+
+
+def test_a_canary_adds_exactly_the_clip_bound_in_its_direction(encoder: tuple) -> None:
+    # Prepare: an empty real batch, one canary of norm 1000 C in the step
+    learner = _learner(encoder, DPMode.PER_SAMPLE)
+    width = encoder[2]
+    canary = directions(1, 1, (N_CTX, width)) * 1000 * CLIP
+    empty = torch.zeros(0, 8), torch.zeros(0, dtype=torch.long)
+
+    # Execute
+    step = learner.train_step(*empty, expected_batch=4.0, canary_rows=canary)
+
+    # Assert: clipped to C, divided by B like a real sample
+    assert step.global_grad is not None
+    assert torch.allclose(step.global_grad, canary[0] / 1000 / 4.0, atol=1e-6)
+
+
+def test_canaries_outside_per_sample_dp_are_refused(encoder: tuple) -> None:
+    learner = _learner(encoder, DPMode.PAPER)
+    canary = torch.ones(1, N_CTX, encoder[2])
+
+    with pytest.raises(ValueError, match="per-sample"):
+        learner.train_step(torch.zeros(1, 8), torch.zeros(1, dtype=torch.long),
+                           expected_batch=1.0, canary_rows=canary)
+
+
+def test_a_trainer_with_canaries_outside_per_sample_dp_is_refused(
+    plumbing_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    clip = load_frozen_clip(str(plumbing_clip), device="cpu")
+    monkeypatch.setenv(ENV_VAR, str(_spec().save(tmp_path / "c.json")))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = RunConfig.from_flower({"n-ctx": N_CTX, "rank": 1, "dp-mode": "off"})
+    feats = torch.nn.functional.normalize(torch.randn(6, int(clip.model.config.projection_dim)))
+    labels = torch.arange(6) % len(CLASSES)
+    data = ClientData(feats[None], labels, feats, labels, feats, labels, classes=(0, 1, 2))
+
+    with pytest.raises(CanaryError, match="per-sample"):
+        ClientTrainer(cfg, clip, CLASSES, data, partition_id=0)
+
+
+# --- scoring and bounding -----------------------------------------------------------------------
+def test_scores_find_kept_canaries_in_a_prompt_moved_against_them() -> None:
+    # Prepare: a prompt moved by -(kept directions) plus noise, as SGD moves it
+    coins = tuple(bool(c) for c in np.random.default_rng(0).integers(0, 2, 400))
+    spec = _spec(included=coins)
+    dirs = directions(spec.direction_seed, spec.count, (8, 64))
+    kept = torch.tensor(coins)
+    noise = torch.randn(8, 64, generator=torch.Generator().manual_seed(1))
+    moved = -0.5 * dirs[kept].sum(0) + 0.05 * noise
+
+    # Execute
+    audit = one_run.audit_view("broadcasts", one_run.score(moved, spec), spec,
+                               claim_name="x", claimed_epsilon=1.0, delta=1e-5, confidence=0.95)
+
+    # Assert: all guesses right -> a bound above the (false) claim
+    assert audit.bound.correct == audit.bound.guesses
+    assert audit.violation and audit.bound.epsilon > 2.0
+    assert min(audit.scores_in) > max(audit.scores_out)
+
+
+def test_scores_of_pure_noise_give_no_bound() -> None:
+    coins = tuple(bool(c) for c in np.random.default_rng(2).integers(0, 2, 400))
+    spec = _spec(included=coins)
+    moved = torch.randn(8, 64, generator=torch.Generator().manual_seed(3))
+
+    audit = one_run.audit_view("broadcasts", one_run.score(moved, spec), spec,
+                               claim_name="x", claimed_epsilon=1.0, delta=1e-5, confidence=0.95)
+
+    assert audit.bound.epsilon < 0.5 and not audit.violation
+
+
+@pytest.mark.parametrize(
+    ("values", "match"),
+    [({"method": "fedpgp"}, "supports methods"), ({"dp-mode": "paper"}, "per-sample")],
+)
+def test_runs_the_audit_cannot_test_are_refused_before_running(
+    tmp_path: Path, values: dict, match: str
+) -> None:
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=match):
+        warnings.simplefilter("ignore")
+        one_run.audit_config(values, out_dir=tmp_path, clients=3)
+
+
+# --- a real federation ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_one_run_audit_of_a_real_flwr_run_finds_canaries_the_noise_does_not_hide(
+    digits_backbone: Path, tmp_path: Path
+) -> None:
+    # Prepare: almost no noise (target epsilon 1000), 5 rounds, 3 simulated SuperNodes
+    args = ["audit", "--one-run", "--method", "dpfpl", "--epsilon", "1000", "--canaries", "200",
+            "--clients", "3", "--set", "num-server-rounds=5", "--app-dir", str(REPO),
+            "--out", str(tmp_path)]
+    assert os.environ.get(ENV_VAR) is None  # the audit sets it for its own SuperLink only
+
+    # Execute
+    code = cli.main(args)
+
+    # Assert: both views see the kept canaries; the bound stays under the (huge) claim
+    report = json.loads((tmp_path / "report.json").read_text())
+    (run,) = report["runs"]
+    views = {v["view"]: v for v in run["views"]}
+    assert code == 0 and set(views) == {"broadcasts", "released prompt"}
+    for v in views.values():
+        assert np.mean(v["scores_in"]) > np.mean(v["scores_out"]) + 3 * np.std(v["scores_out"])
+        assert 1.0 < v["lower_bound"] <= v["claimed_epsilon"]
+    assert views["broadcasts"]["claim"] == "global channel alone"
+    assert (tmp_path / "one_run.png").stat().st_size > 0
+    assert "released prompt" in (tmp_path / "report.md").read_text()
