@@ -69,6 +69,11 @@ def partition_train(
         return [np.flatnonzero(np.isin(labels, g)) for g in groups]
     from flwr_datasets.partitioner import DirichletPartitioner, IidPartitioner
 
+    if num_clients > len(labels):  # flwr-datasets would fail deep inside with an IndexError
+        raise ValueError(
+            f"{num_clients} clients cannot each get one of the {len(labels)} training images: "
+            "use fewer clients (num-partitions / SuperNodes) or a larger dataset"
+        )
     if kind is Partitioner.IID:
         # IidPartitioner takes contiguous shards: shuffle first so a pool stored class by
         # class still gives every client every class

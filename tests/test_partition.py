@@ -117,6 +117,15 @@ def test_label_partitioners_cover_every_train_sample_exactly_once(kind: Partitio
     assert np.array_equal(np.sort(np.concatenate(parts)), np.arange(len(labels)))
 
 
+@pytest.mark.parametrize("kind", [Partitioner.DIRICHLET, Partitioner.IID])
+def test_more_clients_than_images_are_refused_naming_both_counts(kind: Partitioner) -> None:
+    # issue 16: 1000 clients on 754 images failed in every ClientApp with an IndexError
+    labels = _shuffled_labels(3, 4, seed=0)  # 12 images
+
+    with pytest.raises(ValueError, match="13 clients cannot each get one of the 12"):
+        partition_train(labels, 13, kind=kind, seed=0)
+
+
 def test_dirichlet_is_deterministic_for_a_seed_and_skewed() -> None:
     # Prepare
     labels = _shuffled_labels(10, 30, seed=0)

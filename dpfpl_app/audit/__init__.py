@@ -12,7 +12,10 @@ Modules, one job each:
 * ``mechanism``: the two releases of DP-FPL (local carriers, global aggregate) and the
   neighbouring inputs with and without a worst-case canary.
 * ``white_box``: many trials of one release, an adversary that scores each, the verdict.
-* ``report`` and ``cli``: ``dpfpl audit`` (report.json, audit.png, a table).
+* ``canaries``: gradient canaries, from the auditor's file to a client's batches.
+* ``one_run``: a real federation with canaries, the adversaries' scores, the bound.
+* ``report``, ``one_run_report`` and ``cli``: ``dpfpl audit`` (report.json, a plot, a
+  table).
 
 Nothing is imported here, so ``dpfpl`` can build its parser without loading torch.
 """

@@ -8,11 +8,12 @@ its guesses into a lower bound on epsilon (``bounds.one_run_lower_bound``).
 What the adversary sees, one view each:
 
 * ``broadcasts``: every global prompt the server sent (its checkpoints, one per round).
-  Anyone in the federation sees these; the claim under test is the global channel's own
-  epsilon (``eps-global-alone``) and, above it, the run's composed epsilon.
-* ``released prompt``: the client's exported personalised prompt, with the broadcasts.
-  This is everything released about the client's data: the claim is the composed
-  epsilon the run printed.
+  Anyone in the federation sees these. With a local channel the claim under test is
+  the global channel's own epsilon (``eps-global-alone``); without one (PromptFL) the
+  broadcasts are everything released, and the claim is the composed epsilon.
+* ``released prompt`` (methods with a local prompt): the client's exported personalised
+  prompt, which carries both channels; the claim is the composed epsilon the run
+  printed.
 
 The score of canary i is how far the released prompt moved against ``u_i`` from its
 public start (``-<p_end - p_start, u_i>``: SGD steps against the gradient). Summing all
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
+from scipy import optimize, stats
 from torch import Tensor
 
 from dpfpl_app.audit.bounds import OneRunBound, one_run_guesses, one_run_lower_bound
@@ -74,6 +76,46 @@ class ViewAudit:
     @property
     def violation(self) -> bool:
         return self.bound.epsilon > self.claimed_epsilon
+
+    @property
+    def separation(self) -> float:
+        """Mean score gap of kept and left-out canaries, in left-out standard deviations."""
+        out = np.asarray(self.scores_out)
+        return float((np.mean(self.scores_in) - out.mean()) / out.std(ddof=1))
+
+    @property
+    def ceiling(self) -> float:
+        """The bound at this separation if every count came out at its expectation.
+
+        A measured bound far below the claim with a ceiling just as low says the run
+        hides the canaries (or m is too small to see more), not that the audit is weak.
+        """
+        return expected_bound(
+            self.separation,
+            canaries=len(self.scores_in) + len(self.scores_out),
+            delta=self.bound.delta,
+            confidence=self.bound.confidence,
+        )
+
+
+def expected_bound(mu: float, *, canaries: int, delta: float, confidence: float) -> float:
+    """Best bound over the guess fractions with kept scores N(mu, 1), left-out N(0, 1)."""
+    level = (1.0 - confidence) / len(GUESS_FRACTIONS)
+    best = 0.0
+    for fraction in GUESS_FRACTIONS:
+        k = max(1, round(fraction * canaries))
+        # the score above which a fraction k/m of the half-half mixture lies
+        share = k / canaries
+        top = optimize.brentq(
+            lambda t, s=share: 0.5 * (stats.norm.sf(t - mu) + stats.norm.sf(t)) - s, -40, 40
+        )
+        right_in = 0.5 * stats.norm.sf(top - mu) / share  # share of top guesses right
+        correct = 2 * round(k * right_in)  # the bottom guesses are right as often, by symmetry
+        bound = one_run_lower_bound(
+            canaries=canaries, guesses=2 * k, correct=correct, delta=delta, confidence=1 - level
+        )
+        best = max(best, bound.epsilon)
+    return best
 
 
 RUN_NAME = "audit"
@@ -140,21 +182,24 @@ def run_federation(
 
 
 def adversary_views(cfg: RunConfig, *, partition_id: int) -> dict[str, Tensor]:
-    """How far each released prompt moved from its public start, per view."""
+    """How far each released prompt moved from its public start, per view.
+
+    Without a local prompt (PromptFL) the released prompt is the last broadcast, and the
+    two views are one: only ``broadcasts`` is scored.
+    """
     start_global = initial_prompt(cfg)
-    exported = Path(cfg.state_dir) / partition_subdir(cfg.run_name, 0, partition_id)
-    released = load_prompt_file(export_path(exported)).prompt
-    start_released = start_global if cfg.method.has_global else torch.zeros_like(start_global)
-    if cfg.method.has_local:
-        generator = init_generator(cfg.seed, partition_id)
-        start_released = start_released + initial_local_prompt(
-            tuple(start_global.shape), cfg.init_std, generator
-        )
-    views = {RELEASED: released - start_released}
+    views = {}
     if cfg.method.has_global:
         # the adversary saw every round's broadcast; their moves telescope to the last one
         last = _checkpoint_prompt(run_dir(cfg), cfg.num_server_rounds)
         views[BROADCASTS] = last - start_global
+    if cfg.method.has_local:
+        exported = Path(cfg.state_dir) / partition_subdir(cfg.run_name, 0, partition_id)
+        released = load_prompt_file(export_path(exported)).prompt
+        start = start_global if cfg.method.has_global else torch.zeros_like(start_global)
+        generator = init_generator(cfg.seed, partition_id)
+        start = start + initial_local_prompt(tuple(start_global.shape), cfg.init_std, generator)
+        views[RELEASED] = released - start
     return views
 
 
@@ -207,13 +252,17 @@ def audit_view(
 def audit_run(cfg: RunConfig, spec: CanarySpec, *, confidence: float) -> list[ViewAudit]:
     """Score the finished run from each view and bound its epsilon."""
     privacy = json.loads((run_dir(cfg) / RESULTS_FILE).read_text())["summary"]["privacy"]
-    claims = {
-        RELEASED: ("composed epsilon", float(privacy["epsilon"])),
-        BROADCASTS: ("global channel alone", float(privacy["eps-global-alone"])),
-    }
+    claims = {RELEASED: ("composed epsilon", "epsilon")}
+    # with a local channel the broadcasts carry only the global one; without, everything
+    claims[BROADCASTS] = (
+        ("global channel alone", "eps-global-alone")
+        if cfg.method.has_local
+        else ("composed epsilon", "epsilon")
+    )
     audits = []
     for view, moved in adversary_views(cfg, partition_id=spec.partition_id).items():
-        name, claim = claims[view]
+        name, key = claims[view]
+        claim = float(privacy[key])
         audits.append(
             audit_view(
                 view,

@@ -39,6 +39,8 @@ def view_record(audit: ViewAudit) -> dict[str, Any]:
         "guesses": b.guesses,
         "correct": b.correct,
         "guess_fraction_each_side": audit.guess_fraction,
+        "separation": audit.separation,
+        "ceiling_at_this_separation": audit.ceiling,
         "verdict": "VIOLATION" if audit.violation else "pass",
         "scores_in": audit.scores_in,
         "scores_out": audit.scores_out,
@@ -72,15 +74,16 @@ def run_record(cfg: RunConfig, spec: CanarySpec, audits: Sequence[ViewAudit]) ->
 def table(records: Sequence[dict[str, Any]]) -> str:
     """Claim against bound, one row per (run, view)."""
     rows = [
-        "| method | target eps | view | claim | claimed eps | lower bound | correct / guesses "
-        "| canaries | verdict |",
-        "|---|---:|---|---|---:|---:|---:|---:|---|",
+        "| method | target eps | view | claim | claimed eps | lower bound | ceiling "
+        "| separation | correct / guesses | canaries | verdict |",
+        "|---|---:|---|---|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in records:
         for v in r["views"]:
             rows.append(
                 f"| {r['method']} | {r['target_epsilon']:g} | {v['view']} | {v['claim']} "
                 f"| {v['claimed_epsilon']:.3f} | {v['lower_bound']:.3f} "
+                f"| {v['ceiling_at_this_separation']:.3f} | {v['separation']:.2f} "
                 f"| {v['correct']} / {v['guesses']} | {r['canaries']['count']} | {v['verdict']} |"
             )
     return "\n".join(rows)
