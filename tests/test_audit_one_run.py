@@ -215,29 +215,32 @@ def test_runs_the_audit_cannot_test_are_refused_before_running(
 
 # --- a real federation ---------------------------------------------------------------------------
 @pytest.mark.slow
-def test_one_run_audit_of_a_real_flwr_run_finds_canaries_the_noise_does_not_hide(
+def test_one_run_audit_of_a_real_flwr_run_passes_it_and_catches_its_public_seed(
     digits_backbone: Path, tmp_path: Path
 ) -> None:
-    # Prepare: almost no noise (target epsilon 1000), 5 rounds, 3 simulated SuperNodes
-    args = ["audit", "--one-run", "--method", "dpfpl", "--epsilon", "1000", "--canaries", "200",
-            "--clients", "3", "--set", "num-server-rounds=5", "--app-dir", str(REPO),
-            "--out", str(tmp_path)]
+    # Prepare: epsilon 1 with noise from the public seed (reproducible-noise = true), 5
+    # rounds, 3 simulated SuperNodes; only the replaying adversary can subtract the noise
+    args = ["audit", "--one-run", "--method", "dpfpl", "--epsilon", "1", "--canaries", "200",
+            "--clients", "3", "--set", "num-server-rounds=5", "--set", "reproducible-noise=true",
+            "--app-dir", str(REPO), "--out", str(tmp_path)]
     assert os.environ.get(ENV_VAR) is None  # the audit sets it for its own SuperLink only
 
     # Execute
     code = cli.main(args)
 
-    # Assert: both views see the kept canaries; the bound stays under the (huge) claim
+    # Assert: the honest views pass; replaying the seed finds the canaries, a violation
     report = json.loads((tmp_path / "report.json").read_text())
     (run,) = report["runs"]
     views = {v["view"]: v for v in run["views"]}
-    assert code == 0 and set(views) == {"broadcasts", "released prompt"}
-    for v in views.values():  # measured: separations 4.1 and 2.8, bounds 2.0 and 1.7
-        assert v["separation"] > 1.5
-        assert 1.0 < v["lower_bound"] <= v["claimed_epsilon"]
-    assert views["broadcasts"]["claim"] == "global channel alone"
+    assert set(views) == {one_run.BROADCASTS, one_run.REPLAYED, one_run.RELEASED}
+    for name in (one_run.BROADCASTS, one_run.RELEASED):
+        assert views[name]["verdict"] == "pass"
+    replayed = views[one_run.REPLAYED]
+    assert replayed["separation"] > 1.5 and replayed["verdict"] == "VIOLATION"
+    assert replayed["claim"] == "global channel alone"
+    assert code == 1 and report["violation"] is True
     assert (tmp_path / "one_run.png").stat().st_size > 0
-    assert "released prompt" in (tmp_path / "report.md").read_text()
+    assert "public seed replayed" in (tmp_path / "report.md").read_text()
 
 
 def test_the_ceiling_grows_with_the_separation_and_is_nil_without_one() -> None:

@@ -11,6 +11,9 @@ What the adversary sees, one view each:
   Anyone in the federation sees these. With a local channel the claim under test is
   the global channel's own epsilon (``eps-global-alone``); without one (PromptFL) the
   broadcasts are everything released, and the claim is the composed epsilon.
+* ``broadcasts, public seed replayed`` (runs with ``reproducible-noise = true`` only):
+  the same, by an adversary who regenerates the server's noise from the public seed and
+  subtracts it. The epsilon such a run prints is labelled nominal; this view shows why.
 * ``released prompt`` (methods with a local prompt): the client's exported personalised
   prompt, which carries both channels; the claim is the composed epsilon the run
   printed.
@@ -59,6 +62,7 @@ logger = logging.getLogger(__name__)
 GUESS_FRACTIONS = (0.02, 0.05, 0.1, 0.2)  # guesses on each side, as shares of m
 AUDITED_METHODS = (Method.DPFPL, Method.FEDOTP, Method.PROMPTFL, Method.LOCAL)
 BROADCASTS, RELEASED = "broadcasts", "released prompt"
+REPLAYED = "broadcasts, public seed replayed"
 
 
 @dataclass(frozen=True)
@@ -193,6 +197,8 @@ def adversary_views(cfg: RunConfig, *, partition_id: int) -> dict[str, Tensor]:
         # the adversary saw every round's broadcast; their moves telescope to the last one
         last = _checkpoint_prompt(run_dir(cfg), cfg.num_server_rounds)
         views[BROADCASTS] = last - start_global
+        if cfg.reproducible_noise:
+            views[REPLAYED] = views[BROADCASTS] + cfg.lr_global * _server_noise(cfg)
     if cfg.method.has_local:
         exported = Path(cfg.state_dir) / partition_subdir(cfg.run_name, 0, partition_id)
         released = load_prompt_file(export_path(exported)).prompt
@@ -254,7 +260,7 @@ def audit_run(cfg: RunConfig, spec: CanarySpec, *, confidence: float) -> list[Vi
     privacy = json.loads((run_dir(cfg) / RESULTS_FILE).read_text())["summary"]["privacy"]
     claims = {RELEASED: ("composed epsilon", "epsilon")}
     # with a local channel the broadcasts carry only the global one; without, everything
-    claims[BROADCASTS] = (
+    claims[BROADCASTS] = claims[REPLAYED] = (
         ("global channel alone", "eps-global-alone")
         if cfg.method.has_local
         else ("composed epsilon", "epsilon")
@@ -275,6 +281,24 @@ def audit_run(cfg: RunConfig, spec: CanarySpec, *, confidence: float) -> list[Vi
             )
         )
     return audits
+
+
+def _server_noise(cfg: RunConfig) -> Tensor:
+    """The sum of every round's server noise, regenerated from the public seed.
+
+    The strategy draws round t's noise from ``public_seed(seed, "global-noise", t)`` with
+    the std it reported in that round's metrics (``noise-std``, public).
+    """
+    rounds = json.loads((run_dir(cfg) / RESULTS_FILE).read_text())["rounds"]
+    shape = tuple(initial_prompt(cfg).shape)
+    total = torch.zeros(shape, dtype=torch.float64)
+    for row in rounds:
+        std = row.get("noise-std")
+        if std:  # a round with every reply refused drew no noise
+            total += NoiseSource.public_seed(cfg.seed, "global-noise", int(row["round"])).gaussian(
+                shape, std=float(std), dtype=torch.float64
+            )
+    return total.float()
 
 
 def _checkpoint_prompt(run_dir: Path, server_round: int) -> Tensor:

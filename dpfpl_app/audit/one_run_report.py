@@ -16,12 +16,13 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from dpfpl_app.audit.canaries import CanarySpec
-from dpfpl_app.audit.one_run import BROADCASTS, GUESS_FRACTIONS, ViewAudit
+from dpfpl_app.audit.one_run import BROADCASTS, GUESS_FRACTIONS, RELEASED, REPLAYED, ViewAudit
 from dpfpl_app.config import RunConfig
 
 SAW = {
     BROADCASTS: "every global prompt the server broadcast (its per-round checkpoints)",
-    "released prompt": "the client's exported personalised prompt and the broadcasts",
+    REPLAYED: "the broadcasts, minus the server noise regenerated from the public seed",
+    RELEASED: "the client's exported personalised prompt",
 }
 
 
