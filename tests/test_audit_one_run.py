@@ -1,5 +1,6 @@
 """One-run canary audit: canaries reach the clipped sums, only where the node says, and the
-audit of a real ``flwr run`` finds them in what was released."""
+audit of a real ``flwr run`` finds them in what was released.
+"""
 
 from __future__ import annotations
 
