@@ -31,6 +31,7 @@ RDP_ORDERS: list[float] = (
     + [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024]
 )
 
+
 class AccountantKind(str, Enum):
     """Which opacus accountant converts the noisy steps into an (epsilon, delta) bound."""
 

@@ -303,13 +303,19 @@ def _plan(
                 global_share=share,
                 has_local=method.has_local,
             )
+            setting = secure_channel.setting_for(
+                z_step, sample_rate=rate, global_share=share, has_local=method.has_local
+            )
+            z_local, z_global = setting.z_local, setting.z_global
         else:
             z_step = accounting.calibrate_noise_multiplier(
                 target_epsilon=epsilon, delta=delta, sample_rate=rate, steps=rounds * k, kind=kind
             )
-        global_share = share if method.has_local and method.has_global else float(method.has_global)
-        z_local = z_step / math.sqrt(1.0 - global_share) if global_share < 1.0 else 0.0
-        z_global = z_step / math.sqrt(k * global_share) if global_share > 0.0 else 0.0
+            global_share = (
+                share if method.has_local and method.has_global else float(method.has_global)
+            )
+            z_local = z_step / math.sqrt(1.0 - global_share) if global_share < 1.0 else 0.0
+            z_global = z_step / math.sqrt(k * global_share) if global_share > 0.0 else 0.0
     return ChannelPlan(
         mode=mode,
         method=method,

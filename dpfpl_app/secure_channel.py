@@ -51,6 +51,7 @@ from functools import lru_cache
 import numpy as np
 
 from dpfpl_app.calibration import MAX_NOISE_MULTIPLIER, smallest_multiplier
+from dpfpl_app.config import DPMode, RunConfig
 from dpfpl_app.secagg import SecAggConfig, rdp_to_epsilon, skellam_rdp
 from dpfpl_app.secagg.dp import quantised_sensitivity
 from dpfpl_app.secagg.subsampled import poisson_subsampled_rdp
@@ -127,6 +128,7 @@ def setting_for(
     return SecureSetting(sample_rate, z_local, z_step / math.sqrt(share))
 
 
+@lru_cache(maxsize=8)
 def calibrate(
     *,
     target_epsilon: float,
@@ -170,4 +172,33 @@ def secagg_config(*, dim: int, clip_norm: float, batch_size: int, z_global: floa
         sum_noise_std=z_global * sensitivity,
         l2_sensitivity=sensitivity,
         scale=SCALE_RATIO * math.sqrt(dim) / sensitivity,
+    )
+
+
+def config_for(cfg: RunConfig, dim: int) -> SecAggConfig:
+    """The run's SecAgg config from the run config alone: what a client derives itself.
+
+    The server gets the same numbers from its channel plan (``dp_channel``), which runs
+    the same calibration; a client compares them in the setup stage and refuses a round
+    whose noise or thresholds differ. ``dim`` comes from the server's round parameters:
+    a client that was told a wrong one finds out when its gradient does not fit.
+    """
+    z_global = 0.0
+    if cfg.dp_on and cfg.dp_mode is DPMode.PER_SAMPLE:
+        z_step = calibrate(
+            target_epsilon=cfg.epsilon,
+            delta=cfg.delta,
+            sample_rate=cfg.max_sample_rate,
+            steps=cfg.num_server_rounds * cfg.local_steps,
+            global_share=cfg.global_share,
+            has_local=cfg.method.has_local,
+        )
+        z_global = setting_for(
+            z_step,
+            sample_rate=cfg.max_sample_rate,
+            global_share=cfg.global_share,
+            has_local=cfg.method.has_local,
+        ).z_global
+    return secagg_config(
+        dim=dim, clip_norm=cfg.clip_norm, batch_size=cfg.batch_size, z_global=z_global
     )
