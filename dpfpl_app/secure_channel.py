@@ -91,7 +91,9 @@ class SecureSetting:
         # units where the per-sample sensitivity C/B is 1 and dim = 1 (module docstring)
         d2, d1 = quantised_sensitivity(1.0, SCALE_RATIO, 1)
         variance = survivor_ratio * (SCALE_RATIO * self.z_global) ** 2
-        return out + skellam_rdp(ls, l2_sensitivity=d2, l1_sensitivity=d1, variance=variance)
+        return out + skellam_rdp(
+            ls.tolist(), l2_sensitivity=d2, l1_sensitivity=d1, variance=variance
+        )
 
     def epsilon(self, rounds: Sequence[float | None], delta: float) -> float:
         """Epsilon after ``rounds`` (one step each: K = 1), each its survivor ratio or None."""

@@ -100,5 +100,5 @@ def _client(context: Context, cfg: RunConfig, stage: str, payload: dict[str, Any
             f"node {context.node_id} got stage {stage!r} without a round in progress "
             "(its setup never arrived, or the node restarted): it drops out of this round"
         )
-    state = dict(context.state.config_records[STATE_KEY])
+    state: dict[str, Any] = dict(context.state.config_records[STATE_KEY])
     return ClientRound.from_state(config_for(cfg, int(state["dim"])), context.node_id, state)

@@ -20,12 +20,14 @@ from flwr.clientapp import ClientApp
 
 import client_app as client_module
 import server_app as server_module
+from dpfpl_app.client_node import STATE_ARRAYS
 from dpfpl_app.config import RunConfig
 from dpfpl_app.dp_channel import plan_for
 from dpfpl_app.secagg import AggregateResult, ClientRound, RoundParams, Stage, fixed_point, skellam
 from dpfpl_app.secagg.records import message_type, read_payload
 from dpfpl_app.secagg.stream import KeyStream
 from dpfpl_app.secagg.wire import MASKED
+from dpfpl_app.secure_client import STATE_KEY
 from dpfpl_app.secure_round import SecureRound
 from tests.flower_harness import federation_config, node_id_of, run_server_app
 
@@ -93,7 +95,7 @@ def _run(tmp_path: Path, app: ClientApp, rounds: int) -> tuple[dict, RunConfig]:
     )
     run = run_server_app(server_module.app, client_app=app, num_nodes=NODES, run_config=cfg)
     doc = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())
-    return {"doc": doc, "replies": run.replies}, RunConfig.from_flower(cfg)
+    return {"doc": doc, "replies": run.replies, "grid": run.grid}, RunConfig.from_flower(cfg)
 
 
 def test_secure_federation_with_a_dropout_at_each_stage(
@@ -150,6 +152,10 @@ def test_no_message_the_server_receives_carries_a_gradient(
         # decoding the reply as a fixed-point vector gives nothing near the gradient
         decoded = fixed_point.dequantise(fixed_point.from_ring(masked, params.bits), params.scale)
         assert np.linalg.norm(decoded - x) > 100 * np.linalg.norm(x)
+    # the round's secrets are gone from every node's state; the training state stays
+    for context in out["grid"].contexts.values():
+        assert STATE_KEY not in context.state
+        assert STATE_ARRAYS in context.state
 
 
 def test_a_round_below_the_release_threshold_releases_nothing(
