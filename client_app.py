@@ -9,6 +9,8 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfpl_app.config import RunConfig
+from dpfpl_app.secagg import Stage
+from dpfpl_app.secure_client import answer_stage, masked_content
 
 if TYPE_CHECKING:
     from dpfpl_app.client_trainer import ClientTrainer
@@ -54,3 +56,38 @@ def evaluate(msg: Message, context: Context) -> Message:
     from dpfpl_app.client_messages import answer_evaluate
 
     return _handle(msg, context, cfg, answer_evaluate)
+
+
+# --- secure aggregation (aggregation = "secure"): one handler per stage -----------------
+# The key-exchange stages import no torch and load no model: in deployment each message
+# is a fresh process (dpfpl_app.secure_client).
+
+
+@app.query(Stage.SETUP)
+def secagg_setup(msg: Message, context: Context) -> Message:
+    """Check the round's parameters against this node's config; make the round keys."""
+    return answer_stage(msg, context, RunConfig.from_flower(context.run_config), Stage.SETUP)
+
+
+@app.query(Stage.SHARE_KEYS)
+def secagg_share_keys(msg: Message, context: Context) -> Message:
+    """Share the mask secrets among the neighbours, encrypted to each."""
+    return answer_stage(msg, context, RunConfig.from_flower(context.run_config), Stage.SHARE_KEYS)
+
+
+@app.train(Stage.COLLECT_MASKED)
+def secagg_collect_masked(msg: Message, context: Context) -> Message:
+    """Train one round; reply with the clipped gradient quantised, noised and masked."""
+    cfg = RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
+    from dpfpl_app.client_messages import secure_contribution
+
+    def answer(trainer: ClientTrainer, message: Message) -> RecordDict:
+        return masked_content(message, context, cfg, lambda: secure_contribution(trainer, message))
+
+    return _handle(msg, context, cfg, answer)
+
+
+@app.query(Stage.UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    """Reveal the shares the protocol allows, then forget the round's secrets."""
+    return answer_stage(msg, context, RunConfig.from_flower(context.run_config), Stage.UNMASK)

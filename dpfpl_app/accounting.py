@@ -18,6 +18,8 @@ from enum import Enum
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.accountant import IAccountant
 
+from dpfpl_app.calibration import MAX_NOISE_MULTIPLIER, PrivacyBudgetError, smallest_multiplier
+
 # opacus's default RDP orders stop at 63; small epsilons with large noise multipliers
 # have their optimal order far above that, and the conversion then reports a loose
 # (or no) bound. Extending the grid only tightens the bound, it never weakens it.
@@ -29,18 +31,12 @@ RDP_ORDERS: list[float] = (
     + [64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024]
 )
 
-MAX_NOISE_MULTIPLIER = 1.0e4
-
 
 class AccountantKind(str, Enum):
     """Which opacus accountant converts the noisy steps into an (epsilon, delta) bound."""
 
     RDP = "rdp"
     PRV = "prv"
-
-
-class PrivacyBudgetError(ValueError):
-    """A requested privacy target cannot be met with the given settings."""
 
 
 def _new_accountant(kind: AccountantKind) -> IAccountant:
@@ -86,14 +82,8 @@ def calibrate_noise_multiplier(
 ) -> float:
     """Smallest noise multiplier (to a tolerance) whose epsilon does not exceed the target.
 
-    Bisection keeps the invariant ``epsilon(high) <= target``, so the result never
-    overshoots the budget; the tolerance is relative because targets span 0.01 to 10 and
-    an absolute one would be coarse at the small end.
+    The bisection (``calibration.smallest_multiplier``) never overshoots the target.
     """
-    if target_epsilon <= 0:
-        raise PrivacyBudgetError(
-            f"target epsilon must be > 0, got {target_epsilon}; use dp-mode='off' for no DP"
-        )
     if steps <= 0:
         raise PrivacyBudgetError(f"steps must be a positive integer, got {steps}")
     _check_rate_delta(sample_rate, delta)
@@ -103,23 +93,17 @@ def calibrate_noise_multiplier(
             noise_multiplier=z, sample_rate=sample_rate, steps=steps, delta=delta, kind=kind
         )
 
-    low, high = 0.0, 1.0
-    while eps(high) > target_epsilon:
-        low, high = high, 2.0 * high
-        if high > MAX_NOISE_MULTIPLIER:
-            raise PrivacyBudgetError(
-                f"epsilon={target_epsilon} at delta={delta} cannot be reached in {steps} steps "
-                f"at sample rate {sample_rate:.4g} with a noise multiplier below "
-                f"{MAX_NOISE_MULTIPLIER:g}; raise the epsilon, lower the number of rounds or "
-                "local steps, or lower the batch size"
-            )
-    while high - low > relative_tolerance * high:
-        mid = 0.5 * (low + high)
-        if eps(mid) > target_epsilon:
-            low = mid
-        else:
-            high = mid
-    return high
+    return smallest_multiplier(
+        eps,
+        target_epsilon,
+        relative_tolerance=relative_tolerance,
+        unreachable=(
+            f"epsilon={target_epsilon} at delta={delta} cannot be reached in {steps} steps "
+            f"at sample rate {sample_rate:.4g} with a noise multiplier below "
+            f"{MAX_NOISE_MULTIPLIER:g}; raise the epsilon, lower the number of rounds or "
+            "local steps, or lower the batch size"
+        ),
+    )
 
 
 def paper_noise_multiplier(*, epsilon: float, delta: float, rounds: int) -> float:

@@ -51,7 +51,8 @@ def _check_config(args: argparse.Namespace) -> int:
     overrides = parse_config_args([args.run_config] if args.run_config else None)
     cfg = RunConfig.from_flower({**shipped, **overrides})
     print(f"run config OK ({len(overrides)} override(s)): method={cfg.method.value} "
-          f"dp-mode={cfg.dp_mode.value} model={cfg.model} dataset={cfg.dataset}")
+          f"dp-mode={cfg.dp_mode.value} aggregation={cfg.aggregation.value} model={cfg.model} "
+          f"dataset={cfg.dataset}")
     return 0
 
 

@@ -8,9 +8,10 @@ the clipped global-prompt gradient and scalar metrics into the reply (``wire``).
 
 from __future__ import annotations
 
+import numpy as np
 from flwr.app import Message, RecordDict
 
-from dpfpl_app import wire
+from dpfpl_app import privacy, wire
 from dpfpl_app.client_trainer import ClientTrainer
 
 
@@ -34,3 +35,17 @@ def answer_evaluate(trainer: ClientTrainer, msg: Message) -> RecordDict:
         neighbour_examples=int(metrics["neighbour-examples"]),
         partition_id=trainer.partition_id,
     )
+
+
+def secure_contribution(trainer: ClientTrainer, msg: Message) -> np.ndarray:
+    """One round of local training; the global-prompt gradient projected onto the C ball.
+
+    The projection keeps the per-sample sensitivity C/B (it is 1-Lipschitz) and puts the
+    vector inside the SecAgg input bound even when the Poisson batch exceeded B. No
+    noise here: the client's Skellam share is added after quantisation (``secagg``).
+    """
+    prompt = wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD])
+    server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
+    outcome = trainer.train_round(prompt, server_round)
+    bounded = privacy.clip_tensor(outcome.global_grad.double(), trainer.cfg.clip_norm)
+    return bounded.flatten().numpy()

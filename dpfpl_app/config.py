@@ -47,6 +47,13 @@ class DPMode(str, Enum):
     PER_SAMPLE = "per-sample"  # per-sample clipping + accountant-calibrated noise
 
 
+class Aggregation(str, Enum):
+    """How the server combines the clients' global-prompt gradients."""
+
+    PLAIN = "plain"  # the server sees each clipped gradient and adds the Gaussian noise
+    SECURE = "secure"  # SecAgg+: the server sees only the sum, noised by the clients
+
+
 class Accountant(str, Enum):
     RDP = "rdp"
     PRV = "prv"
@@ -91,6 +98,9 @@ class RunConfig(BaseModel):
     )
     clip_norm: float = Field(10.0, gt=0, description="per-sample (or batch) L2 clip C_th")
     accountant: Accountant = Field(Accountant.RDP, description="rdp | prv")
+    aggregation: Aggregation = Field(
+        Aggregation.PLAIN, description="plain | secure (SecAgg+ with client noise; deployments)"
+    )
     model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")
     dataset: str = Field(
         "digits", min_length=1, description="offline name, hub name, hf:<id>, or imagefolder"
@@ -149,6 +159,8 @@ class RunConfig(BaseModel):
                 "results directory and its clients' private state; set run-name to the name "
                 "of the run being resumed"
             )
+        if self.aggregation is Aggregation.SECURE:
+            self._check_secure()
         if self.dp_mode is DPMode.PAPER:
             warnings.warn(
                 "dp-mode='paper' clips minibatch means, not samples: its epsilon is the "
@@ -162,6 +174,35 @@ class RunConfig(BaseModel):
                 stacklevel=2,
             )
         return self
+
+    def _check_secure(self) -> None:
+        """What secure aggregation needs (``secure_channel`` says why for each rule)."""
+        if not self.method.has_global:
+            raise ValueError(
+                f"aggregation='secure' sums the clients' global-prompt gradients, but "
+                f"method={self.method.value!r} shares no global prompt: use aggregation='plain'"
+            )
+        if self.dp_mode is DPMode.PAPER:
+            raise ValueError(
+                "aggregation='secure' needs dp-mode='per-sample' (accounted client noise) or "
+                "'off' (secure aggregation without DP); dp-mode='paper' has no accounting for it"
+            )
+        if self.min_nodes < 3:
+            raise ValueError(
+                f"aggregation='secure' needs min-nodes >= 3 (a sum of two inputs reveals each "
+                f"to the other), got min-nodes={self.min_nodes}"
+            )
+        if self.dp_mode is DPMode.PER_SAMPLE and self.accountant is not Accountant.RDP:
+            raise ValueError(
+                f"aggregation='secure' is accounted with RDP (a subsampled bound for Skellam "
+                f"noise; PRV has none): set accountant='rdp', got {self.accountant.value!r}"
+            )
+        if self.dp_mode is DPMode.PER_SAMPLE and self.local_steps != 1:
+            raise ValueError(
+                f"aggregation='secure' with dp-mode='per-sample' needs local-steps=1, got "
+                f"{self.local_steps}: the accounting splits a round into per-step releases, "
+                "and one rounding of a K-step mean does not split (secure_channel docstring)"
+            )
 
     @property
     def dp_on(self) -> bool:

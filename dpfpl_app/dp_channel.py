@@ -27,6 +27,10 @@ steps with ``z_step`` at the public sampling-rate bound q. The user's target eps
 that composed figure; ``global-share`` s splits the per-step precision z_step^-2 between
 the channels: ``z_L = z_step / sqrt(1 - s)``, ``z_G = z_step / sqrt(K s)``.
 
+Secure aggregation (``aggregation = "secure"``) replaces the server's Gaussian on the
+global channel with Skellam noise the clients add under SecAgg+ masking: the same
+split of z_step, accounted with a generic subsampled-RDP bound (``secure_channel``).
+
 The sampling rate accounted is the public bound ``max-sample-rate``; a client draws with
 ``q_i = min(bound, B / |D_i|)`` <= bound and still divides by B, and epsilon only grows
 with q, so the bound covers every client without trusting any client's word.
@@ -39,9 +43,10 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 
-from dpfpl_app import accounting
+from dpfpl_app import accounting, secure_channel
 from dpfpl_app.accounting import AccountantKind
-from dpfpl_app.config import DPMode, Method, RunConfig
+from dpfpl_app.config import Aggregation, DPMode, Method, RunConfig
+from dpfpl_app.secure_channel import SecureSetting
 
 
 class Guarantee(str, Enum):
@@ -78,6 +83,14 @@ HONEST_SERVER = (
     "broadcast global prompts and the released personalised prompts, not against the server"
 )
 
+SECURE_SERVER = (
+    "secure aggregation: the server sees only the noised SUM of at least min-survivors "
+    "clients' clipped global-prompt gradients, never one client's; the global noise is "
+    "added by the clients (Skellam), so the epsilon also holds against an honest-but-"
+    "curious server and up to threshold-1 colluding clients (each colluder removes its own "
+    "noise share: the README's security model)"
+)
+
 
 @dataclass(frozen=True)
 class ChannelPlan:
@@ -85,6 +98,7 @@ class ChannelPlan:
 
     mode: DPMode
     method: Method
+    aggregation: Aggregation
     guarantee: Guarantee
     delta: float
     accountant: AccountantKind
@@ -105,6 +119,20 @@ class ChannelPlan:
     @property
     def meaning(self) -> str:
         return MEANINGS[self.guarantee]
+
+    @property
+    def secure(self) -> bool:
+        return self.aggregation is Aggregation.SECURE
+
+    @property
+    def server_view(self) -> str:
+        """What the server sees of a client's global-prompt gradient, in words."""
+        return SECURE_SERVER if self.secure else HONEST_SERVER
+
+    @property
+    def secure_setting(self) -> SecureSetting:
+        """The secure channel's per-step mechanism (``secure_channel``)."""
+        return SecureSetting(self.sample_rate, self.z_local, self.z_global)
 
     # --- noise ------------------------------------------------------------------------
     def global_std(self, accepted: int) -> float:
@@ -129,12 +157,30 @@ class ChannelPlan:
             return math.inf
         if self.guarantee is Guarantee.NOMINAL_PAPER:
             return self.target_epsilon
+        if self.secure:  # every step at the minimum survivors: the client's upper bound
+            return self.secure_setting.epsilon([1.0] * steps_done, self.delta)
         return _epsilon(self.z_step, self.sample_rate, steps_done, self.delta, self.accountant)
+
+    def secure_epsilon(self, rounds: list[float | None]) -> float:
+        """The secure run's epsilon from each round's survivors / min-survivors ratio.
+
+        ``None`` marks a round whose sum was never released but whose clients trained
+        (their local carriers were released). Only for accounted secure plans.
+        """
+        if not self.secure or self.guarantee not in ACCOUNTED_KINDS:
+            raise ValueError(f"secure_epsilon needs an accounted secure plan, not {self}")
+        return self.secure_setting.epsilon(rounds, self.delta)
 
     def components(self, steps_done: int) -> dict[str, float]:
         """Each channel's epsilon as if it were the only one (a component, not a bound)."""
         if self.mode is not DPMode.PER_SAMPLE or self.z_step == 0.0:
             return {}
+        if self.secure:
+            alone = SecureSetting(self.sample_rate, 0.0, self.z_global)
+            return {
+                "eps-local-alone": self.secure_setting.epsilon([None] * steps_done, self.delta),
+                "eps-global-alone": alone.epsilon([1.0] * steps_done, self.delta),
+            }
         out = {}
         if self.z_local > 0:
             out["eps-local-alone"] = _epsilon(
@@ -155,6 +201,7 @@ class ChannelPlan:
         return {
             "guarantee": self.guarantee.value,
             "meaning": self.meaning,
+            "aggregation": self.aggregation.value,
             "accountant": self.accountant.value,
             "delta": self.delta,
             "sample-rate-bound": self.sample_rate,
@@ -172,6 +219,7 @@ def plan_for(cfg: RunConfig) -> ChannelPlan:
     return _plan(
         cfg.dp_mode if cfg.dp_on else DPMode.OFF,
         cfg.method,
+        cfg.aggregation,
         cfg.reproducible_noise,
         cfg.delta,
         AccountantKind(cfg.accountant.value),
@@ -215,6 +263,7 @@ def global_noise_std(
 def _plan(
     mode: DPMode,
     method: Method,
+    aggregation: Aggregation,
     reproducible: bool,
     delta: float,
     kind: AccountantKind,
@@ -245,15 +294,32 @@ def _plan(
         )
     else:
         guarantee = Guarantee.NOMINAL_PUBLIC_SEED if reproducible else Guarantee.ACCOUNTED
-        z_step = accounting.calibrate_noise_multiplier(
-            target_epsilon=epsilon, delta=delta, sample_rate=rate, steps=rounds * k, kind=kind
-        )
-        global_share = share if method.has_local and method.has_global else float(method.has_global)
-        z_local = z_step / math.sqrt(1.0 - global_share) if global_share < 1.0 else 0.0
-        z_global = z_step / math.sqrt(k * global_share) if global_share > 0.0 else 0.0
+        if aggregation is Aggregation.SECURE:
+            z_step = secure_channel.calibrate(
+                target_epsilon=epsilon,
+                delta=delta,
+                sample_rate=rate,
+                steps=rounds * k,
+                global_share=share,
+                has_local=method.has_local,
+            )
+            setting = secure_channel.setting_for(
+                z_step, sample_rate=rate, global_share=share, has_local=method.has_local
+            )
+            z_local, z_global = setting.z_local, setting.z_global
+        else:
+            z_step = accounting.calibrate_noise_multiplier(
+                target_epsilon=epsilon, delta=delta, sample_rate=rate, steps=rounds * k, kind=kind
+            )
+            global_share = (
+                share if method.has_local and method.has_global else float(method.has_global)
+            )
+            z_local = z_step / math.sqrt(1.0 - global_share) if global_share < 1.0 else 0.0
+            z_global = z_step / math.sqrt(k * global_share) if global_share > 0.0 else 0.0
     return ChannelPlan(
         mode=mode,
         method=method,
+        aggregation=aggregation,
         guarantee=guarantee,
         delta=delta,
         accountant=kind,
@@ -267,6 +333,9 @@ def _plan(
         z_local=z_local,
         z_global=z_global,
     )
+
+
+ACCOUNTED_KINDS = frozenset({Guarantee.ACCOUNTED, Guarantee.NOMINAL_PUBLIC_SEED})
 
 
 @lru_cache(maxsize=4096)

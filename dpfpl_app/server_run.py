@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from dpfpl_app.backbone_build import BACKBONES, CACHE_ENV, cache_root
 from dpfpl_app.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
 from dpfpl_app.config import RunConfig
-from dpfpl_app.dp_channel import HONEST_SERVER, Guarantee, plan_for
+from dpfpl_app.dp_channel import Guarantee, plan_for
 from dpfpl_app.node_paths import run_state_name
 from dpfpl_app.results import RunRecorder
 from dpfpl_app.strategy_build import build_strategy
@@ -29,7 +29,15 @@ def privacy_notes(cfg: RunConfig) -> dict[str, str]:
     """What the printed epsilon means for this configuration, in words."""
     plan = plan_for(cfg)
     notes = {"privacy": plan.meaning}
-    if plan.guarantee in {Guarantee.ACCOUNTED, Guarantee.NOMINAL_PUBLIC_SEED}:
+    if plan.secure and plan.guarantee in {Guarantee.ACCOUNTED, Guarantee.NOMINAL_PUBLIC_SEED}:
+        notes["accountant"] = (
+            f"generic Poisson-subsampled RDP (Zhu-Wang) of local Gaussian + client Skellam "
+            f"steps over {plan.planned_steps} steps at the public rate bound "
+            f"q={plan.sample_rate:g}, composed multiplier z={plan.z_step:.4g} (local "
+            f"{plan.z_local:.4g}, global {plan.z_global:.4g} on the sum at min-survivors); "
+            "each round's epsilon uses its actual survivors"
+        )
+    elif plan.guarantee in {Guarantee.ACCOUNTED, Guarantee.NOMINAL_PUBLIC_SEED}:
         notes["accountant"] = (
             f"opacus {plan.accountant.value.upper()} over {plan.planned_steps} Poisson-"
             f"subsampled Gaussian steps at the public rate bound q={plan.sample_rate:g}, "
@@ -37,7 +45,7 @@ def privacy_notes(cfg: RunConfig) -> dict[str, str]:
             f"{plan.z_global:.4g} x sqrt(local-steps))"
         )
     if plan.z_global > 0:
-        notes["honest-server"] = HONEST_SERVER
+        notes["secure-aggregation" if plan.secure else "honest-server"] = plan.server_view
     if cfg.method.has_local:
         notes["private-state"] = (
             "local prompts, carriers u, v and residual R never leave the node; replies carry "

@@ -7,6 +7,12 @@ global prompt ever travels; replies that carry anything else are refused (``wire
 How much noise, and what epsilon it buys, is the channel plan's business
 (``dp_channel.py``): this class is the Flower plumbing around it.
 
+With ``aggregation = "secure"`` the training exchange is a SecAgg+ round
+(``secure_round``): the server receives masked vectors and learns only the sum of the
+survivors' clipped gradients with the clients' Skellam noise in it; it divides that sum
+by the number of survivors m (public; the accounting covers the SUM, whose sensitivity
+does not depend on m, so the division is post-processing) and takes the same step.
+
 Per-round metrics reach the ServerApp two ways: ``strategy.start(...)`` returns a Flower
 ``Result`` with this strategy's train and evaluate ``MetricRecord`` of each round; and
 the optional ``on_round(round, metrics)`` callback receives both merged into one dict as
@@ -26,17 +32,19 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from dpfpl_app import privacy, wire
+from dpfpl_app import privacy, secure_channel, wire
 from dpfpl_app.config import DPMode
-from dpfpl_app.dp_channel import HONEST_SERVER, ChannelPlan
+from dpfpl_app.dp_channel import ACCOUNTED_KINDS, ChannelPlan
 from dpfpl_app.node_wait import wait_for_nodes
 from dpfpl_app.noise import NoiseSource
+from dpfpl_app.secure_round import SecureRound, global_release, metrics_of
 
 RoundCallback = Callable[[int, dict[str, float | int]], None]
 
 # A Poisson batch larger than B makes an honest client's clipped sum / B exceed C a
 # little; far beyond that a client skipped clipping (or is hostile).
 _SUSPICIOUS_FACTOR = 2.0
+SECURE_STAGE_TIMEOUT = 3600.0  # seconds per key-exchange stage (Flower's start() default)
 
 
 class DPFPLStrategy(Strategy):
@@ -103,6 +111,10 @@ class DPFPLStrategy(Strategy):
         # The messages of the current phase: Flower's own error replies (e.g. for a node
         # that died) come from the SuperLink, so only these say which node was asked.
         self._sent: list[Message] = []
+        self._secure: SecureRound | None = None  # the current secure round
+        # per trained secure round: survivors / min-survivors of the sum the server may
+        # hold, or None when none could be rebuilt (``secure_round.global_release``)
+        self._secure_rounds: list[float | None] = []
 
     # --- public views ----------------------------------------------------------------
     @property
@@ -127,8 +139,10 @@ class DPFPLStrategy(Strategy):
         """Composed epsilon after the rounds trained so far (``dp_channel`` says what it means).
 
         Every round that sent training messages counts, accepted or not: the clients took
-        their local steps either way.
+        their local steps either way. Secure rounds count with their actual survivors.
         """
+        if self.channel.secure and self.channel.guarantee in ACCOUNTED_KINDS:
+            return self.channel.secure_epsilon(self._secure_rounds)
         return self.channel.epsilon(self._last_round * self.channel.local_steps)
 
     def summary(self) -> None:
@@ -146,7 +160,7 @@ class DPFPLStrategy(Strategy):
             plan.planned_steps,
         )
         if self.dp_on and plan.z_global > 0:
-            log(WARNING, "%s", HONEST_SERVER)
+            log(INFO if plan.secure else WARNING, "%s", plan.server_view)
         log(
             INFO,
             "\t└──> Sampling: min_nodes=%d fraction train=%.2f evaluate=%.2f wait<=%gs",
@@ -160,7 +174,12 @@ class DPFPLStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Broadcast the global prompt to a sample of nodes for one training step."""
+        """Broadcast the global prompt to a sample of nodes for one training step.
+
+        Secure: first the key exchange; the training messages then carry the masked stage.
+        """
+        if self.channel.secure:
+            return self._configure_secure(server_round, arrays, config, grid)
         return self._configure(server_round, arrays, config, grid, MessageType.TRAIN)
 
     def configure_evaluate(
@@ -197,6 +216,33 @@ class DPFPLStrategy(Strategy):
         ]
         return self._sent
 
+    def _configure_secure(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Key exchange with a sample of nodes; the masked-input messages (none if aborted)."""
+        round_ = self._round_offset + server_round
+        self._adopt(arrays)
+        nodes = self._sample_nodes(grid, self.fraction_train, MessageType.TRAIN, round_)
+        plan = self.channel
+        secagg = secure_channel.secagg_config(
+            dim=self._prompt.numel(),
+            clip_norm=plan.clip_norm,
+            batch_size=plan.batch_size,
+            z_global=plan.z_global,
+        )
+        self._secure = SecureRound(
+            secagg, nodes, grid=grid, round_=round_, timeout=SECURE_STAGE_TIMEOUT
+        )
+        payloads = self._secure.key_exchange()
+        if payloads is None:
+            return []
+        payload = ConfigRecord({**dict(config), wire.SERVER_ROUND: round_})
+        content = RecordDict(
+            {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
+        )
+        self._sent = self._secure.masked_messages(payloads, content)
+        return self._sent
+
     def _adopt(self, arrays: ArrayRecord) -> None:
         prompt = wire.read_global_prompt(arrays)
         if prompt.shape != self._prompt.shape:
@@ -211,9 +257,7 @@ class DPFPLStrategy(Strategy):
         """Sample nodes like FedAvg, but give up after ``node_wait_timeout`` seconds."""
         nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, purpose)
         size = min(len(nodes), max(int(len(nodes) * fraction), self.min_nodes))
-        return self._source("nodes", purpose, round_, secret=self._secret_nodes).sample(
-            nodes, size
-        )
+        return self._source("nodes", purpose, round_, secret=self._secret_nodes).sample(nodes, size)
 
     def _source(self, *purpose: object, secret: NoiseSource) -> NoiseSource:
         """The secret stream, or one derived per purpose from the public seed."""
@@ -230,6 +274,8 @@ class DPFPLStrategy(Strategy):
         """
         replies = list(replies)
         round_ = self._last_round = self._round_offset + server_round
+        if self._secure is not None:
+            return self._aggregate_secure(round_, replies, self._secure)
         accepted = self._accept_train_replies(round_, replies)
         metrics: dict[str, float | int] = {
             wire.ACCEPTED: len(accepted),
@@ -251,6 +297,32 @@ class DPFPLStrategy(Strategy):
         if not self.dp_on:  # without DP nothing is protected, so the loss may be shown
             losses = [r.train_loss for r in accepted if r.train_loss is not None]
             metrics[wire.TRAIN_LOSS] = sum(losses) / max(1, len(losses))
+        return self.global_arrays(), MetricRecord(dict(metrics))
+
+    def _aggregate_secure(
+        self, round_: int, replies: list[Message], secure: SecureRound
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the sum, charge the round, step with the survivors' noised mean."""
+        result = secure.aggregate(replies) if secure.record.trained else None
+        record, self._secure = secure.record, None
+        if record.trained:  # the clients trained and released masked vectors
+            self._secure_rounds.append(global_release(record))
+        survivors = len(result.survivors) if result else 0
+        metrics: dict[str, float | int] = {
+            wire.ACCEPTED: survivors,
+            wire.REJECTED: record.sampled - survivors,
+            wire.BYTES_RECEIVED: sum(wire.reply_array_bytes(msg) for msg in replies),
+            wire.EPSILON: self.epsilon(),
+            **metrics_of(record),
+        }
+        self._train_metrics = metrics
+        if result is None:
+            log(WARNING, "train round %d: no sum released: global prompt unchanged", round_)
+            return None, MetricRecord(dict(metrics))
+        mean = torch.from_numpy(result.total).reshape(self._prompt.shape) / survivors
+        self._prompt = (self._prompt.double() - self.server_lr * mean).to(self._prompt.dtype)
+        metrics[wire.NOISE_STD] = result.accounting().noise_std(survivors) / survivors
+        metrics[wire.UPDATE_NORM] = float(mean.norm())
         return self.global_arrays(), MetricRecord(dict(metrics))
 
     def _accept_train_replies(self, round_: int, replies: list[Message]) -> list[wire.TrainReply]:
@@ -352,6 +424,7 @@ class DPFPLStrategy(Strategy):
             "global_prompt": self._prompt.clone(),
             "round": self._last_round,
             "channel": self.channel.describe(),
+            "secure_rounds": list(self._secure_rounds),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -379,6 +452,7 @@ class DPFPLStrategy(Strategy):
             )
         self._prompt = prompt.detach().clone()
         self._last_round = self._round_offset = int(state["round"])
+        self._secure_rounds = list(state["secure_rounds"])
 
 
 def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float | int]:

@@ -46,7 +46,8 @@ threshold=None, min_survivors=None, wrap_probability=2**-40)``
 ``AggregateResult``: ``total`` (float64 sum), ``integer_total``, ``survivors``, ``dropped``,
 ``faults``, ``params``; ``result.rdp(orders, l2_sensitivity)`` is the RDP curve of this
 release at the ACTUAL number of survivors, to add to an opacus RDP history;
-``dp.rdp_to_epsilon`` converts.
+``dp.rdp_to_epsilon`` converts. ``subsampled.poisson_subsampled_rdp(base, orders, q)``
+amplifies any RDP curve by Poisson subsampling (a generic bound, Zhu and Wang 2019).
 
 Security model (what each mode protects against): an honest-but-curious server and up
 to t - 1 colluding clients learn nothing about a client's input beyond the noised sum

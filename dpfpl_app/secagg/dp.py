@@ -21,10 +21,11 @@ Rounds with more than the minimum number of survivors carry more noise: the call
 passes the ACTUAL count m, and the curve is computed at m * mu_c. A round that
 released nothing (``SecAggAbort``) costs nothing and must not be accounted.
 
-Not included: amplification by subsampling. The curve is that of one release of the
-sum; if the sensitivity is per sample and samples are Poisson-drawn (DP-FPL's global
-channel), amplification needs a subsampled-RDP bound valid for a generic mechanism
-(e.g. Zhu and Wang 2019), not opacus's Gaussian-specific one.
+Amplification by subsampling is not in this curve: it is that of one release of the
+sum. When the sensitivity is per sample and samples are Poisson-drawn (DP-FPL's global
+channel), ``subsampled.poisson_subsampled_rdp`` amplifies it with a bound valid for any
+mechanism (Zhu and Wang 2019; opacus's is Gaussian-only); ``dpfpl_app.secure_channel``
+does so for the joint local-Gaussian + Skellam step.
 """
 
 from __future__ import annotations

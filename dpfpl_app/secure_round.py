@@ -1,0 +1,185 @@
+"""One SecAgg+ round driven over a Flower ``Grid``: the stages between the strategy's calls.
+
+The strategy's round is Flower's ``configure_train -> send_and_receive ->
+aggregate_train``. A secure round fits it: ``key_exchange`` runs the two query stages
+(setup, share keys) inside ``configure_train``; the strategy then returns the masked-input
+messages, which carry the training instruction, so Flower sends them as the round's
+training messages; ``aggregate`` runs the unmask exchange inside ``aggregate_train`` and
+returns the sum. Nothing here knows about prompts or privacy plans: any strategy that
+needs the sum of clipped client vectors (DP-FPL here, SecFPP next) can drive it.
+
+Dropouts: an error reply (a crashed ClientApp, a node Flower gave up on, a client that
+refused the round) is left out, as the protocol expects. ``SecAggAbort`` from the
+protocol ends the round; ``RoundRecord`` says at which stage and what had left the
+clients by then, which is what the accounting needs (``strategy`` charges it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+from flwr.app import Message, RecordDict
+from flwr.common.logger import log
+from flwr.common.serde import recorddict_to_proto
+from flwr.serverapp import Grid
+
+from dpfpl_app.secagg import AggregateResult, SecAggAbort, SecAggConfig, ServerRound, Stage
+from dpfpl_app.secagg.records import add_payload, message_type, read_payload
+
+Payloads = dict[int, dict[str, Any]]
+
+# Stage codes for the round metrics (MetricRecord values are numbers): 0 = completed.
+ABORT_CODES = {stage: i + 1 for i, stage in enumerate((*Stage.ORDER, "finish"))}
+
+
+@dataclass
+class RoundRecord:
+    """What one secure round did: where it stopped, what left the clients, its traffic."""
+
+    sampled: int
+    min_survivors: int
+    trained: bool = False  # masked-input messages were sent: clients trained and masked
+    revealed: bool = False  # unmask messages were sent: clients revealed mask shares
+    aborted_stage: str | None = None
+    reason: str = ""
+    result: AggregateResult | None = None
+    bytes_received: int = 0  # serialised reply content, all stages
+    replies: int = 0
+    faults: list[str] = field(default_factory=list)
+
+
+class SecureRound:
+    """The server side of one round over ``grid`` (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: SecAggConfig,
+        nodes: list[int],
+        *,
+        grid: Grid,
+        round_: int,
+        timeout: float,
+    ) -> None:
+        self.server = ServerRound(config, nodes)
+        self.record = RoundRecord(
+            sampled=len(nodes), min_survivors=self.server.params.min_survivors
+        )
+        self._grid, self._round, self._timeout = grid, round_, timeout
+
+    @property
+    def params(self) -> Any:
+        """The round's public parameters (``secagg.RoundParams``)."""
+        return self.server.params
+
+    def key_exchange(self) -> Payloads | None:
+        """Setup and share-keys stages; the masked-stage payloads, or None if aborted."""
+        try:
+            keys = self.server.share_keys(self._exchange(Stage.SETUP, self.server.setup()))
+            return self.server.collect_masked(self._exchange(Stage.SHARE_KEYS, keys))
+        except SecAggAbort as err:
+            self._abort(err)
+            return None
+
+    def masked_messages(self, payloads: Payloads, content: RecordDict) -> list[Message]:
+        """The masked-input stage's messages: ``content`` (the training instruction) + payload.
+
+        ``content`` is copied per node through a fresh RecordDict, never shared.
+        """
+        self.record.trained = True
+        return [
+            Message(
+                add_payload(RecordDict(dict(content.items())), payload),
+                node,
+                message_type(Stage.COLLECT_MASKED),
+                group_id=str(self._round),
+            )
+            for node, payload in payloads.items()
+        ]
+
+    def aggregate(self, masked_replies: Iterable[Message]) -> AggregateResult | None:
+        """Collect the masked inputs, run the unmask exchange, return the sum (or None)."""
+        try:
+            unmask = self.server.unmask(self._payloads(masked_replies))
+            self.record.revealed = True
+            result = self.server.finish(self._exchange(Stage.UNMASK, unmask))
+        except SecAggAbort as err:
+            self._abort(err)
+            return None
+        self.record.result = result
+        self.record.faults = [f"node {f.node} at {f.stage}: {f.reason}" for f in result.faults]
+        for fault in self.record.faults:
+            log(WARNING, "secure round %d: %s", self._round, fault)
+        return result
+
+    # --- helpers -------------------------------------------------------------------------
+    def _exchange(self, stage: str, payloads: Payloads) -> dict[int, dict[str, Any]]:
+        """One stage: a message per node, the payloads of the nodes that answered."""
+        messages = [
+            Message(
+                add_payload(RecordDict(), p), node, message_type(stage), group_id=str(self._round)
+            )
+            for node, p in payloads.items()
+        ]
+        replies = self._payloads(self._grid.send_and_receive(messages, timeout=self._timeout))
+        log(
+            INFO,
+            "secure round %d: %s answered by %d of %d",
+            self._round,
+            stage,
+            len(replies),
+            len(messages),
+        )
+        return replies
+
+    def _payloads(self, replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
+        """Payloads by sender; error replies and unreadable ones are dropouts."""
+        out: dict[int, dict[str, Any]] = {}
+        for reply in replies:
+            self.record.replies += 1
+            if reply.has_error():
+                continue
+            self.record.bytes_received += recorddict_to_proto(reply.content).ByteSize()
+            try:
+                out[reply.metadata.src_node_id] = read_payload(reply.content)
+            except KeyError as err:
+                log(
+                    WARNING,
+                    "secure round %d: node %d: %s",
+                    self._round,
+                    reply.metadata.src_node_id,
+                    err,
+                )
+        return out
+
+    def _abort(self, err: SecAggAbort) -> None:
+        self.record.aborted_stage, self.record.reason = err.stage, err.reason
+        log(
+            WARNING, "secure round %d discarded at stage %s: %s", self._round, err.stage, err.reason
+        )
+
+
+def global_release(record: RoundRecord) -> float | None:
+    """The sum the server may hold after this round, as survivors / min-survivors.
+
+    None: no sum can be reconstructed (aborted before any mask share was revealed).
+    A round aborted after the unmask messages went out is charged as a release at the
+    minimum survivors (the smallest noise): the clients revealed shares, and from
+    enough of them the server could have rebuilt the sum the protocol then refused.
+    """
+    if record.result is not None:
+        return len(record.result.survivors) / record.min_survivors
+    return 1.0 if record.revealed else None
+
+
+def metrics_of(record: RoundRecord) -> Mapping[str, int]:
+    """Round metrics every secure round reports (numbers only, as MetricRecord needs)."""
+    survivors = len(record.result.survivors) if record.result else 0
+    return {
+        "survivors": survivors,
+        "secagg-aborted-stage": ABORT_CODES.get(record.aborted_stage or "", 0),
+        "secagg-bytes-received": record.bytes_received,
+        "secagg-replies": record.replies,
+    }
