@@ -86,9 +86,9 @@ HONEST_SERVER = (
 SECURE_SERVER = (
     "secure aggregation: the server sees only the noised SUM of at least min-survivors "
     "clients' clipped global-prompt gradients, never one client's; the global noise is "
-    "added by the clients (Skellam), so the epsilon also holds against an honest-but-"
-    "curious server and up to threshold-1 colluding clients (each colluder removes its own "
-    "noise share: the README's security model)"
+    "added by the clients (Skellam), so the epsilon holds against an honest-but-curious "
+    "server; c colluding clients can remove their own noise shares, leaving the noise of "
+    "the other survivors: a weaker guarantee (the README's security model)"
 )
 
 

@@ -204,7 +204,11 @@ def test_scores_of_pure_noise_give_no_bound() -> None:
 
 @pytest.mark.parametrize(
     ("values", "match"),
-    [({"method": "fedpgp"}, "supports methods"), ({"dp-mode": "paper"}, "per-sample")],
+    [
+        ({"method": "fedpgp"}, "supports methods"),
+        ({"dp-mode": "paper"}, "per-sample"),
+        ({"aggregation": "secure"}, "aggregation='plain'"),
+    ],
 )
 def test_runs_the_audit_cannot_test_are_refused_before_running(
     tmp_path: Path, values: dict, match: str

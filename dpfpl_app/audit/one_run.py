@@ -46,7 +46,7 @@ from dpfpl_app.audit.bounds import OneRunBound, one_run_guesses, one_run_lower_b
 from dpfpl_app.audit.canaries import ENV_VAR, CanarySpec, directions
 from dpfpl_app.checkpoint import PROMPT_KEY, checkpoint_path
 from dpfpl_app.client_trainer import init_generator
-from dpfpl_app.config import DPMode, Method, RunConfig
+from dpfpl_app.config import Aggregation, DPMode, Method, RunConfig
 from dpfpl_app.dp_channel import plan_for
 from dpfpl_app.flwr_local import LocalFlower
 from dpfpl_app.node_paths import partition_subdir
@@ -143,6 +143,11 @@ def audit_config(values: dict[str, Any], *, out_dir: Path, clients: int) -> RunC
         raise ValueError(
             f"the one-run audit supports methods {[m.value for m in AUDITED_METHODS]}, got "
             f"{cfg.method.value!r} (its released prompt has no public start to measure from)"
+        )
+    if cfg.aggregation is not Aggregation.PLAIN:
+        raise ValueError(
+            "the one-run audit scores runs with aggregation='plain' (the server's Gaussian "
+            "noise); auditing secure aggregation's client-side Skellam noise is not built yet"
         )
     if cfg.dp_mode is not DPMode.PER_SAMPLE:
         raise ValueError(
