@@ -32,8 +32,8 @@ from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.dp_channel import plan_for
 from dpfpl_app.federated_data import ClientData
 from dpfpl_app.noise import NoiseSource
-from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
-from dpfpl_app.text_encoder import CoOpTextEncoder
+from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner, ctx_init_words
+from dpfpl_app.text_encoder import CoOpTextEncoder, template_context
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +49,6 @@ class RoundOutcome:
     global_grad: Tensor  # (n_ctx, d); zeros for methods that share nothing
     loss: float  # node-local: an unnoised statistic of the batch
     epsilon: float  # composed epsilon of this client's releases so far
-
-
-def template_context(clip: FrozenClip, template: str) -> Tensor:
-    """Token embeddings of the hand-written template words (the zero-shot 'prompt')."""
-    ids = clip.tokenizer(template, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"zeroshot-template {template!r} has no tokens")
-    table = clip.model.text_model.embeddings.token_embedding.weight
-    return table[torch.tensor(ids, device=table.device)].detach().float().cpu()
 
 
 class ClientTrainer:
@@ -104,6 +95,7 @@ class ClientTrainer:
             generator=init,
             width=clip.text_width,
             template_context=template,
+            context_words=ctx_init_words(clip, cfg.ctx_init, n_ctx),
         )
         self.rounds_done = 0  # rounds this client trained
         self.last_round = 0  # the last server round it trained

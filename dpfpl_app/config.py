@@ -71,6 +71,9 @@ class RunConfig(BaseModel):
     n_ctx: int = Field(16, ge=1, le=60, description="number of learned context vectors")
     init_std: float = Field(0.02, gt=0, description="std of the N(0, s^2) prompt init")
     zeroshot_template: str = Field("a photo of a", description="context words for zeroshot")
+    ctx_init: str = Field(
+        "", description="words that initialise the first context vectors; empty = random"
+    )
     num_server_rounds: int = Field(30, ge=1, le=100_000, description="rounds T")
     local_steps: int = Field(1, ge=1, le=10_000, description="local iterations per round")
     batch_size: int = Field(32, ge=1, description="(expected) minibatch size B")
