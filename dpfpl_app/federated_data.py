@@ -21,6 +21,7 @@ from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.config import RunConfig
 from dpfpl_app.data_sources import ImageSet, SourceSpec, load_splits
 from dpfpl_app.features import FeatureCache
+from dpfpl_app.image_styles import STYLED_DATASETS
 from dpfpl_app.offline_data import DATASETS, federated_pool
 from dpfpl_app.partition import ClientPartition, client_partitions
 
@@ -79,9 +80,12 @@ def source_spec(cfg: RunConfig) -> SourceSpec:
 @lru_cache(maxsize=4)
 def load_federated_data(spec: SourceSpec, *, test_fraction: float, seed: int) -> FederatedData:
     """Train and test pools of a run's dataset."""
-    if spec.dataset in DATASETS:
+    # a styled dataset is its base's federated pool; clients style it (``client_data``)
+    styled = STYLED_DATASETS.get(spec.dataset)
+    base = styled.base if styled else spec.dataset
+    if base in DATASETS:
         pool = ImageSet.from_arrays(
-            federated_pool(spec.dataset, directory=Path(spec.data_dir) if spec.data_dir else None)
+            federated_pool(base, directory=Path(spec.data_dir) if spec.data_dir else None)
         )
         test = None
     else:
@@ -121,10 +125,13 @@ def client_data(
         )
     data = load_federated_data(source_spec(cfg), test_fraction=cfg.test_fraction, seed=cfg.seed)
     part = partitions_for(cfg, data, num_partitions)[partition_id]
-    train = data.train.subset(part.train)
+    train, test = data.train.subset(part.train), data.test
+    if cfg.dataset in STYLED_DATASETS:  # this client sees its train and test images styled
+        style = STYLED_DATASETS[cfg.dataset].style_of(partition_id)
+        train, test = train.styled(style), test.styled(style)
     train_feats = cache.features(clip, train, views=cfg.feature_views, seed=cfg.seed)
-    # the test pool is encoded once and shared by every client on the node
-    test_feats = cache.features(clip, data.test, views=0, seed=cfg.seed)[0]
+    # the test pool is encoded once (per style) and shared by the clients on the node
+    test_feats = cache.features(clip, test, views=0, seed=cfg.seed)[0]
     test_labels = torch.from_numpy(data.test.labels)
     return ClientData(
         train_features=train_feats,
