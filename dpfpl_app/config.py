@@ -58,6 +58,13 @@ class Partitioner(str, Enum):
     IID = "iid"
 
 
+class Holdout(str, Enum):
+    """The images a run evaluates on."""
+
+    TEST = "test"  # the held-out test split: the figures a run reports
+    VALIDATION = "validation"  # a split of the training pool: for choosing hyperparameters
+
+
 _ALIAS = {"alias_generator": lambda name: name.replace("_", "-"), "populate_by_name": True}
 
 
@@ -107,6 +114,9 @@ class RunConfig(BaseModel):
     )
     dirichlet_alpha: float = Field(0.3, gt=0, description="Dirichlet concentration beta")
     test_fraction: float = Field(0.3, gt=0, lt=1, description="share of each class for test")
+    holdout: Holdout = Field(
+        Holdout.TEST, description="evaluate on: test | validation (carved from the train pool)"
+    )
     feature_views: int = Field(0, ge=0, le=64, description="augmented views per train image")
     seed: int = Field(0, ge=0, description="data split, partition and prompt init seed")
     reproducible_noise: bool = Field(

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from dpfpl_app.backbone import FrozenClip
-from dpfpl_app.config import RunConfig
+from dpfpl_app.config import Holdout, RunConfig
 from dpfpl_app.data_sources import ImageSet, SourceSpec, load_splits
 from dpfpl_app.features import FeatureCache
 from dpfpl_app.image_styles import STYLED_DATASETS
@@ -96,6 +96,18 @@ def load_federated_data(spec: SourceSpec, *, test_fraction: float, seed: int) ->
     return FederatedData(pool, test)
 
 
+def validation_data(data: FederatedData, *, validation_fraction: float, seed: int) -> FederatedData:
+    """The train pool split per class into train and validation; the test pool is dropped.
+
+    Hyperparameters chosen on these figures never saw a test image. The split's seed is
+    derived from the run's, so it differs from the train/test split's permutation.
+    """
+    train_idx, val_idx = stratified_split(
+        data.train.labels, test_fraction=validation_fraction, seed=seed + 1
+    )
+    return FederatedData(data.train.subset(train_idx), data.train.subset(val_idx))
+
+
 def partitions_for(
     cfg: RunConfig, data: FederatedData, num_partitions: int
 ) -> list[ClientPartition]:
@@ -124,6 +136,8 @@ def client_data(
             "check the SuperNode's --node-config"
         )
     data = load_federated_data(source_spec(cfg), test_fraction=cfg.test_fraction, seed=cfg.seed)
+    if cfg.holdout is Holdout.VALIDATION:
+        data = validation_data(data, validation_fraction=cfg.test_fraction, seed=cfg.seed)
     part = partitions_for(cfg, data, num_partitions)[partition_id]
     train, test = data.train.subset(part.train), data.test
     if cfg.dataset in STYLED_DATASETS:  # this client sees its train and test images styled

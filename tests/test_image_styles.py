@@ -1,4 +1,4 @@
-"""Styled digits: the digits' federated pool, seen by each client through one style."""
+"""Styled digits (each client sees the digits through one style) and the tuning holdout."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 
 from dpfpl_app.config import RunConfig
 from dpfpl_app.data_sources import ImageSet
-from dpfpl_app.federated_data import load_federated_data, source_spec
+from dpfpl_app.federated_data import load_federated_data, source_spec, validation_data
 from dpfpl_app.image_styles import STYLED_DATASETS, STYLES, apply_style
 from dpfpl_app.offline_data import federated_pool, pretrain_pool
 
@@ -65,3 +65,19 @@ def test_a_styled_image_set_reads_styled_pixels_under_its_own_fingerprint() -> N
     assert thick.fingerprint == plain.styled("thick").fingerprint
     assert [styled.style_of(i) for i in (0, 5)] == [styled.styles[0]] * 2
     assert len({styled.style_of(i) for i in range(10)}) == len(STYLES)
+
+
+def test_validation_holdout_is_carved_from_the_train_pool_and_never_holds_a_test_image() -> None:
+    # Prepare
+    data = load_federated_data(
+        source_spec(RunConfig.from_flower({"dataset": "styled-digits"})), test_fraction=0.3, seed=0
+    )
+
+    # Execute
+    tuning = validation_data(data, validation_fraction=0.3, seed=0)
+
+    # Assert: train' and validation split the train rows; no test row is used at all
+    train, val, test = (set(s.rows.tolist()) for s in (tuning.train, tuning.test, data.test))
+    assert train | val == set(data.train.rows.tolist()) and not train & val
+    assert not (train | val) & test
+    assert set(tuning.test.labels.tolist()) == set(data.train.labels.tolist())  # every class
