@@ -103,7 +103,7 @@ class RunConfig(BaseModel):
     accountant: Accountant = Field(Accountant.RDP, description="rdp | prv")
     model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")
     dataset: str = Field(
-        "digits", min_length=1, description="offline name, hub name, hf:<id>, or imagefolder"
+        "styled-digits", min_length=1, description="offline name, hub name, hf:<id>, or imagefolder"
     )
     data_dir: str = Field("", description="local copy of the dataset (node-local path)")
     image_column: str = Field("", description="image column of an hf: dataset; empty = auto")
