@@ -31,6 +31,8 @@ def answer_evaluate(trainer: ClientTrainer, msg: Message) -> RecordDict:
     return wire.evaluate_reply_content(
         local_acc=metrics["local-acc"],
         neighbour_acc=metrics["neighbour-acc"],
+        zeroshot_local_acc=metrics["zeroshot-local-acc"],
+        zeroshot_neighbour_acc=metrics["zeroshot-neighbour-acc"],
         local_examples=int(metrics["local-examples"]),
         neighbour_examples=int(metrics["neighbour-examples"]),
         partition_id=trainer.partition_id,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,9 +32,10 @@ from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.dp_channel import plan_for
 from dpfpl_app.federated_data import ClientData
+from dpfpl_app.gradients import class_logits
 from dpfpl_app.noise import NoiseSource
-from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
-from dpfpl_app.text_encoder import CoOpTextEncoder
+from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner, ctx_init_words
+from dpfpl_app.text_encoder import CoOpTextEncoder, template_context
 
 logger = logging.getLogger(__name__)
 
@@ -49,15 +51,6 @@ class RoundOutcome:
     global_grad: Tensor  # (n_ctx, d); zeros for methods that share nothing
     loss: float  # node-local: an unnoised statistic of the batch
     epsilon: float  # composed epsilon of this client's releases so far
-
-
-def template_context(clip: FrozenClip, template: str) -> Tensor:
-    """Token embeddings of the hand-written template words (the zero-shot 'prompt')."""
-    ids = clip.tokenizer(template, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise ValueError(f"zeroshot-template {template!r} has no tokens")
-    table = clip.model.text_model.embeddings.token_embedding.weight
-    return table[torch.tensor(ids, device=table.device)].detach().float().cpu()
 
 
 class ClientTrainer:
@@ -104,7 +97,9 @@ class ClientTrainer:
             generator=init,
             width=clip.text_width,
             template_context=template,
+            context_words=ctx_init_words(clip, cfg.ctx_init, n_ctx),
         )
+        self._zeroshot = (clip, class_names)  # the reference classifier, built on evaluate
         self.rounds_done = 0  # rounds this client trained
         self.last_round = 0  # the last server round it trained
         self.steps_taken = 0  # local steps, each a release of the composed mechanism
@@ -219,20 +214,21 @@ class ClientTrainer:
     def evaluate(self, global_prompt: Tensor) -> dict[str, float]:
         self._receive(global_prompt)
         d = self.data
-        local = self._accuracy(d.local_features, d.local_labels)
-        neighbour = self._accuracy(d.neighbour_features, d.neighbour_labels)
+        zeroshot = zeroshot_text(*self._zeroshot, self.cfg.zeroshot_template)
+        scale = self.learner.logit_scale
+
+        def zeroshot_logits(features: Tensor) -> Tensor:
+            return class_logits(zeroshot, features, scale)
+
+        local, neighbour = d.local_features, d.neighbour_features
         return {
-            "local-acc": local,
-            "neighbour-acc": neighbour,
+            "local-acc": _accuracy(self.learner.logits, local, d.local_labels),
+            "neighbour-acc": _accuracy(self.learner.logits, neighbour, d.neighbour_labels),
+            "zeroshot-local-acc": _accuracy(zeroshot_logits, local, d.local_labels),
+            "zeroshot-neighbour-acc": _accuracy(zeroshot_logits, neighbour, d.neighbour_labels),
             "local-examples": float(d.local_labels.numel()),
             "neighbour-examples": float(d.neighbour_labels.numel()),
         }
-
-    def _accuracy(self, features: Tensor, labels: Tensor) -> float:
-        if labels.numel() == 0:
-            return float("nan")
-        predictions = self.learner.logits(features).argmax(dim=1)
-        return float((predictions == labels).float().mean())
 
     # ----- persistence (node-local only) ------------------------------------------------
     def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -261,6 +257,20 @@ class ClientTrainer:
         self.rounds_done = int(meta["rounds_done"])
         self.last_round = int(meta["last_round"])
         self.steps_taken = int(meta["steps_taken"])
+
+
+@torch.no_grad()
+def zeroshot_text(clip: FrozenClip, class_names: tuple[str, ...], template: str) -> Tensor:
+    """Class text features (C, e) of the hand-written template: the zero-shot classifier."""
+    words = template_context(clip, template)
+    encoder = CoOpTextEncoder(clip.model, clip.tokenizer, class_names, words.shape[0])
+    return encoder.to(clip.device)(words.to(clip.device)).cpu()
+
+
+def _accuracy(logits: Callable[[Tensor], Tensor], features: Tensor, labels: Tensor) -> float:
+    if labels.numel() == 0:
+        return float("nan")
+    return float((logits(features).argmax(dim=1) == labels).float().mean())
 
 
 def init_generator(seed: int, partition_id: int) -> torch.Generator:

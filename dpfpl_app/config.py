@@ -65,6 +65,13 @@ class Partitioner(str, Enum):
     IID = "iid"
 
 
+class Holdout(str, Enum):
+    """The images a run evaluates on."""
+
+    TEST = "test"  # the held-out test split: the figures a run reports
+    VALIDATION = "validation"  # a split of the training pool: for choosing hyperparameters
+
+
 _ALIAS = {"alias_generator": lambda name: name.replace("_", "-"), "populate_by_name": True}
 
 
@@ -78,6 +85,9 @@ class RunConfig(BaseModel):
     n_ctx: int = Field(16, ge=1, le=60, description="number of learned context vectors")
     init_std: float = Field(0.02, gt=0, description="std of the N(0, s^2) prompt init")
     zeroshot_template: str = Field("a photo of a", description="context words for zeroshot")
+    ctx_init: str = Field(
+        "", description="words that initialise the first context vectors; empty = random"
+    )
     num_server_rounds: int = Field(30, ge=1, le=100_000, description="rounds T")
     local_steps: int = Field(1, ge=1, le=10_000, description="local iterations per round")
     batch_size: int = Field(32, ge=1, description="(expected) minibatch size B")
@@ -103,7 +113,7 @@ class RunConfig(BaseModel):
     )
     model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")
     dataset: str = Field(
-        "digits", min_length=1, description="offline name, hub name, hf:<id>, or imagefolder"
+        "styled-digits", min_length=1, description="offline name, hub name, hf:<id>, or imagefolder"
     )
     data_dir: str = Field("", description="local copy of the dataset (node-local path)")
     image_column: str = Field("", description="image column of an hf: dataset; empty = auto")
@@ -114,6 +124,9 @@ class RunConfig(BaseModel):
     )
     dirichlet_alpha: float = Field(0.3, gt=0, description="Dirichlet concentration beta")
     test_fraction: float = Field(0.3, gt=0, lt=1, description="share of each class for test")
+    holdout: Holdout = Field(
+        Holdout.TEST, description="evaluate on: test | validation (carved from the train pool)"
+    )
     feature_views: int = Field(0, ge=0, le=64, description="augmented views per train image")
     seed: int = Field(0, ge=0, description="data split, partition and prompt init seed")
     reproducible_noise: bool = Field(

@@ -51,6 +51,23 @@ class ImageSet:
             rows=self.rows[idx],
         )
 
+    def styled(self, style: str) -> ImageSet:
+        """The same images through an ``image_styles`` style (grayscale-as-RGB sources).
+
+        The fingerprint names the style, so styled features are cached apart.
+        """
+        from dpfpl_app.image_processing import gray_to_rgb
+        from dpfpl_app.image_styles import apply_style
+
+        source = self.reader
+
+        def read(rows: np.ndarray) -> list[np.ndarray]:
+            gray = [image[..., 0] for image in source(rows)]
+            return list(gray_to_rgb(apply_style(style, np.stack(gray)))) if gray else []
+
+        digest = hashlib.sha256(f"{self.fingerprint}|style={style}".encode()).hexdigest()
+        return ImageSet(self.labels, self.class_names, self.name, digest, read, self.rows)
+
     def rgb(self, start: int, stop: int) -> list[np.ndarray]:
         """Images ``start:stop`` as ``uint8`` RGB arrays ``(H, W, 3)``."""
         return self.reader(self.rows[start:stop])
@@ -110,9 +127,10 @@ class SourceSpec:
 
 def check_dataset_name(dataset: str, data_dir: str) -> None:
     """Reject a dataset name no loader knows, before any node starts loading."""
+    from dpfpl_app.image_styles import STYLED_DATASETS
     from dpfpl_app.offline_data import DATASETS
 
-    if dataset in DATASETS:
+    if dataset in DATASETS or dataset in STYLED_DATASETS:
         return
     if dataset == "imagefolder":
         if not data_dir:
@@ -174,10 +192,12 @@ def _hub_entry(dataset: str) -> HubDataset:
         return HUB_DATASETS[dataset]
     if dataset.startswith("hf:") and len(dataset) > 3:
         return HubDataset(dataset[3:], "", "")
+    from dpfpl_app.image_styles import STYLED_DATASETS
     from dpfpl_app.offline_data import DATASETS
 
+    offline = sorted({*DATASETS, *STYLED_DATASETS})
     raise ValueError(
-        f"unknown dataset {dataset!r}: use an offline dataset ({', '.join(sorted(DATASETS))}), "
+        f"unknown dataset {dataset!r}: use an offline dataset ({', '.join(offline)}), "
         f"a hub dataset ({', '.join(sorted(HUB_DATASETS))}), "
         "'hf:<hub id>' (with image-column / label-column if not auto-detected), or "
         "'imagefolder' with data-dir"

@@ -18,9 +18,10 @@ import torch
 from torch import Tensor
 
 from dpfpl_app.backbone import FrozenClip
-from dpfpl_app.config import RunConfig
+from dpfpl_app.config import Holdout, RunConfig
 from dpfpl_app.data_sources import ImageSet, SourceSpec, load_splits
 from dpfpl_app.features import FeatureCache
+from dpfpl_app.image_styles import STYLED_DATASETS
 from dpfpl_app.offline_data import DATASETS, federated_pool
 from dpfpl_app.partition import ClientPartition, client_partitions
 
@@ -79,9 +80,12 @@ def source_spec(cfg: RunConfig) -> SourceSpec:
 @lru_cache(maxsize=4)
 def load_federated_data(spec: SourceSpec, *, test_fraction: float, seed: int) -> FederatedData:
     """Train and test pools of a run's dataset."""
-    if spec.dataset in DATASETS:
+    # a styled dataset is its base's federated pool; clients style it (``client_data``)
+    styled = STYLED_DATASETS.get(spec.dataset)
+    base = styled.base if styled else spec.dataset
+    if base in DATASETS:
         pool = ImageSet.from_arrays(
-            federated_pool(spec.dataset, directory=Path(spec.data_dir) if spec.data_dir else None)
+            federated_pool(base, directory=Path(spec.data_dir) if spec.data_dir else None)
         )
         test = None
     else:
@@ -90,6 +94,18 @@ def load_federated_data(spec: SourceSpec, *, test_fraction: float, seed: int) ->
         train_idx, test_idx = stratified_split(pool.labels, test_fraction=test_fraction, seed=seed)
         return FederatedData(pool.subset(train_idx), pool.subset(test_idx))
     return FederatedData(pool, test)
+
+
+def validation_data(data: FederatedData, *, validation_fraction: float, seed: int) -> FederatedData:
+    """The train pool split per class into train and validation; the test pool is dropped.
+
+    Hyperparameters chosen on these figures never saw a test image. The split's seed is
+    derived from the run's, so it differs from the train/test split's permutation.
+    """
+    train_idx, val_idx = stratified_split(
+        data.train.labels, test_fraction=validation_fraction, seed=seed + 1
+    )
+    return FederatedData(data.train.subset(train_idx), data.train.subset(val_idx))
 
 
 def partitions_for(
@@ -120,11 +136,16 @@ def client_data(
             "check the SuperNode's --node-config"
         )
     data = load_federated_data(source_spec(cfg), test_fraction=cfg.test_fraction, seed=cfg.seed)
+    if cfg.holdout is Holdout.VALIDATION:
+        data = validation_data(data, validation_fraction=cfg.test_fraction, seed=cfg.seed)
     part = partitions_for(cfg, data, num_partitions)[partition_id]
-    train = data.train.subset(part.train)
+    train, test = data.train.subset(part.train), data.test
+    if cfg.dataset in STYLED_DATASETS:  # this client sees its train and test images styled
+        style = STYLED_DATASETS[cfg.dataset].style_of(partition_id)
+        train, test = train.styled(style), test.styled(style)
     train_feats = cache.features(clip, train, views=cfg.feature_views, seed=cfg.seed)
-    # the test pool is encoded once and shared by every client on the node
-    test_feats = cache.features(clip, data.test, views=0, seed=cfg.seed)[0]
+    # the test pool is encoded once (per style) and shared by the clients on the node
+    test_feats = cache.features(clip, test, views=0, seed=cfg.seed)[0]
     test_labels = torch.from_numpy(data.test.labels)
     return ClientData(
         train_features=train_feats,

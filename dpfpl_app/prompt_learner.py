@@ -28,11 +28,12 @@ import torch
 from torch import Tensor
 
 from dpfpl_app import privacy
+from dpfpl_app.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method
 from dpfpl_app.dp_channel import local_noise_std
 from dpfpl_app.gradients import class_logits, prompt_gradients
 from dpfpl_app.noise import NoiseSource
-from dpfpl_app.text_encoder import CoOpTextEncoder
+from dpfpl_app.text_encoder import CoOpTextEncoder, template_context
 
 
 @dataclass(frozen=True)
@@ -66,10 +67,39 @@ class StepResult:
 
 
 def initial_local_prompt(
-    shape: tuple[int, int], init_std: float, generator: torch.Generator
+    shape: tuple[int, int],
+    init_std: float,
+    generator: torch.Generator,
+    words: Tensor | None = None,
 ) -> Tensor:
-    """p_L at the start: the first draw of the learner's public generator."""
-    return torch.randn(shape, generator=generator) * init_std
+    """p_L at the start: the first draw of the learner's public generator (the server
+    draws the initial p_G the same way from the run's seed).
+
+    ``words`` (k, d), from :func:`ctx_init_words`, replace the first k rows (CoOp's
+    ``ctx_init``); the draw is the same either way, so the remaining rows and every
+    later draw of ``generator`` do not depend on whether words were given.
+    """
+    prompt = torch.randn(shape, generator=generator) * init_std
+    if words is not None:
+        prompt[: words.shape[0]] = words
+    return prompt
+
+
+def ctx_init_words(clip: FrozenClip, text: str, n_ctx: int) -> Tensor | None:
+    """Token embeddings (k, d) of run-config ``ctx-init``; None when it is empty.
+
+    The words go first, as CoOp's "a photo of a" then the class name: with n-ctx equal
+    to their token count the untrained prompt is exactly the zero-shot sentence.
+    """
+    if not text:
+        return None
+    words = template_context(clip, text, key="ctx-init")
+    if words.shape[0] > n_ctx:
+        raise ValueError(
+            f"ctx-init={text!r} is {words.shape[0]} tokens but n-ctx={n_ctx} context vectors "
+            f"hold only {n_ctx}: raise n-ctx to at least {words.shape[0]} or shorten ctx-init"
+        )
+    return words
 
 
 class PromptLearner:
@@ -84,10 +114,13 @@ class PromptLearner:
         generator: torch.Generator,
         width: int,
         template_context: Tensor | None = None,
+        context_words: Tensor | None = None,
         noise: NoiseSource | None = None,
     ) -> None:
         """``generator`` draws the initial prompts and the power iteration's start (public
         randomness); ``noise`` draws the DP noise (a secret stream unless given).
+        ``context_words`` (``ctx_init_words``) start the prompt of method ``local``; the
+        methods with a global prompt get them from the server's initial p_G instead.
         """
         s = settings
         if s.method.low_rank and not 1 <= s.rank <= min(s.n_ctx, width):
@@ -106,7 +139,10 @@ class PromptLearner:
         self._template = template_context
         self._state: dict[str, Tensor] = {}
         if s.method in {Method.DPFPL, Method.DPLORA, Method.FEDOTP, Method.LOCAL}:
-            self._state["local_prompt"] = initial_local_prompt(shape, s.init_std, generator)
+            words = context_words if s.method is Method.LOCAL else None
+            self._state["local_prompt"] = initial_local_prompt(
+                shape, s.init_std, generator, words
+            )
         if s.method is Method.FEDPGP:
             start = torch.randn(s.n_ctx, s.rank, generator=generator)
             self._state["u"] = privacy.orthonormal_columns(start)

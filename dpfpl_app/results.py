@@ -11,6 +11,7 @@ import contextlib
 import csv
 import json
 import logging
+import math
 import os
 import platform
 import time
@@ -126,6 +127,9 @@ class RunRecorder:
             self.doc["reason"] = reason
         self.doc["summary"] = summarise(self.doc["rounds"])
         self.doc["summary"].update(extra or {})
+        zeroshot = zeroshot_reference(self.doc["rounds"])
+        if zeroshot:
+            self.doc["zeroshot"] = zeroshot
         self._write()
         self._write_csv()
         try:
@@ -183,6 +187,24 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def zeroshot_reference(rounds: list[dict[str, Any]]) -> dict[str, float]:
+    """The template's accuracies, as ``local-acc`` / ``neighbour-acc``: the line to beat.
+
+    Clients report them with every evaluation (the same test images every round, so
+    they are constant up to which clients answered); the mean over rounds is kept.
+    """
+    reference = {}
+    for key in ("local-acc", "neighbour-acc"):
+        values = [r[f"zeroshot-{key}"] for r in rounds if _finite(r.get(f"zeroshot-{key}"))]
+        if values:
+            reference[key] = sum(values) / len(values)
+    return reference
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def load_results(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / RESULTS_FILE
     if not path.is_file():
@@ -210,6 +232,7 @@ def summary_table(doc: dict[str, Any]) -> str:
     lines.extend(
         f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in doc["summary"].items()
     )
+    lines.extend(f"zeroshot-{k}: {v:.4g}" for k, v in doc.get("zeroshot", {}).items())
     return "\n".join(lines)
 
 

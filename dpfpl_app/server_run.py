@@ -121,11 +121,14 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) ->
         save_checkpoint(out, strategy.state_dict(), config=cfg)
         log(
             INFO,
-            "round %d/%d  local-acc %.3f  neighbour-acc %.3f  epsilon %.3g%s%s",
+            "round %d/%d  local-acc %.3f  neighbour-acc %.3f  (zero-shot %.3f / %.3f)  "
+            "epsilon %.3g%s%s",
             server_round,
             cfg.num_server_rounds,
             metrics.get("local-acc", math.nan),
             metrics.get("neighbour-acc", math.nan),
+            metrics.get("zeroshot-local-acc", math.nan),
+            metrics.get("zeroshot-neighbour-acc", math.nan),
             metrics.get("epsilon", math.nan),
             label,
             f"  loss {metrics['train-loss']:.4f}" if "train-loss" in metrics else "",

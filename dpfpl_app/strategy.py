@@ -471,7 +471,9 @@ def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float | int]:
 
 
 def _accuracy_means(accepted: list[wire.EvaluateReply]) -> dict[str, float]:
-    """Unweighted (per-client) and example-weighted means of both accuracies."""
+    """Unweighted (per-client) and example-weighted means of both accuracies, learned and
+    zero-shot (the template's, on the same images: the reference line).
+    """
     out: dict[str, float] = {}
     columns = (
         (
@@ -483,6 +485,16 @@ def _accuracy_means(accepted: list[wire.EvaluateReply]) -> dict[str, float]:
             wire.NEIGHBOUR_ACC,
             wire.NEIGHBOUR_ACC_WEIGHTED,
             [(r.neighbour_acc, r.neighbour_examples) for r in accepted],
+        ),
+        (
+            wire.ZEROSHOT_LOCAL_ACC,
+            wire.ZEROSHOT_LOCAL_ACC_WEIGHTED,
+            [(r.zeroshot_local_acc, r.local_examples) for r in accepted],
+        ),
+        (
+            wire.ZEROSHOT_NEIGHBOUR_ACC,
+            wire.ZEROSHOT_NEIGHBOUR_ACC_WEIGHTED,
+            [(r.zeroshot_neighbour_acc, r.neighbour_examples) for r in accepted],
         ),
     )
     for key, weighted_key, pairs in columns:

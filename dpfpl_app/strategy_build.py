@@ -10,19 +10,29 @@ from __future__ import annotations
 import torch
 from transformers import AutoConfig
 
-from dpfpl_app.backbone import resolve_model_source
+from dpfpl_app.backbone import load_frozen_clip, resolve_model_source
 from dpfpl_app.config import RunConfig
 from dpfpl_app.dp_channel import plan_for
+from dpfpl_app.prompt_learner import ctx_init_words, initial_local_prompt
 from dpfpl_app.strategy import DPFPLStrategy, RoundCallback
 
 
 def initial_prompt(cfg: RunConfig) -> torch.Tensor:
-    """p_G ~ N(0, init_std^2) from the seed (zeros when the method shares nothing)."""
+    """p_G ~ N(0, init_std^2) from the seed (zeros when the method shares nothing).
+
+    With ``ctx-init`` its first rows are those words' token embeddings (the backbone is
+    loaded for its token table only then), so training starts at the zero-shot prompt.
+    """
     width = int(AutoConfig.from_pretrained(resolve_model_source(cfg.model)).text_config.hidden_size)
     if not cfg.method.has_global:
         return torch.zeros(cfg.n_ctx, width)
+    words = (
+        ctx_init_words(load_frozen_clip(cfg.model, device="cpu"), cfg.ctx_init, cfg.n_ctx)
+        if cfg.ctx_init
+        else None
+    )
     generator = torch.Generator().manual_seed(cfg.seed)
-    return torch.randn(cfg.n_ctx, width, generator=generator) * cfg.init_std
+    return initial_local_prompt((cfg.n_ctx, width), cfg.init_std, generator, words)
 
 
 def build_strategy(

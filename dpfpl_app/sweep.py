@@ -142,13 +142,39 @@ class Cell:
         return f"{self.method.value}-eps{eps}{rank}-s{self.seed}"
 
 
-def cell_result(out_dir: Path, cell: Cell) -> dict[str, Any] | None:
-    """The cell's results if its run completed, else None."""
+def cell_result(out_dir: Path, cell: Cell, clients: int) -> dict[str, Any] | None:
+    """The cell's results if its run is complete (``incomplete_reason``), else None."""
     path = out_dir / "runs" / cell.name / RESULTS_FILE
     if not path.is_file():
         return None
     doc = json.loads(path.read_text())
-    return doc if doc.get("status") == "completed" else None
+    return None if incomplete_reason(doc, clients) else doc
+
+
+def incomplete_reason(doc: dict[str, Any], clients: int) -> str | None:
+    """Why a run does not count as a sweep cell, or None when it does.
+
+    A cell counts only if it completed every round with all ``clients`` trained and
+    evaluated and none refused: a round with fewer replies averages other clients, and
+    the last-10 mean would silently slide over rounds without a valid reply.
+    """
+    if doc.get("status") != "completed":
+        return f"status {doc.get('status')!r}: {doc.get('reason', 'no reason recorded')}"
+    rounds, planned = doc.get("rounds", []), doc.get("config", {}).get("num-server-rounds")
+    if [r.get("round") for r in rounds] != list(range(1, len(rounds) + 1)) or (
+        len(rounds) != planned
+    ):
+        return f"{len(rounds)} rounds recorded, {planned} planned"
+    for row in rounds:
+        counts = {key: row.get(key) for key in ("accepted", "rejected", "eval-accepted",
+                                                 "eval-rejected")}
+        if counts != {"accepted": clients, "rejected": 0, "eval-accepted": clients,
+                      "eval-rejected": 0}:
+            return f"round {row['round']}: {counts} (every one of {clients} clients expected)"
+        local = [k for k in row if k.startswith("local-acc/node-")]
+        if len(local) != clients:
+            return f"round {row['round']}: local accuracy of {len(local)} of {clients} clients"
+    return None
 
 
 def run_sweep(
@@ -164,7 +190,7 @@ def run_sweep(
     cells = spec.cells()
     configs = {c.name: spec.run_config(c, out_dir) for c in cells}  # a bad grid stops here
     _claim(out_dir, spec)
-    todo = [c for c in cells if cell_result(out_dir, c) is None]
+    todo = [c for c in cells if cell_result(out_dir, c, spec.clients) is None]
     logger.info(
         "sweep %s: %d cells, %d done, %d to run (DP noise seeded for reproducibility: "
         "experiments only)", out_dir, len(cells), len(cells) - len(todo), len(todo),
@@ -185,11 +211,13 @@ def run_sweep(
                 )
             except RuntimeError as err:  # refused or unreadable: this cell fails, not the sweep
                 run_id, status = -1, str(err)
-            doc = cell_result(out_dir, cell)
+            doc = cell_result(out_dir, cell, spec.clients)
             took = time.monotonic() - t0
             if doc is None:
                 failed.append(cell)
-                logger.error("[%d/%d] %s: run %d ended %s", i, len(todo), cell.name, run_id, status)
+                logger.error("[%d/%d] %s: run %d ended %s; the cell does not count: %s",
+                             i, len(todo), cell.name, run_id, status,
+                             cell_failure(out_dir, cell, spec.clients))
                 continue
             s = doc["summary"]
             eta = (time.monotonic() - started) / i * (len(todo) - i)
@@ -200,6 +228,14 @@ def run_sweep(
             )
     write_tables(spec, out_dir)
     return failed
+
+
+def cell_failure(out_dir: Path, cell: Cell, clients: int) -> str:
+    """Why a cell has no counted result (for the log and the table's failed list)."""
+    path = out_dir / "runs" / cell.name / RESULTS_FILE
+    if not path.is_file():
+        return f"no {RESULTS_FILE} (the run never started or wrote nothing)"
+    return incomplete_reason(json.loads(path.read_text()), clients) or "complete"
 
 
 def _claim(out_dir: Path, spec: SweepSpec) -> None:
@@ -220,17 +256,18 @@ class Aggregate:
     method: Method
     epsilon: float
     rank: int
-    seeds: int
+    seeds: int  # complete cells averaged
+    planned: int  # seeds the sweep asked for
     means: dict[str, float]
     stds: dict[str, float]
     eps_spent: float  # the largest composed epsilon over the seeds
 
 
 def aggregate(spec: SweepSpec, out_dir: Path) -> list[Aggregate]:
-    """Mean and std over seeds of each (method, epsilon, rank) with finished cells."""
+    """Mean and std over seeds of each (method, epsilon, rank) with complete cells."""
     groups: dict[tuple[Method, float, int], list[dict[str, Any]]] = {}
     for cell in spec.cells():
-        doc = cell_result(out_dir, cell)
+        doc = cell_result(out_dir, cell, spec.clients)
         if doc is not None:
             groups.setdefault((cell.method, cell.epsilon, cell.rank), []).append(doc["summary"])
     rows = []
@@ -241,7 +278,8 @@ def aggregate(spec: SweepSpec, out_dir: Path) -> list[Aggregate]:
             means[short] = statistics.fmean(values)
             stds[short] = statistics.stdev(values) if len(values) > 1 else 0.0
         spent = max(s.get("final-epsilon", 0.0) for s in summaries)
-        rows.append(Aggregate(method, eps, rank, len(summaries), means, stds, spent))
+        planned = len(spec.seeds)
+        rows.append(Aggregate(method, eps, rank, len(summaries), planned, means, stds, spent))
     return rows
 
 
@@ -250,15 +288,24 @@ def _eps_label(eps: float) -> str:
 
 
 def _cell(agg: Aggregate | None, measure: str) -> str:
+    """Mean ± std with the seed count; one seed has no std, and missing seeds show."""
     if agg is None:
         return "-"
-    return f"{100 * agg.means[measure]:.1f} ± {100 * agg.stds[measure]:.1f}"
+    mean = f"{100 * agg.means[measure]:.1f}"
+    spread = f" ± {100 * agg.stds[measure]:.1f}" if agg.seeds > 1 else ""
+    count = f"n={agg.seeds}" + (f" of {agg.planned}" if agg.seeds < agg.planned else "")
+    return f"{mean}{spread} ({count})"
 
 
 def write_tables(spec: SweepSpec, out_dir: Path) -> None:
     """table.md, table.csv and the plots, from the finished cells only."""
     rows = aggregate(spec, out_dir)
-    (out_dir / "table.md").write_text(markdown_table(spec, rows))
+    failed = {
+        c.name: cell_failure(out_dir, c, spec.clients)
+        for c in spec.cells()
+        if cell_result(out_dir, c, spec.clients) is None
+    }
+    (out_dir / "table.md").write_text(markdown_table(spec, rows, failed))
     (out_dir / "table.csv").write_text(csv_table(spec, rows))
     try:
         plot_sweep(spec, rows, out_dir)
@@ -266,7 +313,10 @@ def write_tables(spec: SweepSpec, out_dir: Path) -> None:
         logger.warning("could not draw the sweep plots: %s", err)
 
 
-def markdown_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
+def markdown_table(
+    spec: SweepSpec, rows: Iterable[Aggregate], failed: dict[str, str] | None = None
+) -> str:
+    """The paper-style tables; ``failed`` (cell name -> reason) lists cells left out."""
     index = {(a.method, a.epsilon, a.rank): a for a in rows}
     rank = spec.ranks[0]
 
@@ -278,6 +328,8 @@ def markdown_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
         "",
         f"Accuracy (%) over all classes, mean ± std over seeds {list(spec.seeds)} of the "
         f"mean over the last {LAST_ROUNDS} rounds; rank {rank}; epsilon of both channels composed.",
+        "(n=k: complete seeds averaged; a cell counts only if every round had all "
+        f"{spec.clients} clients trained and evaluated.)",
     ]
     if spec.overrides:
         given = ", ".join(f"{k}={v}" for k, v in spec.overrides.items())
@@ -307,6 +359,9 @@ def markdown_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
                 + " | ".join(f"{_cell(a, 'local')} / {_cell(a, 'neighbour')}" for a in both)
                 + " |"
             )
+    if failed:
+        lines += ["", "## Cells left out (failed or incomplete)", ""]
+        lines += [f"- {name}: {reason}" for name, reason in sorted(failed.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -315,7 +370,8 @@ def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(
         [
-            "dataset", "method", "epsilon", "rank", "seeds", "local_mean", "local_std",
+            "dataset", "method", "epsilon", "rank", "seeds", "seeds_planned", "local_mean",
+            "local_std",
             "neighbour_mean", "neighbour_std", "epsilon_spent",
         ]
     )
@@ -329,7 +385,7 @@ def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
     for a in sorted(rows, key=lambda a: (a.epsilon, order[a.method], a.rank)):
         writer.writerow(
             [
-                spec.dataset, a.method.value, _eps_label(a.epsilon), a.rank, a.seeds,
+                spec.dataset, a.method.value, _eps_label(a.epsilon), a.rank, a.seeds, a.planned,
                 f"{a.means['local']:.4f}", f"{a.stds['local']:.4f}",
                 f"{a.means['neighbour']:.4f}", f"{a.stds['neighbour']:.4f}",
                 *spent(a),

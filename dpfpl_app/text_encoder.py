@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import CLIPModel, PreTrainedTokenizerBase
 
+from dpfpl_app.backbone import FrozenClip
+
 
 class CoOpTextEncoder(nn.Module):
     """Maps learned context vectors (n_ctx, d) to normalised class features (C, e)."""
@@ -117,6 +119,18 @@ class CoOpTextEncoder(nn.Module):
         hidden = text_model.final_layer_norm(hidden)
         pooled = hidden[torch.arange(n_classes, device=ctx.device), n_prefix + self.eos_index]
         return F.normalize(self.projection(pooled).float(), dim=-1)
+
+
+def template_context(clip: FrozenClip, template: str, *, key: str = "zeroshot-template") -> Tensor:
+    """Token embeddings (k, d) of hand-written words: the zero-shot prompt, or ctx-init's.
+
+    ``key`` is the run-config key the words came from, so an empty template is named.
+    """
+    ids = clip.tokenizer(template, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise ValueError(f"{key} {template!r} has no tokens")
+    table = clip.model.text_model.embeddings.token_embedding.weight
+    return table[torch.tensor(ids, device=table.device)].detach().float().cpu()
 
 
 def _class_suffix_ids(tokenizer: PreTrainedTokenizerBase, name: str) -> list[int]:

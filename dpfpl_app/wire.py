@@ -16,8 +16,10 @@ Protocol (all tensors float32, ``n_ctx x d``)::
         "metrics": MetricRecord {} with DP; {"train-loss"} without DP (``train_metric_keys``)
     client -> server, evaluate
         "metrics": MetricRecord {"num-examples", "local-acc", "neighbour-acc",
+                                 "zeroshot-local-acc", "zeroshot-neighbour-acc",
                                  "local-examples", "neighbour-examples",
-                                 "partition-id" (the node's own config: public), ...}
+                                 "partition-id" (the node's own config: public)}
+                   exactly these keys (``EVALUATE_METRIC_KEYS``)
 
 Why so strict: the private local prompt must never leave a client, and with DP nothing
 about its training data may leave but the clipped gradient the noise is sized for: no
@@ -58,6 +60,16 @@ NEIGHBOUR_ACC = "neighbour-acc"
 LOCAL_EXAMPLES = "local-examples"
 NEIGHBOUR_EXAMPLES = "neighbour-examples"
 PARTITION_ID = "partition-id"
+# the hand-written template's accuracies on the same test images: the reference line a
+# learned prompt must beat (test-set accuracies, like local-acc: not DP releases)
+ZEROSHOT_LOCAL_ACC = "zeroshot-local-acc"
+ZEROSHOT_NEIGHBOUR_ACC = "zeroshot-neighbour-acc"
+EVALUATE_METRIC_KEYS = frozenset(
+    {
+        NUM_EXAMPLES, LOCAL_ACC, NEIGHBOUR_ACC, ZEROSHOT_LOCAL_ACC, ZEROSHOT_NEIGHBOUR_ACC,
+        LOCAL_EXAMPLES, NEIGHBOUR_EXAMPLES, PARTITION_ID,
+    }
+)
 
 # --- round metric keys (strategy -> ServerApp / results) -----------------------------
 EPSILON = "epsilon"  # composed: everything released about a client's data (dp_channel)
@@ -68,6 +80,8 @@ NOISE_STD = "noise-std"
 UPDATE_NORM = "update-norm"  # norm of the NOISED mean: a function of the public p_G's
 LOCAL_ACC_WEIGHTED = "local-acc-weighted"
 NEIGHBOUR_ACC_WEIGHTED = "neighbour-acc-weighted"
+ZEROSHOT_LOCAL_ACC_WEIGHTED = "zeroshot-local-acc-weighted"
+ZEROSHOT_NEIGHBOUR_ACC_WEIGHTED = "zeroshot-neighbour-acc-weighted"
 EVAL_ACCEPTED = "eval-accepted"
 EVAL_REJECTED = "eval-rejected"
 
@@ -93,6 +107,8 @@ class EvaluateReply:
     num_examples: int
     local_acc: float
     neighbour_acc: float
+    zeroshot_local_acc: float
+    zeroshot_neighbour_acc: float
     local_examples: int
     neighbour_examples: int
     partition_id: int
@@ -148,6 +164,8 @@ def evaluate_reply_content(
     *,
     local_acc: float,
     neighbour_acc: float,
+    zeroshot_local_acc: float,
+    zeroshot_neighbour_acc: float,
     local_examples: int,
     neighbour_examples: int,
     partition_id: int,
@@ -167,6 +185,10 @@ def evaluate_reply_content(
                     NUM_EXAMPLES: int(local_examples + neighbour_examples),
                     LOCAL_ACC: float(local_acc) if local_examples else 0.0,
                     NEIGHBOUR_ACC: float(neighbour_acc) if neighbour_examples else 0.0,
+                    ZEROSHOT_LOCAL_ACC: float(zeroshot_local_acc) if local_examples else 0.0,
+                    ZEROSHOT_NEIGHBOUR_ACC: (
+                        float(zeroshot_neighbour_acc) if neighbour_examples else 0.0
+                    ),
                     LOCAL_EXAMPLES: int(local_examples),
                     NEIGHBOUR_EXAMPLES: int(neighbour_examples),
                     PARTITION_ID: int(partition_id),
@@ -246,11 +268,18 @@ def parse_evaluate_reply(msg: Message) -> EvaluateReply:
     _check_records(msg.content, arrays=False)
     metrics = msg.content.metric_records[METRICS_RECORD]
     _check_scalar_metrics(metrics)
+    if set(metrics.keys()) != EVALUATE_METRIC_KEYS:
+        raise InvalidReply(
+            f"evaluate metrics {sorted(metrics.keys())} are not exactly "
+            f"{sorted(EVALUATE_METRIC_KEYS)}"
+        )
     return EvaluateReply(
         node_id=msg.metadata.src_node_id,
         num_examples=_int_metric(metrics, NUM_EXAMPLES, minimum=0),
         local_acc=_float_metric(metrics, LOCAL_ACC, low=0.0, high=1.0),
         neighbour_acc=_float_metric(metrics, NEIGHBOUR_ACC, low=0.0, high=1.0),
+        zeroshot_local_acc=_float_metric(metrics, ZEROSHOT_LOCAL_ACC, low=0.0, high=1.0),
+        zeroshot_neighbour_acc=_float_metric(metrics, ZEROSHOT_NEIGHBOUR_ACC, low=0.0, high=1.0),
         local_examples=_int_metric(metrics, LOCAL_EXAMPLES, minimum=0),
         neighbour_examples=_int_metric(metrics, NEIGHBOUR_EXAMPLES, minimum=0),
         partition_id=_int_metric(metrics, PARTITION_ID, minimum=0),

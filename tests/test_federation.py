@@ -50,12 +50,12 @@ def test_dpfpl_federation_learns_and_writes_results(digits_backbone: Path, tmp_p
     doc = _results(tmp_path)
     assert doc["status"] == "completed"
     assert [r["round"] for r in doc["rounds"]] == list(range(1, 9))
-    # the pretrained backbone starts near 0.95+ local accuracy, so learning shows in the
-    # training loss (main job: 0.21 in round 1, ~0.06 by round 8) and in accuracy not falling
+    # styled digits (the default) leave room: the loss falls and local accuracy rises
+    # (seeded, DP off: 0.724 in round 1, 0.775 in round 8 on 2026-11-30)
     losses = [r["train-loss"] for r in doc["rounds"]]
     assert sum(losses[-3:]) / 3 < 0.6 * losses[0], losses
     first, last = doc["rounds"][0]["local-acc"], doc["rounds"][-1]["local-acc"]
-    assert last >= max(first - 0.01, 0.9), (first, last)
+    assert last >= first + 0.03, (first, last)
     for name in ("metrics.csv", "accuracy.png", "epsilon.png"):
         assert (tmp_path / "runs" / "t" / name).stat().st_size > 0
 
@@ -118,6 +118,8 @@ ROUND_KEYS = {
     "round", "elapsed-s", wire.ACCEPTED, wire.REJECTED, wire.BYTES_RECEIVED, wire.EPSILON,
     wire.NOISE_STD, wire.UPDATE_NORM, wire.EVAL_ACCEPTED, wire.EVAL_REJECTED, wire.LOCAL_ACC,
     wire.NEIGHBOUR_ACC, wire.LOCAL_ACC_WEIGHTED, wire.NEIGHBOUR_ACC_WEIGHTED,
+    wire.ZEROSHOT_LOCAL_ACC, wire.ZEROSHOT_NEIGHBOUR_ACC, wire.ZEROSHOT_LOCAL_ACC_WEIGHTED,
+    wire.ZEROSHOT_NEIGHBOUR_ACC_WEIGHTED,
 }
 
 

@@ -54,6 +54,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
     content = wire.evaluate_reply_content(
         local_acc=0.5 + 0.1 * partition,
         neighbour_acc=0.1,
+        zeroshot_local_acc=0.4,
+        zeroshot_neighbour_acc=0.1,
         local_examples=10,
         neighbour_examples=20,
         partition_id=partition,

@@ -17,12 +17,13 @@ from scipy.stats import chi2
 from torch import Tensor
 
 from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.client_trainer import BudgetError, ClientTrainer, template_context
+from dpfpl_app.client_trainer import BudgetError, ClientTrainer
 from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.federated_data import ClientData
 from dpfpl_app.noise import NoiseSource
 from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
-from dpfpl_app.text_encoder import CoOpTextEncoder
+from dpfpl_app.strategy_build import initial_prompt
+from dpfpl_app.text_encoder import CoOpTextEncoder, template_context
 
 CLASS_NAMES = ("cat", "dog", "hippopotamus", "great white shark", "sea lion pup", "owl")
 N_CTX, RANK, BATCH = 4, 2, 4
@@ -653,3 +654,58 @@ def test_small_client_with_poisson_sampling_completes_its_rounds(setup: Setup) -
     # Assert
     assert torch.isfinite(outcome.global_grad).all()
     assert trainer.steps_taken == 20
+
+
+# --- ctx-init: the prompt starts from words ----------------------------------------------------
+def _ctx_init_config(plumbing_clip: Path, method: str, n_ctx: int) -> RunConfig:
+    return _config(**{
+        "method": method, "n-ctx": n_ctx, "rank": 1, "model": str(plumbing_clip),
+        "ctx-init": "a photo of a",
+    })
+
+
+@pytest.mark.parametrize("method", ["promptfl", "local"])
+def test_ctx_init_untrained_predicts_exactly_as_zeroshot(
+    setup: Setup, plumbing_clip: Path, method: str
+) -> None:
+    # Prepare: n-ctx = the template's token count, so the prompt is the zero-shot sentence
+    k = len(setup.clip.tokenizer("a photo of a", add_special_tokens=False)["input_ids"])
+    cfg = _ctx_init_config(plumbing_clip, method, k)
+    trainer = _trainer(setup, cfg)
+    zeroshot = _trainer(setup, _config(method="zeroshot"))
+    features = _client_data(setup, 20).local_features
+
+    # Execute
+    trainer._receive(initial_prompt(cfg))
+    learned, reference = trainer.learner.logits(features), zeroshot.learner.logits(features)
+
+    # Assert
+    torch.testing.assert_close(learned, reference, atol=1e-5, rtol=1e-5)
+    assert trainer.evaluate(initial_prompt(cfg)) == zeroshot.evaluate(torch.zeros(k, setup.width))
+
+
+def test_ctx_init_fills_the_first_rows_and_keeps_the_random_rest(
+    setup: Setup, plumbing_clip: Path
+) -> None:
+    # Prepare
+    words = template_context(setup.clip, "a photo of a")
+    k = words.shape[0]
+
+    # Execute
+    with_words = initial_prompt(_ctx_init_config(plumbing_clip, "dpfpl", 16))
+    random = initial_prompt(_config(**{"n-ctx": 16, "rank": 1, "model": str(plumbing_clip)}))
+
+    # Assert
+    assert torch.equal(with_words[:k], words)
+    assert torch.equal(with_words[k:], random[k:])
+    assert not torch.equal(with_words[:k], random[:k])
+
+
+def test_ctx_init_longer_than_n_ctx_names_both(setup: Setup, plumbing_clip: Path) -> None:
+    k = len(setup.clip.tokenizer("a photo of a", add_special_tokens=False)["input_ids"])
+    cfg = _ctx_init_config(plumbing_clip, "local", k - 1)
+    message = rf"ctx-init='a photo of a' is {k} tokens but n-ctx={k - 1}"
+    with pytest.raises(ValueError, match=message):
+        _trainer(setup, cfg)
+    with pytest.raises(ValueError, match="raise n-ctx"):
+        initial_prompt(_ctx_init_config(plumbing_clip, "promptfl", k - 1))

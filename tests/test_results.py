@@ -12,7 +12,7 @@ from matplotlib.colors import to_rgba
 import client_app as client_module
 import server_app as server_module
 from dpfpl_app.cli import main as cli_main
-from dpfpl_app.results import RunRecorder, draw_run, load_results
+from dpfpl_app.results import RunRecorder, draw_run, load_results, summary_table
 from tests.flower_harness import federation_config, run_server_app
 
 
@@ -158,3 +158,19 @@ def test_plots_are_written_for_a_synthetic_results_file(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "run" / "results.json").read_text())["status"] == "completed"
     for name in ("accuracy.png", "epsilon.png"):
         assert (tmp_path / "run" / name).stat().st_size > 0
+
+
+def test_finish_keeps_the_clients_zero_shot_accuracies_as_the_reference(tmp_path: Path) -> None:
+    # Prepare: clients report the template's accuracy beside their own each round
+    recorder = RunRecorder(tmp_path / "run", config={}, notes={})
+    for r, (zs_local, zs_neighbour) in enumerate([(0.5, 0.4), (0.7, 0.4)], start=1):
+        recorder.record(r, {"local-acc": 0.9, "zeroshot-local-acc": zs_local,
+                            "zeroshot-neighbour-acc": zs_neighbour})
+
+    # Execute
+    recorder.finish(status="completed")
+
+    # Assert: the mean over rounds becomes the plot's reference and a summary line
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert doc["zeroshot"] == pytest.approx({"local-acc": 0.6, "neighbour-acc": 0.4})
+    assert "zeroshot-local-acc: 0.6" in summary_table(doc).splitlines()

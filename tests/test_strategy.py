@@ -369,6 +369,8 @@ def _eval_reply(node: int, local_acc: float, local_n: int, neighbour_acc: float)
     content = wire.evaluate_reply_content(
         local_acc=local_acc,
         neighbour_acc=neighbour_acc,
+        zeroshot_local_acc=local_acc / 2,
+        zeroshot_neighbour_acc=neighbour_acc / 2,
         local_examples=local_n,
         neighbour_examples=50,
         partition_id=node % 7,
@@ -396,6 +398,8 @@ def test_evaluate_means_over_clients_and_weighted_and_refuses_arrays(
     assert metrics[wire.LOCAL_ACC] == pytest.approx(0.7)
     assert metrics[wire.LOCAL_ACC_WEIGHTED] == pytest.approx((0.9 * 10 + 0.5 * 30) / 40)
     assert metrics[wire.NEIGHBOUR_ACC] == pytest.approx(0.3)
+    assert metrics[wire.ZEROSHOT_LOCAL_ACC] == pytest.approx(0.35)
+    assert metrics[wire.ZEROSHOT_NEIGHBOUR_ACC] == pytest.approx(0.15)
     assert (metrics[wire.EVAL_ACCEPTED], metrics[wire.EVAL_REJECTED]) == (2, 1)
     assert any(
         f"node {BAD}" in r.getMessage() and "unexpected records" in r.getMessage()
@@ -410,6 +414,26 @@ def test_evaluate_means_over_clients_and_weighted_and_refuses_arrays(
     assert merged[f"neighbour-acc/node-{GOOD_B}"] == pytest.approx(0.4)
     assert merged[f"partition-id/node-{GOOD_A}"] == GOOD_A % 7  # for the node map
     assert not any(str(BAD) in key for key in merged)
+
+
+@pytest.mark.parametrize(
+    "change", [{"train-loss": 0.3}, {wire.ZEROSHOT_LOCAL_ACC: None}], ids=["extra", "missing"]
+)
+def test_evaluate_refuses_a_reply_whose_metric_keys_are_not_exactly_the_protocols(
+    change: dict[str, float | None],
+) -> None:
+    # Prepare: a loss (a statistic of the training data) must not ride along an evaluation
+    reply = _eval_reply(GOOD_A, 0.9, 10, 0.2)
+    metrics = reply.content.metric_records[wire.METRICS_RECORD]
+    for key, value in change.items():
+        if value is None:
+            del metrics[key]
+        else:
+            metrics[key] = value
+
+    # Execute / Assert
+    with pytest.raises(wire.InvalidReply, match="are not exactly"):
+        wire.parse_evaluate_reply(reply)
 
 
 # --- configure and node waiting ---------------------------------------------------------

@@ -17,7 +17,22 @@ from dpfpl_app.sweep import Cell, SweepSpec, run_sweep, write_tables
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _fake_result(out: Path, cell: Cell, local: float, neighbour: float) -> None:
+def _complete_doc(summary: dict, *, clients: int = 10, rounds: int = 3) -> dict:
+    """A results.json whose every round had all clients trained and evaluated."""
+    per_client = {f"local-acc/node-{n}": 0.5 for n in range(clients)}
+    row = {"accepted": float(clients), "rejected": 0.0, "eval-accepted": float(clients),
+           "eval-rejected": 0.0, **per_client}
+    return {
+        "status": "completed",
+        "config": {"num-server-rounds": rounds},
+        "rounds": [{"round": r, **row} for r in range(1, rounds + 1)],
+        "summary": summary,
+    }
+
+
+def _fake_result(
+    out: Path, cell: Cell, local: float, neighbour: float, *, doc: dict | None = None
+) -> None:
     run = out / "runs" / cell.name
     run.mkdir(parents=True)
     summary = {
@@ -25,7 +40,7 @@ def _fake_result(out: Path, cell: Cell, local: float, neighbour: float) -> None:
         "last10-neighbour-acc": neighbour,
         "final-epsilon": 0.0 if math.isinf(cell.epsilon) else cell.epsilon,
     }
-    (run / RESULTS_FILE).write_text(json.dumps({"status": "completed", "summary": summary}))
+    (run / RESULTS_FILE).write_text(json.dumps({**_complete_doc(summary), **(doc or {})}))
 
 
 def test_grid_has_main_cells_rank_ablation_and_references_once_each() -> None:
@@ -82,12 +97,13 @@ def test_tables_have_every_cell_with_mean_and_std_over_seeds(tmp_path: Path) -> 
     write_tables(spec, tmp_path)
 
     md = (tmp_path / "table.md").read_text()
-    assert "| digits | 1 | 85.0 ± 7.1 | 85.0 ± 7.1 |" in md  # local, both methods
-    assert "| digits | no DP | 65.0 ± 7.1 | 65.0 ± 7.1 |" in md  # neighbour
-    assert "| Zero-shot CLIP | 85.0 ± 7.1 | 65.0 ± 7.1 |" in md
+    assert "| digits | 1 | 85.0 ± 7.1 (n=2) | 85.0 ± 7.1 (n=2) |" in md  # local, both methods
+    assert "| digits | no DP | 65.0 ± 7.1 (n=2) | 65.0 ± 7.1 (n=2) |" in md  # neighbour
+    assert "| Zero-shot CLIP | 85.0 ± 7.1 (n=2) | 65.0 ± 7.1 (n=2) |" in md
+    assert "left out" not in md
     rows = (tmp_path / "table.csv").read_text().splitlines()
-    assert rows[0].startswith("dataset,method,epsilon,rank,seeds,local_mean")
-    assert "digits,dpfpl,1,8,2,0.8500,0.0707,0.6500,0.0707,1.0000" in rows
+    assert rows[0].startswith("dataset,method,epsilon,rank,seeds,seeds_planned,local_mean")
+    assert "digits,dpfpl,1,8,2,2,0.8500,0.0707,0.6500,0.0707,1.0000" in rows
     assert len(rows) == 1 + 2 * 2 + 2  # header, methods x epsilons, two reference rows
     assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 0
 
@@ -98,7 +114,45 @@ def test_missing_cells_show_as_dashes_not_as_numbers(tmp_path: Path) -> None:
 
     write_tables(spec, tmp_path)
 
-    assert "| digits | 1 | 50.0 ± 0.0 | - |" in (tmp_path / "table.md").read_text()
+    assert "| digits | 1 | 50.0 (n=1) | - |" in (tmp_path / "table.md").read_text()
+
+
+def _round_with(**change: float) -> list[dict]:
+    rounds = _complete_doc({})["rounds"]
+    rounds[1] = {**rounds[1], **change}
+    return rounds
+
+
+INCOMPLETE = {
+    "failed run": ({"status": "failed", "reason": "ValueError: boom"}, "status 'failed'"),
+    "train reply refused": ({"rounds": _round_with(accepted=9.0, rejected=1.0)}, "round 2"),
+    "evaluate reply refused": (
+        {"rounds": _round_with(**{"eval-accepted": 9.0, "eval-rejected": 1.0})}, "round 2"
+    ),
+    "a client not sampled": ({"rounds": _round_with(accepted=9.0)}, "round 2"),
+    "a round missing": ({"rounds": _complete_doc({})["rounds"][:2]}, "2 rounds recorded, 3"),
+}
+
+
+@pytest.mark.parametrize("change", INCOMPLETE.values(), ids=INCOMPLETE.keys())
+def test_a_seed_with_an_incomplete_run_does_not_count_and_the_table_says_why(
+    tmp_path: Path, change: tuple[dict, str]
+) -> None:
+    # Prepare: seed 0 complete, seed 1 with a refused reply, a missing round or a failure
+    doc, reason = change
+    spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0,), seeds=(0, 1), references=False)
+    _fake_result(tmp_path, Cell(Method.PROMPTFL, 1.0, 0, 0), 0.8, 0.6)
+    _fake_result(tmp_path, Cell(Method.PROMPTFL, 1.0, 1, 0), 0.2, 0.1, doc=doc)
+
+    # Execute
+    write_tables(spec, tmp_path)
+
+    # Assert: one seed of two, no "± 0.0", and the left-out cell with its reason
+    md = (tmp_path / "table.md").read_text()
+    assert "| digits | 1 | 80.0 (n=1 of 2) |" in md
+    assert "± 0.0" not in md
+    assert f"- promptfl-eps1-s1: {reason}" in md
+    assert sweep_module.cell_result(tmp_path, Cell(Method.PROMPTFL, 1.0, 1, 0), 10) is None
 
 
 def test_a_directory_holding_another_sweep_is_refused(tmp_path: Path) -> None:
@@ -181,7 +235,9 @@ class _FlowerResolvingLikeASuperLink:
         run = self.app_dir / run_config["output-dir"] / run_config["run-name"]
         run.mkdir(parents=True)
         summary = {"last10-local-acc": 0.9, "last10-neighbour-acc": 0.8}
-        (run / RESULTS_FILE).write_text(json.dumps({"status": "completed", "summary": summary}))
+        doc = _complete_doc(summary, clients=num_supernodes,
+                            rounds=run_config["num-server-rounds"])
+        (run / RESULTS_FILE).write_text(json.dumps(doc))
         return 1, "finished:completed"
 
 
@@ -204,4 +260,4 @@ def test_relative_out_and_app_dir_find_the_finished_runs(
     # Assert: the cell counts as finished, its numbers are in the table, in the cwd's sweep
     assert code == 0, capsys.readouterr().err
     table = (work / "sweeps" / "rel" / "table.md").read_text()
-    assert "| digits | 1 | 90.0 ± 0.0 |" in table
+    assert "| digits | 1 | 90.0 (n=1) |" in table
