@@ -31,6 +31,7 @@ from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.federated_data import ClientData
 from dpfpl_app.noise import NoiseSource
 from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
+from dpfpl_app.strategy_build import initial_prompt
 from dpfpl_app.text_encoder import CoOpTextEncoder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -169,6 +170,34 @@ def test_a_trainer_with_canaries_outside_per_sample_dp_is_refused(
 
     with pytest.raises(CanaryError, match="per-sample"):
         ClientTrainer(cfg, clip, CLASSES, data, partition_id=0)
+
+
+@pytest.mark.parametrize(
+    ("method", "ctx_init"),
+    [("dpfpl", ""), ("fedotp", ""), ("local", ""), ("local", "a photo of a"), ("dpfpl", "a photo")],
+)
+def test_the_adversary_rebuilds_the_untrained_prompt_from_public_seeds(
+    plumbing_clip: Path, method: str, ctx_init: str
+) -> None:
+    # Prepare: a client's trainer, untrained, holding the server's initial p_G
+    clip = load_frozen_clip(str(plumbing_clip), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = RunConfig.from_flower({"n-ctx": N_CTX, "rank": 1, "method": method, "seed": 3,
+                                     "ctx-init": ctx_init, "model": str(plumbing_clip)})
+    feats = torch.nn.functional.normalize(torch.randn(6, int(clip.model.config.projection_dim)))
+    labels = torch.arange(6) % len(CLASSES)
+    data = ClientData(feats[None], labels, feats, labels, feats, labels, classes=(0, 1, 2))
+    trainer = ClientTrainer(cfg, clip, CLASSES, data, partition_id=2)
+    start_global = initial_prompt(cfg)
+    if cfg.method.has_global:
+        trainer.learner.set_global_prompt(start_global)
+
+    # Execute
+    rebuilt = one_run.released_start(cfg, 2, start_global)
+
+    # Assert
+    assert torch.equal(rebuilt, trainer.learner.personalised_prompt())
 
 
 # --- scoring and bounding -----------------------------------------------------------------------

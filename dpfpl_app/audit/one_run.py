@@ -44,6 +44,7 @@ from torch import Tensor
 
 from dpfpl_app.audit.bounds import OneRunBound, one_run_guesses, one_run_lower_bound
 from dpfpl_app.audit.canaries import ENV_VAR, CanarySpec, directions
+from dpfpl_app.backbone import load_frozen_clip
 from dpfpl_app.checkpoint import PROMPT_KEY, checkpoint_path
 from dpfpl_app.client_trainer import init_generator
 from dpfpl_app.config import Aggregation, DPMode, Method, RunConfig
@@ -53,7 +54,7 @@ from dpfpl_app.node_paths import partition_subdir
 from dpfpl_app.noise import NoiseSource
 from dpfpl_app.prompt_export import export_path
 from dpfpl_app.prompt_file import load_prompt_file
-from dpfpl_app.prompt_learner import initial_local_prompt
+from dpfpl_app.prompt_learner import ctx_init_words, initial_local_prompt
 from dpfpl_app.results import RESULTS_FILE
 from dpfpl_app.strategy_build import initial_prompt
 
@@ -207,11 +208,18 @@ def adversary_views(cfg: RunConfig, *, partition_id: int) -> dict[str, Tensor]:
     if cfg.method.has_local:
         exported = Path(cfg.state_dir) / partition_subdir(cfg.run_name, 0, partition_id)
         released = load_prompt_file(export_path(exported)).prompt
-        start = start_global if cfg.method.has_global else torch.zeros_like(start_global)
-        generator = init_generator(cfg.seed, partition_id)
-        start = start + initial_local_prompt(tuple(start_global.shape), cfg.init_std, generator)
-        views[RELEASED] = released - start
+        views[RELEASED] = released - released_start(cfg, partition_id, start_global)
     return views
+
+
+def released_start(cfg: RunConfig, partition_id: int, start_global: Tensor) -> Tensor:
+    """The personalised prompt before any training, from public seeds alone."""
+    start = start_global if cfg.method.has_global else torch.zeros_like(start_global)
+    words = None  # ctx-init starts only method local's own prompt from words
+    if cfg.method is Method.LOCAL and cfg.ctx_init:
+        words = ctx_init_words(load_frozen_clip(cfg.model, device="cpu"), cfg.ctx_init, cfg.n_ctx)
+    generator = init_generator(cfg.seed, partition_id)
+    return start + initial_local_prompt(tuple(start_global.shape), cfg.init_std, generator, words)
 
 
 def score(moved: Tensor, spec: CanarySpec) -> np.ndarray:
