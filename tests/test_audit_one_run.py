@@ -247,6 +247,16 @@ def test_runs_the_audit_cannot_test_are_refused_before_running(
         one_run.audit_config(values, out_dir=tmp_path, clients=3)
 
 
+@pytest.mark.parametrize(("count", "match"), [(5000, "2 <= m <= 2048"), (1, "2 <= m")])
+def test_a_canary_count_the_prompt_cannot_take_is_refused_before_any_run(
+    digits_backbone: Path, tmp_path: Path, count: int, match: str, capsys: pytest.CaptureFixture
+) -> None:
+    code = cli.main(["audit", "--one-run", "--canaries", str(count), "--out", str(tmp_path)])
+
+    assert code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "dpfpl-eps1").exists()
+
+
 # --- a real federation ---------------------------------------------------------------------------
 @pytest.mark.slow
 def test_one_run_audit_of_a_real_flwr_run_passes_it_and_catches_its_public_seed(

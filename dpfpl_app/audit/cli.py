@@ -158,6 +158,8 @@ def run_one_run(args: argparse.Namespace) -> int:
         )
         for cell in cells
     }
+    for cfg in configs.values():
+        one_run.check_canaries(cfg, args.canaries)
     records, started = [], time.monotonic()
     for i, (cell, cfg) in enumerate(configs.items(), 1):
         cell_dir = out / f"{cell[0]}-eps{cell[1]:g}"

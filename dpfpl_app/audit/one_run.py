@@ -158,8 +158,24 @@ def audit_config(values: dict[str, Any], *, out_dir: Path, clients: int) -> RunC
     return cfg
 
 
+def check_canaries(cfg: RunConfig, count: int) -> None:
+    """Refuse, before any run, a canary count the prompt or the bound cannot take."""
+    dim = initial_prompt(cfg).numel()
+    if not 2 <= count <= dim:
+        raise ValueError(
+            f"--canaries {count}: orthonormal canaries need 2 <= m <= {dim} (the prompt's "
+            f"n-ctx x width numbers)"
+        )
+    if 2 * count * cfg.delta > 1:
+        raise ValueError(
+            f"--canaries {count} with delta={cfg.delta}: the one-run bound needs "
+            f"2 m delta <= 1, so m <= {int(0.5 / cfg.delta)}"
+        )
+
+
 def plan_canaries(cfg: RunConfig, *, count: int, partition_id: int = 0) -> CanarySpec:
     """Canaries for one client, each kept by a secret fair coin from the OS."""
+    check_canaries(cfg, count)
     source = NoiseSource.secure()
     return CanarySpec(
         partition_id=partition_id,
