@@ -150,19 +150,17 @@ def run_one_run(args: argparse.Namespace) -> int:
         for method in dict.fromkeys(args.method or ("dpfpl", "promptfl"))
         for eps in dict.fromkeys(args.epsilon or (1.0, 4.0))
     ]
-    configs = {  # every cell is checked before the first run starts
-        cell: one_run.audit_config(
-            {**dict(args.set or []), "method": cell[0], "epsilon": cell[1]},
-            out_dir=out / f"{cell[0]}-eps{cell[1]:g}",
+    plans = {}  # every cell's config and canaries are checked before the first run starts
+    for method, eps in cells:
+        cell_dir = out / f"{method}-eps{eps:g}"
+        cfg = one_run.audit_config(
+            {**dict(args.set or []), "method": method, "epsilon": eps},
+            out_dir=cell_dir,
             clients=args.clients,
         )
-        for cell in cells
-    }
-    for cfg in configs.values():
-        one_run.check_canaries(cfg, args.canaries)
+        plans[cell_dir] = cfg, one_run.plan_canaries(cfg, count=args.canaries)
     records, started = [], time.monotonic()
-    for i, (cell, cfg) in enumerate(configs.items(), 1):
-        cell_dir = out / f"{cell[0]}-eps{cell[1]:g}"
+    for i, (cell_dir, (cfg, spec)) in enumerate(plans.items(), 1):
         done = cell_dir / "record.json"
         if done.is_file():
             log.info("[%d/%d] %s: audited before, kept", i, len(cells), cell_dir.name)
@@ -175,7 +173,6 @@ def run_one_run(args: argparse.Namespace) -> int:
             cell_dir.name,
             args.canaries,
         )
-        spec = one_run.plan_canaries(cfg, count=args.canaries)
         one_run.run_federation(
             cfg, spec, cell_dir, app_dir=Path(args.app_dir), timeout_s=args.timeout
         )

@@ -158,8 +158,10 @@ def audit_config(values: dict[str, Any], *, out_dir: Path, clients: int) -> RunC
     return cfg
 
 
-def check_canaries(cfg: RunConfig, count: int) -> None:
-    """Refuse, before any run, a canary count the prompt or the bound cannot take."""
+def plan_canaries(cfg: RunConfig, *, count: int, partition_id: int = 0) -> CanarySpec:
+    """Canaries for one client, each kept by a secret fair coin from the OS; a count the
+    prompt or the bound cannot take is refused here, before any run.
+    """
     dim = initial_prompt(cfg).numel()
     if not 2 <= count <= dim:
         raise ValueError(
@@ -171,11 +173,6 @@ def check_canaries(cfg: RunConfig, count: int) -> None:
             f"--canaries {count} with delta={cfg.delta}: the one-run bound needs "
             f"2 m delta <= 1, so m <= {int(0.5 / cfg.delta)}"
         )
-
-
-def plan_canaries(cfg: RunConfig, *, count: int, partition_id: int = 0) -> CanarySpec:
-    """Canaries for one client, each kept by a secret fair coin from the OS."""
-    check_canaries(cfg, count)
     source = NoiseSource.secure()
     return CanarySpec(
         partition_id=partition_id,
