@@ -9,11 +9,11 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfpl_app.config import RunConfig
+from dpfpl_app.federation.secure_client import answer_stage, masked_content
 from dpfpl_app.secagg import Stage
-from dpfpl_app.secure_client import answer_stage, masked_content
 
 if TYPE_CHECKING:
-    from dpfpl_app.client_trainer import ClientTrainer
+    from dpfpl_app.method.client_trainer import ClientTrainer
 
 app = ClientApp()
 
@@ -30,8 +30,8 @@ def _handle(
     counted; saving after evaluation too exports the prompt just evaluated (latest p_G
     + local), the one worth releasing.
     """
-    from dpfpl_app.client_node import build_trainer, save_state
-    from dpfpl_app.logs import route_app_logs
+    from dpfpl_app.federation.client_node import build_trainer, save_state
+    from dpfpl_app.service.logs import route_app_logs
 
     route_app_logs()
     trainer = build_trainer(cfg, context)
@@ -44,7 +44,7 @@ def _handle(
 def train(msg: Message, context: Context) -> Message:
     """One round: train the private prompt, reply with the clipped global-prompt gradient."""
     cfg = RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
-    from dpfpl_app.client_messages import answer_train
+    from dpfpl_app.federation.client_messages import answer_train
 
     return _handle(msg, context, cfg, answer_train)
 
@@ -53,14 +53,14 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Local and neighbour accuracy of this client's personalised prompt."""
     cfg = RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
-    from dpfpl_app.client_messages import answer_evaluate
+    from dpfpl_app.federation.client_messages import answer_evaluate
 
     return _handle(msg, context, cfg, answer_evaluate)
 
 
 # --- secure aggregation (aggregation = "secure"): one handler per stage -----------------
 # The key-exchange stages import no torch and load no model: in deployment each message
-# is a fresh process (dpfpl_app.secure_client).
+# is a fresh process (dpfpl_app.federation.secure_client).
 
 
 @app.query(Stage.SETUP)
@@ -79,7 +79,7 @@ def secagg_share_keys(msg: Message, context: Context) -> Message:
 def secagg_collect_masked(msg: Message, context: Context) -> Message:
     """Train one round; reply with the clipped gradient quantised, noised and masked."""
     cfg = RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
-    from dpfpl_app.client_messages import secure_contribution
+    from dpfpl_app.federation.client_messages import secure_contribution
 
     def answer(trainer: ClientTrainer, message: Message) -> RecordDict:
         return masked_content(message, context, cfg, lambda: secure_contribution(trainer, message))

@@ -16,8 +16,8 @@ def main(grid: Grid, context: Context) -> None:
     # a bad key stops the run here, in a second: torch, transformers and opacus (the
     # run's imports) take several seconds more
     RunConfig.from_flower(context.run_config)
-    from dpfpl_app.logs import route_app_logs
-    from dpfpl_app.server_run import run_server
+    from dpfpl_app.federation.server_run import run_server
+    from dpfpl_app.service.logs import route_app_logs
 
     route_app_logs()
     run_server(grid, context)

@@ -42,25 +42,25 @@ from flwr.clientapp import ClientApp
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpfpl_app.backbone import FrozenClip, load_frozen_clip  # noqa: E402
-from dpfpl_app.client_messages import answer_evaluate, answer_train  # noqa: E402
-from dpfpl_app.client_trainer import ClientTrainer  # noqa: E402
-from dpfpl_app.config import DPMode, Method, RunConfig  # noqa: E402
-from dpfpl_app.features import encode_pixels  # noqa: E402
-from dpfpl_app.federated_data import ClientData  # noqa: E402
-from dpfpl_app.image_processing import images_to_pixel_values  # noqa: E402
-from dpfpl_app.membership import (  # noqa: E402
+from dpfpl_app.audit.membership import (  # noqa: E402
     Outputs,
     ShadowAttack,
     check_disjoint,
     threshold_attack,
 )
-from dpfpl_app.offline_data import federated_pool  # noqa: E402
-from dpfpl_app.predict import PromptClassifier  # noqa: E402
-from dpfpl_app.prompt_export import personalised_prompt_file  # noqa: E402
-from dpfpl_app.prompt_file import PromptMetadata, load_prompt_file  # noqa: E402
-from dpfpl_app.strategy import DPFPLStrategy  # noqa: E402
-from dpfpl_app.strategy_build import build_strategy  # noqa: E402
+from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip  # noqa: E402
+from dpfpl_app.config import DPMode, Method, RunConfig  # noqa: E402
+from dpfpl_app.data.features import encode_pixels  # noqa: E402
+from dpfpl_app.data.federated_data import ClientData  # noqa: E402
+from dpfpl_app.data.image_processing import images_to_pixel_values  # noqa: E402
+from dpfpl_app.data.offline_data import federated_pool  # noqa: E402
+from dpfpl_app.federation.client_messages import answer_evaluate, answer_train  # noqa: E402
+from dpfpl_app.federation.prompt_export import personalised_prompt_file  # noqa: E402
+from dpfpl_app.federation.strategy import DPFPLStrategy  # noqa: E402
+from dpfpl_app.federation.strategy_build import build_strategy  # noqa: E402
+from dpfpl_app.method.client_trainer import ClientTrainer  # noqa: E402
+from dpfpl_app.method.prompt_file import PromptMetadata, load_prompt_file  # noqa: E402
+from dpfpl_app.service.predict import PromptClassifier  # noqa: E402
 from tests.flower_harness import run_strategy  # noqa: E402
 
 RESULTS = REPO / "benchmarks" / "results"

@@ -150,7 +150,7 @@ def class_names(tokenizer: Any, count: int) -> list[str]:
     The words are those of the tokenizer's own training captions (real words, not BPE
     fragments), so a name costs about as many tokens as under OpenAI's tokenizer.
     """
-    from dpfpl_app.tokenizer_build import caption_corpus
+    from dpfpl_app.backbones.tokenizer_build import caption_corpus
 
     words = {w for text in caption_corpus() for w in re.findall(r"[a-z]{3,}", text.lower())}
     pool = sorted(w for w in words if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1)
@@ -164,7 +164,7 @@ def class_names(tokenizer: Any, count: int) -> list[str]:
 
 
 def image_features(clip: Any, pixels: Tensor) -> Tensor:
-    """Normalised image features (B, e), as ``dpfpl_app.features.encode_pixels`` computes."""
+    """Normalised image features (B, e), as ``dpfpl_app.data.features.encode_pixels`` computes."""
     with torch.no_grad():
         out = clip.get_image_features(pixel_values=pixels)
         feats = out.pooler_output if hasattr(out, "pooler_output") else out
@@ -174,8 +174,8 @@ def image_features(clip: Any, pixels: Tensor) -> Tensor:
 def reference_step(clip: Any, encoder: Any, pixels: Tensor, labels: Tensor, prompt: Tensor,
                    generator: torch.Generator) -> dict[str, float]:
     """One step with the authors' cost structure; returns the time of each phase (s)."""
-    from dpfpl_app import privacy
-    from dpfpl_app.gradients import class_logits
+    from dpfpl_app.method.gradients import class_logits
+    from dpfpl_app.privacy import mechanics
 
     logit_scale = clip.logit_scale.exp()
     t0 = time.perf_counter()
@@ -190,7 +190,7 @@ def reference_step(clip: Any, encoder: Any, pixels: Tensor, labels: Tensor, prom
     std = NOISE_MULTIPLIER * CLIP_NORM / labels.numel()  # paper mode: sensitivity C/B
     # the authors' code draws torch noise; a timing reference, not a privacy mechanism
     noise = std * torch.randn(grad.shape, generator=generator)
-    noised = privacy.clip_tensor(grad, CLIP_NORM) + noise
+    noised = mechanics.clip_tensor(grad, CLIP_NORM) + noise
     prompt.sub_(0.1 * noised)
     t4 = time.perf_counter()
     return {"total": t4 - t0, "image_encoder": t1 - t0, "text_forward": t2 - t1,
@@ -201,8 +201,8 @@ def make_step(cfg: Config, clip: Any, tokenizer: Any
               ) -> tuple[Callable[[], dict[str, float]], dict[str, Any]]:
     """Build everything outside the timed region; return the step and facts about it."""
     from dpfpl_app.config import DPMode, Method
-    from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
-    from dpfpl_app.text_encoder import CoOpTextEncoder
+    from dpfpl_app.method.prompt_learner import LearnerSettings, PromptLearner
+    from dpfpl_app.method.text_encoder import CoOpTextEncoder
 
     encoder = CoOpTextEncoder(clip, tokenizer, class_names(tokenizer, cfg.classes), N_CTX)
     gen = torch.Generator().manual_seed(0)
@@ -271,7 +271,7 @@ def run_child(cfg: Config) -> dict[str, Any]:
 
 # ----- the parent: one child per configuration, then the tables -----------------------
 def default_chunk_size() -> int:
-    from dpfpl_app.prompt_learner import LearnerSettings
+    from dpfpl_app.method.prompt_learner import LearnerSettings
 
     default = {f.name: f.default for f in dataclasses.fields(LearnerSettings)}["chunk_size"]
     if not isinstance(default, int):
@@ -439,7 +439,7 @@ def load_text() -> str:
 
 
 def run_parent(args: argparse.Namespace) -> None:
-    from dpfpl_app.backbone_build import build_random_clip
+    from dpfpl_app.backbones.backbone_build import build_random_clip
 
     stem = RESULTS_STEM + ("_quick" if args.quick else "")
     args.out.mkdir(parents=True, exist_ok=True)

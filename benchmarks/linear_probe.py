@@ -22,11 +22,11 @@ from sklearn.linear_model import LogisticRegression
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpfpl_app.backbone import load_frozen_clip  # noqa: E402
-from dpfpl_app.backbone_build import cache_root  # noqa: E402
-from dpfpl_app.data_sources import SourceSpec  # noqa: E402
-from dpfpl_app.features import FeatureCache  # noqa: E402
-from dpfpl_app.federated_data import load_federated_data  # noqa: E402
+from dpfpl_app.backbones.backbone import load_frozen_clip  # noqa: E402
+from dpfpl_app.backbones.backbone_build import cache_root  # noqa: E402
+from dpfpl_app.data.data_sources import SourceSpec  # noqa: E402
+from dpfpl_app.data.features import FeatureCache  # noqa: E402
+from dpfpl_app.data.federated_data import load_federated_data  # noqa: E402
 
 
 def linear_probe(dataset: str, model: str, *, seed: int = 0) -> dict[str, float | int | str]:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import client_app  # noqa: E402
 import server_app  # noqa: E402
 from dpfpl_app.config import RunConfig  # noqa: E402
-from dpfpl_app.results import LAST_ROUNDS, load_results  # noqa: E402
+from dpfpl_app.federation.results import LAST_ROUNDS, load_results  # noqa: E402
 from tests.flower_harness import run_server_app  # noqa: E402
 
 

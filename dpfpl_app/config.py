@@ -158,7 +158,7 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        from dpfpl_app.data_sources import check_dataset_name
+        from dpfpl_app.data.data_sources import check_dataset_name
 
         check_dataset_name(self.dataset, self.data_dir)
         if self.method.low_rank and self.rank > self.n_ctx:

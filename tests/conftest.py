@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.backbone_build import CACHE_ENV, build_random_clip, ensure_backbone
+from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
+from dpfpl_app.backbones.backbone_build import CACHE_ENV, build_random_clip, ensure_backbone
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

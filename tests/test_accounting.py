@@ -7,8 +7,8 @@ import warnings
 import pytest
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from dpfpl_app import accounting
-from dpfpl_app.accounting import AccountantKind, PrivacyBudgetError
+from dpfpl_app.privacy import accounting
+from dpfpl_app.privacy.accounting import AccountantKind, PrivacyBudgetError
 
 # the paper's setting with per-sample clipping (ALGORITHM.md section 4)
 Q, STEPS, DELTA = 32 / 400, 100, 1e-5

@@ -13,8 +13,6 @@ import pytest
 import torch
 from scipy import optimize, special, stats
 
-from dpfpl_app import cli
-from dpfpl_app.accounting import AccountantKind
 from dpfpl_app.audit import cli as audit_cli
 from dpfpl_app.audit import mechanism
 from dpfpl_app.audit.bounds import (
@@ -34,7 +32,9 @@ from dpfpl_app.audit.white_box import (
     public_seed_noise,
     replay_adversary,
 )
-from dpfpl_app.noise import NoiseSource
+from dpfpl_app.privacy.accounting import AccountantKind
+from dpfpl_app.privacy.noise import NoiseSource
+from dpfpl_app.service import cli
 
 DELTA = 1e-5
 CLIP, BATCH, CLIENTS = 10.0, 8, 4

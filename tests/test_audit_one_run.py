@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 
-from dpfpl_app import cli
 from dpfpl_app.audit import one_run
 from dpfpl_app.audit.canaries import (
     ENV_VAR,
@@ -25,14 +24,15 @@ from dpfpl_app.audit.canaries import (
     injector_from_env,
     load_spec,
 )
-from dpfpl_app.backbone import load_frozen_clip
-from dpfpl_app.client_trainer import ClientTrainer
+from dpfpl_app.backbones.backbone import load_frozen_clip
 from dpfpl_app.config import DPMode, Method, RunConfig
-from dpfpl_app.federated_data import ClientData
-from dpfpl_app.noise import NoiseSource
-from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
-from dpfpl_app.strategy_build import initial_prompt
-from dpfpl_app.text_encoder import CoOpTextEncoder
+from dpfpl_app.data.federated_data import ClientData
+from dpfpl_app.federation.strategy_build import initial_prompt
+from dpfpl_app.method.client_trainer import ClientTrainer
+from dpfpl_app.method.prompt_learner import LearnerSettings, PromptLearner
+from dpfpl_app.method.text_encoder import CoOpTextEncoder
+from dpfpl_app.privacy.noise import NoiseSource
+from dpfpl_app.service import cli
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "owl")

@@ -11,7 +11,7 @@ import huggingface_hub
 import pytest
 import torch
 
-from dpfpl_app.backbone import (
+from dpfpl_app.backbones.backbone import (
     load_frozen_clip,
     resolve_model_source,
     select_device,

@@ -19,8 +19,8 @@ from transformers import (
     CLIPTokenizer,
 )
 
-from dpfpl_app import backbone_build
-from dpfpl_app.backbone_build import (
+from dpfpl_app.backbones import backbone_build
+from dpfpl_app.backbones.backbone_build import (
     BACKBONES,
     METADATA_FILE,
     build_pretrained_backbone,
@@ -29,20 +29,20 @@ from dpfpl_app.backbone_build import (
     ensure_backbone,
     weights_sha256,
 )
-from dpfpl_app.image_processing import (
+from dpfpl_app.backbones.pretraining import zero_shot_accuracy
+from dpfpl_app.backbones.tokenizer_build import CONTEXT_LENGTH, build_tokenizer
+from dpfpl_app.data.image_processing import (
     GRAY_MEAN,
     GRAY_STD,
     images_to_pixel_values,
     load_image_processor,
 )
-from dpfpl_app.offline_data import (
+from dpfpl_app.data.offline_data import (
     DATASETS,
     federated_pool,
     index_hash,
     load_with_split,
 )
-from dpfpl_app.pretraining import zero_shot_accuracy
-from dpfpl_app.tokenizer_build import CONTEXT_LENGTH, build_tokenizer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 N_CTX = 16  # CoOp's context length, the longest prompt the federated code builds
@@ -113,7 +113,8 @@ def test_class_names_fit_a_coop_prompt(tokenizer_dir: Path, dataset: str) -> Non
 def test_tokenizer_build_is_identical_in_a_fresh_process(tokenizer_dir: Path,
                                                          tmp_path: Path) -> None:
     # Execute: another interpreter, so hash-seed-dependent ordering would show
-    code = ("from pathlib import Path; from dpfpl_app.tokenizer_build import build_tokenizer; "
+    code = ("from pathlib import Path; "
+            "from dpfpl_app.backbones.tokenizer_build import build_tokenizer; "
             f"build_tokenizer(Path({str(tmp_path)!r}))")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO_ROOT,
                    env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "PYTHONHASHSEED": "123"})

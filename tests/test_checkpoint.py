@@ -13,16 +13,16 @@ from safetensors.torch import load_file
 
 import client_app as client_module
 import server_app as server_module
-from dpfpl_app import server_run
-from dpfpl_app.checkpoint import (
+from dpfpl_app.config import ConfigError, RunConfig
+from dpfpl_app.federation import server_run
+from dpfpl_app.federation.checkpoint import (
     FORMAT_NAME,
     CheckpointError,
     CheckpointMeta,
     checkpoint_path,
     load_checkpoint,
 )
-from dpfpl_app.config import ConfigError, RunConfig
-from dpfpl_app.dp_channel import plan_for
+from dpfpl_app.privacy.dp_channel import plan_for
 from tests.flower_harness import federation_config, run_server_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

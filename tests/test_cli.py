@@ -6,13 +6,13 @@ import argparse
 import subprocess
 import sys
 
-from dpfpl_app import cli
+from dpfpl_app.service import cli
 
 
 def test_importing_the_cli_loads_no_torch_transformers_or_opacus() -> None:
     # a fresh interpreter: this test process may already hold torch
     probe = (
-        "import sys, dpfpl_app.cli; "
+        "import sys, dpfpl_app.service.cli; "
         "print(sorted(m for m in ('torch', 'transformers', 'opacus', 'flwr') if m in sys.modules))"
     )
 

@@ -19,8 +19,8 @@ from PIL import Image
 import client_app as client_module
 import server_app as server_module
 from dpfpl_app.config import ConfigError, RunConfig
-from dpfpl_app.data_sources import SourceSpec, load_splits
-from dpfpl_app.federated_data import load_federated_data
+from dpfpl_app.data.data_sources import SourceSpec, load_splits
+from dpfpl_app.data.federated_data import load_federated_data
 from tests.flower_harness import run_server_app
 
 CLASSES = ("red_square", "green_circle", "blue_bar")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from dp_accounting import pld
 
-from dpfpl_app import accounting, privacy
-from dpfpl_app.accounting import AccountantKind
 from dpfpl_app.config import RunConfig
-from dpfpl_app.dp_channel import Guarantee, plan_for
+from dpfpl_app.privacy import accounting, mechanics
+from dpfpl_app.privacy.accounting import AccountantKind
+from dpfpl_app.privacy.dp_channel import Guarantee, plan_for
 
 DELTA = 1e-5
 
@@ -149,8 +149,8 @@ def test_global_noise_is_the_multiplier_times_the_measured_sensitivity() -> None
     extra = 1e6 * torch.randn(1, 4, 6, generator=g, dtype=torch.float64)
 
     def mean(per_client: list[torch.Tensor]) -> torch.Tensor:
-        sent = torch.stack([privacy.clipped_sum(x, clip) / batch for x in per_client])
-        return privacy.clipped_sum(sent, clip) / clients  # the server's re-clip and mean
+        sent = torch.stack([mechanics.clipped_sum(x, clip) / batch for x in per_client])
+        return mechanics.clipped_sum(sent, clip) / clients  # the server's re-clip and mean
 
     # Execute
     shift = mean([torch.cat([grads[0], extra]), *grads[1:]]) - mean(grads)

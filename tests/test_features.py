@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dpfpl_app import features as features_module
-from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.data_sources import ImageSet
-from dpfpl_app.features import FeatureCache, compute_features
-from dpfpl_app.offline_data import LabelledImages
+from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
+from dpfpl_app.data import features as features_module
+from dpfpl_app.data.data_sources import ImageSet
+from dpfpl_app.data.features import FeatureCache, compute_features
+from dpfpl_app.data.offline_data import LabelledImages
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -19,10 +19,10 @@ from safetensors.torch import load_file
 
 import client_app as client_module
 import server_app as server_module
-from dpfpl_app import wire
-from dpfpl_app.accounting import RDP_ORDERS
-from dpfpl_app.client_node import STATE_ARRAYS, build_trainer, save_state
 from dpfpl_app.config import ConfigError, Method, RunConfig
+from dpfpl_app.federation import wire
+from dpfpl_app.federation.client_node import STATE_ARRAYS, build_trainer, save_state
+from dpfpl_app.privacy.accounting import RDP_ORDERS
 from tests.flower_harness import federation_config, run_server_app
 
 

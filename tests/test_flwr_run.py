@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from dpfpl_app.flwr_local import LocalFlower
+from dpfpl_app.federation.flwr_local import LocalFlower
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT_S = 600

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.gradients import prompt_gradients
-from dpfpl_app.text_encoder import CoOpTextEncoder
+from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
+from dpfpl_app.method.gradients import prompt_gradients
+from dpfpl_app.method.text_encoder import CoOpTextEncoder
 
 CLASS_NAMES = ("cat", "dog", "great white shark", "owl")
 N_CTX, BATCH = 3, 6

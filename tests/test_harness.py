@@ -9,10 +9,10 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from dpfpl_app import wire
 from dpfpl_app.config import RunConfig
-from dpfpl_app.dp_channel import plan_for
-from dpfpl_app.strategy import DPFPLStrategy
+from dpfpl_app.federation import wire
+from dpfpl_app.federation.strategy import DPFPLStrategy
+from dpfpl_app.privacy.dp_channel import plan_for
 
 SHAPE = (4, 8)
 NUM_NODES = 3

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from dpfpl_app.config import RunConfig
-from dpfpl_app.data_sources import ImageSet
-from dpfpl_app.federated_data import load_federated_data, source_spec, validation_data
-from dpfpl_app.image_styles import STYLED_DATASETS, STYLES, apply_style
-from dpfpl_app.offline_data import federated_pool, pretrain_pool
+from dpfpl_app.data.data_sources import ImageSet
+from dpfpl_app.data.federated_data import load_federated_data, source_spec, validation_data
+from dpfpl_app.data.image_styles import STYLED_DATASETS, STYLES, apply_style
+from dpfpl_app.data.offline_data import federated_pool, pretrain_pool
 
 IMAGES = federated_pool("digits").images[:20]
 

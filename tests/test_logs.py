@@ -13,8 +13,8 @@ import opacus  # installs a root handler on import, as in every dpfpl process
 from flwr.common.logger import log
 {setup}
 log(logging.INFO, "flower-line-xyz")
-logging.getLogger("dpfpl_app.backbone_build").info("app-progress-xyz")
-logging.getLogger("dpfpl_app.features").warning("app-warning-xyz")
+logging.getLogger("dpfpl_app.backbones.backbone_build").info("app-progress-xyz")
+logging.getLogger("dpfpl_app.data.features").warning("app-warning-xyz")
 """
 
 
@@ -29,7 +29,7 @@ def _output(setup: str) -> str:
 @pytest.mark.parametrize("calls", [1, 3])  # the entry points call it on every message
 def test_every_line_prints_once_and_app_progress_is_visible(calls: int) -> None:
     out = _output(
-        "from dpfpl_app.logs import route_app_logs\n" + "route_app_logs()\n" * calls
+        "from dpfpl_app.service.logs import route_app_logs\n" + "route_app_logs()\n" * calls
     )
 
     assert out.count("flower-line-xyz") == 1, out
@@ -52,7 +52,7 @@ def test_a_users_own_root_handler_is_kept() -> None:
         "mine = logging.StreamHandler(sys.stdout)\n"
         "mine.setFormatter(logging.Formatter('mine %(message)s'))\n"
         "logging.getLogger().addHandler(mine)\n"
-        "from dpfpl_app.logs import route_app_logs\n"
+        "from dpfpl_app.service.logs import route_app_logs\n"
         "route_app_logs()\n"
     )
 

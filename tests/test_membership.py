@@ -9,13 +9,7 @@ import pytest
 import torch
 from scipy.stats import mannwhitneyu
 
-from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.client_trainer import ClientTrainer
-from dpfpl_app.config import DPMode, Method, RunConfig
-from dpfpl_app.features import encode_pixels
-from dpfpl_app.federated_data import ClientData
-from dpfpl_app.image_processing import images_to_pixel_values
-from dpfpl_app.membership import (
+from dpfpl_app.audit.membership import (
     Outputs,
     ShadowAttack,
     check_disjoint,
@@ -23,10 +17,16 @@ from dpfpl_app.membership import (
     loss_scores,
     threshold_attack,
 )
-from dpfpl_app.offline_data import LabelledImages, federated_pool
-from dpfpl_app.predict import PromptClassifier
-from dpfpl_app.prompt_export import personalised_prompt_file
-from dpfpl_app.prompt_file import load_prompt_file
+from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
+from dpfpl_app.config import DPMode, Method, RunConfig
+from dpfpl_app.data.features import encode_pixels
+from dpfpl_app.data.federated_data import ClientData
+from dpfpl_app.data.image_processing import images_to_pixel_values
+from dpfpl_app.data.offline_data import LabelledImages, federated_pool
+from dpfpl_app.federation.prompt_export import personalised_prompt_file
+from dpfpl_app.method.client_trainer import ClientTrainer
+from dpfpl_app.method.prompt_file import load_prompt_file
+from dpfpl_app.service.predict import PromptClassifier
 
 
 def _synthetic(signal: float, seed: int, n: int = 200, classes: int = 4) -> Outputs:

@@ -7,7 +7,7 @@ import logging
 import pytest
 from flwr.clientapp import ClientApp
 
-from dpfpl_app import node_wait
+from dpfpl_app.federation import node_wait
 from tests.flower_harness import InProcessGrid
 
 _idle_app = ClientApp()

@@ -8,8 +8,8 @@ import pytest
 import torch
 from scipy.stats import binomtest, chi2
 
-from dpfpl_app.keystream import KEY_BYTES, KeyStream
-from dpfpl_app.noise import NoiseSource
+from dpfpl_app.privacy.keystream import KEY_BYTES, KeyStream
+from dpfpl_app.privacy.noise import NoiseSource
 
 FALSE_ALARM = 1e-6  # probability that a correct sampler fails one statistical check
 

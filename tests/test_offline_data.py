@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dpfpl_app import offline_data
-from dpfpl_app.offline_data import (
+from dpfpl_app.data import offline_data
+from dpfpl_app.data.offline_data import (
     DEFAULT_FASHION_MNIST_DIR,
     FASHION_CLASS_NAMES,
     LabelledImages,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from dpfpl_app.config import Partitioner
-from dpfpl_app.partition import client_partitions, partition_train, pathological_classes
+from dpfpl_app.data.partition import client_partitions, partition_train, pathological_classes
 
 
 def _shuffled_labels(num_classes: int, per_class: int, seed: int) -> np.ndarray:

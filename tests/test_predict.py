@@ -15,18 +15,18 @@ from PIL import Image
 
 import client_app as client_module
 import server_app as server_module
-from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.cli import main as cli_main
-from dpfpl_app.client_node import build_trainer, save_state, state_directory
-from dpfpl_app.client_trainer import ClientTrainer
+from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.config import RunConfig
-from dpfpl_app.dp_channel import Guarantee
-from dpfpl_app.features import encode_pixels
-from dpfpl_app.image_processing import images_to_pixel_values
-from dpfpl_app.offline_data import DIGIT_CLASS_NAMES, federated_pool
-from dpfpl_app.predict import Prediction, PromptClassifier, classify
-from dpfpl_app.prompt_export import export_path
-from dpfpl_app.prompt_file import PromptFile, PromptFileError, load_prompt_file
+from dpfpl_app.data.features import encode_pixels
+from dpfpl_app.data.image_processing import images_to_pixel_values
+from dpfpl_app.data.offline_data import DIGIT_CLASS_NAMES, federated_pool
+from dpfpl_app.federation.client_node import build_trainer, save_state, state_directory
+from dpfpl_app.federation.prompt_export import export_path
+from dpfpl_app.method.client_trainer import ClientTrainer
+from dpfpl_app.method.prompt_file import PromptFile, PromptFileError, load_prompt_file
+from dpfpl_app.privacy.dp_channel import Guarantee
+from dpfpl_app.service.cli import main as cli_main
+from dpfpl_app.service.predict import Prediction, PromptClassifier, classify
 from tests.flower_harness import federation_config, run_server_app
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

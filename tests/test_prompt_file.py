@@ -10,10 +10,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from dpfpl_app.backbone import FrozenClip
+from dpfpl_app.backbones.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method
-from dpfpl_app.dp_channel import MEANINGS, Guarantee
-from dpfpl_app.prompt_file import (
+from dpfpl_app.method.prompt_file import (
     FORMAT_NAME,
     PromptFile,
     PromptFileError,
@@ -23,6 +22,7 @@ from dpfpl_app.prompt_file import (
     load_prompt_file,
     utc_now,
 )
+from dpfpl_app.privacy.dp_channel import MEANINGS, Guarantee
 
 
 def _prompt_file(clip: FrozenClip, n_ctx: int = 4) -> PromptFile:
@@ -159,7 +159,7 @@ def test_metadata_must_match_the_prompt_shape(clip: FrozenClip, tmp_path: Path) 
 def test_exports_reuse_the_stored_weights_hash_and_checks_hash_afresh(
     clip: FrozenClip, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from dpfpl_app import prompt_file as module
+    from dpfpl_app.method import prompt_file as module
 
     # Prepare: a first export hashes the weights and stores the hash on node-local disk
     monkeypatch.setenv("DPFPL_CACHE", str(tmp_path))

@@ -16,14 +16,14 @@ from safetensors.torch import load_file, save_file
 from scipy.stats import chi2
 from torch import Tensor
 
-from dpfpl_app.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.client_trainer import BudgetError, ClientTrainer
+from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.config import DPMode, Method, RunConfig
-from dpfpl_app.federated_data import ClientData
-from dpfpl_app.noise import NoiseSource
-from dpfpl_app.prompt_learner import LearnerSettings, PromptLearner
-from dpfpl_app.strategy_build import initial_prompt
-from dpfpl_app.text_encoder import CoOpTextEncoder, template_context
+from dpfpl_app.data.federated_data import ClientData
+from dpfpl_app.federation.strategy_build import initial_prompt
+from dpfpl_app.method.client_trainer import BudgetError, ClientTrainer
+from dpfpl_app.method.prompt_learner import LearnerSettings, PromptLearner
+from dpfpl_app.method.text_encoder import CoOpTextEncoder, template_context
+from dpfpl_app.privacy.noise import NoiseSource
 
 CLASS_NAMES = ("cat", "dog", "hippopotamus", "great white shark", "sea lion pup", "owl")
 N_CTX, RANK, BATCH = 4, 2, 4

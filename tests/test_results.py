@@ -11,8 +11,8 @@ from matplotlib.colors import to_rgba
 
 import client_app as client_module
 import server_app as server_module
-from dpfpl_app.cli import main as cli_main
-from dpfpl_app.results import RunRecorder, draw_run, load_results, summary_table
+from dpfpl_app.federation.results import RunRecorder, draw_run, load_results, summary_table
+from dpfpl_app.service.cli import main as cli_main
 from tests.flower_harness import federation_config, run_server_app
 
 

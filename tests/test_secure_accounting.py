@@ -14,10 +14,10 @@ import pytest
 from opacus.accountants.analysis.rdp import _compute_rdp
 
 from dpfpl_app.config import RunConfig
-from dpfpl_app.dp_channel import plan_for
+from dpfpl_app.privacy.dp_channel import plan_for
+from dpfpl_app.privacy.secure_channel import ORDERS, config_for
 from dpfpl_app.secagg.dp import quantised_sensitivity, rdp_to_epsilon, skellam_rdp
 from dpfpl_app.secagg.subsampled import poisson_subsampled_rdp
-from dpfpl_app.secure_channel import ORDERS, config_for
 
 RATES = (0.01, 0.05, 0.1, 0.3, 0.5)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from dpfpl_app.config import Aggregation, ConfigError, RunConfig
-from dpfpl_app.dp_channel import HONEST_SERVER, SECURE_SERVER, plan_for
+from dpfpl_app.privacy.dp_channel import HONEST_SERVER, SECURE_SERVER, plan_for
 
 
 def _cfg(**overrides: object) -> RunConfig:

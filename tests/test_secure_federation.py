@@ -20,15 +20,15 @@ from flwr.clientapp import ClientApp
 
 import client_app as client_module
 import server_app as server_module
-from dpfpl_app.client_node import STATE_ARRAYS
 from dpfpl_app.config import RunConfig
-from dpfpl_app.dp_channel import plan_for
+from dpfpl_app.federation.client_node import STATE_ARRAYS
+from dpfpl_app.federation.secure_client import STATE_KEY
+from dpfpl_app.federation.secure_round import SecureRound
+from dpfpl_app.privacy.dp_channel import plan_for
 from dpfpl_app.secagg import AggregateResult, ClientRound, RoundParams, Stage, fixed_point, skellam
 from dpfpl_app.secagg.records import message_type, read_payload
 from dpfpl_app.secagg.stream import KeyStream
 from dpfpl_app.secagg.wire import MASKED
-from dpfpl_app.secure_client import STATE_KEY
-from dpfpl_app.secure_round import SecureRound
 from tests.flower_harness import federation_config, node_id_of, run_server_app
 
 NODES = 5  # complete graph, threshold 3, min-survivors 4: one dropout per round is fine

@@ -22,7 +22,7 @@ import client_app
 from dpfpl_app.config import RunConfig
 from dpfpl_app.secagg import ServerRound, Stage
 from dpfpl_app.secagg.records import add_payload, message_type, read_payload
-from dpfpl_app.secure_channel import config_for
+from dpfpl_app.privacy.secure_channel import config_for
 
 run_config = RunConfig(aggregation="secure", min_nodes=3, num_server_rounds=2).to_flower()
 nodes = [11, 22, 33]

@@ -23,11 +23,11 @@ from flwr.app import (
 from flwr.clientapp import ClientApp
 from opacus.accountants import RDPAccountant
 
-from dpfpl_app import node_wait, wire
-from dpfpl_app.accounting import RDP_ORDERS
 from dpfpl_app.config import RunConfig
-from dpfpl_app.dp_channel import ChannelPlan, plan_for
-from dpfpl_app.strategy import DPFPLStrategy
+from dpfpl_app.federation import node_wait, wire
+from dpfpl_app.federation.strategy import DPFPLStrategy
+from dpfpl_app.privacy.accounting import RDP_ORDERS
+from dpfpl_app.privacy.dp_channel import ChannelPlan, plan_for
 
 SHAPE = (4, 8)
 LR = 0.5

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dpfpl_app import sweep as sweep_module
 from dpfpl_app.config import Method, RunConfig
-from dpfpl_app.results import RESULTS_FILE
-from dpfpl_app.sweep import Cell, SweepSpec, run_sweep, write_tables
+from dpfpl_app.federation.results import RESULTS_FILE
+from dpfpl_app.service import sweep as sweep_module
+from dpfpl_app.service.sweep import Cell, SweepSpec, run_sweep, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -197,7 +197,7 @@ def test_tiny_sweep_is_complete_resumable_and_byte_identical_on_rerun(
 def test_cli_parses_the_grid_and_refuses_a_directory_that_is_no_app(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from dpfpl_app import cli
+    from dpfpl_app.service import cli
 
     args = cli.build_parser().parse_args(
         ["sweep", "--out", str(tmp_path), "--methods", "promptfl,dpfpl", "--epsilons",
@@ -245,7 +245,7 @@ def test_relative_out_and_app_dir_find_the_finished_runs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # Prepare: call from a directory that is neither the app nor the sweep directory
-    from dpfpl_app import cli
+    from dpfpl_app.service import cli
 
     work = tmp_path / "work"
     work.mkdir()

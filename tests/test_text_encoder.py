@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpfpl_app.backbone import FrozenClip
-from dpfpl_app.text_encoder import CoOpTextEncoder
+from dpfpl_app.backbones.backbone import FrozenClip
+from dpfpl_app.method.text_encoder import CoOpTextEncoder
 
 # class names of very different token lengths (1 to 11 tokens with the period)
 CLASS_NAMES = ("x", "cat", "great white shark", "hippopotamus", "sea lion pup")

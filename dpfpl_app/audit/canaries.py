@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import Tensor
 
-from dpfpl_app.noise import NoiseSource
+from dpfpl_app.privacy.noise import NoiseSource
 
 logger = logging.getLogger(__name__)
 

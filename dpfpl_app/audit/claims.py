@@ -13,7 +13,7 @@ import math
 
 from scipy import optimize, stats
 
-from dpfpl_app.accounting import AccountantKind, epsilon_for
+from dpfpl_app.privacy.accounting import AccountantKind, epsilon_for
 
 
 def claimed_epsilon(

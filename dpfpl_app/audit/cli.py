@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dpfpl_app.sweep_cli import parse_override
+from dpfpl_app.service.sweep_cli import parse_override
 
 # Mirrors audit.mechanism.Channel and accounting.AccountantKind without importing them
 # (see the module docstring); run() converts through the enums, and a test pins both.
@@ -91,11 +91,11 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from dpfpl_app.accounting import AccountantKind
     from dpfpl_app.audit import white_box
     from dpfpl_app.audit.claims import claimed_epsilon, gaussian_epsilon
     from dpfpl_app.audit.mechanism import Channel, canary_game
     from dpfpl_app.audit.report import summary_table, write_report
+    from dpfpl_app.privacy.accounting import AccountantKind
 
     torch.set_num_threads(1)  # tensors of a few hundred numbers: threads only add overhead
     kind = AccountantKind(args.accountant)

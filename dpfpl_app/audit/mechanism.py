@@ -26,9 +26,9 @@ import torch
 from torch import Tensor
 
 from dpfpl_app.config import DPMode
-from dpfpl_app.dp_channel import global_noise_std, local_noise_std
-from dpfpl_app.noise import NoiseSource
-from dpfpl_app.privacy import clipped_sum, factorise
+from dpfpl_app.privacy.dp_channel import global_noise_std, local_noise_std
+from dpfpl_app.privacy.mechanics import clipped_sum, factorise
+from dpfpl_app.privacy.noise import NoiseSource
 
 # The canary's per-sample gradient is this many clip norms long: a correct clip brings
 # it back to exactly C (the sensitivity bound), a missing or loose one shows at once.

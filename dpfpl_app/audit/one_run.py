@@ -44,19 +44,19 @@ from torch import Tensor
 
 from dpfpl_app.audit.bounds import OneRunBound, one_run_guesses, one_run_lower_bound
 from dpfpl_app.audit.canaries import ENV_VAR, CanarySpec, directions
-from dpfpl_app.backbone import load_frozen_clip
-from dpfpl_app.checkpoint import PROMPT_KEY, checkpoint_path
-from dpfpl_app.client_trainer import init_generator
+from dpfpl_app.backbones.backbone import load_frozen_clip
 from dpfpl_app.config import Aggregation, DPMode, Method, RunConfig
-from dpfpl_app.dp_channel import plan_for
-from dpfpl_app.flwr_local import LocalFlower
-from dpfpl_app.node_paths import partition_subdir
-from dpfpl_app.noise import NoiseSource
-from dpfpl_app.prompt_export import export_path
-from dpfpl_app.prompt_file import load_prompt_file
-from dpfpl_app.prompt_learner import ctx_init_words, initial_local_prompt
-from dpfpl_app.results import RESULTS_FILE
-from dpfpl_app.strategy_build import initial_prompt
+from dpfpl_app.federation.checkpoint import PROMPT_KEY, checkpoint_path
+from dpfpl_app.federation.flwr_local import LocalFlower
+from dpfpl_app.federation.node_paths import partition_subdir
+from dpfpl_app.federation.prompt_export import export_path
+from dpfpl_app.federation.results import RESULTS_FILE
+from dpfpl_app.federation.strategy_build import initial_prompt
+from dpfpl_app.method.client_trainer import init_generator
+from dpfpl_app.method.prompt_file import load_prompt_file
+from dpfpl_app.method.prompt_learner import ctx_init_words, initial_local_prompt
+from dpfpl_app.privacy.dp_channel import plan_for
+from dpfpl_app.privacy.noise import NoiseSource
 
 logger = logging.getLogger(__name__)
 

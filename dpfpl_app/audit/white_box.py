@@ -20,7 +20,7 @@ from torch import Tensor
 
 from dpfpl_app.audit.bounds import ManyTrialBound, many_trial_lower_bound
 from dpfpl_app.audit.mechanism import CanaryGame
-from dpfpl_app.noise import NoiseSource
+from dpfpl_app.privacy.noise import NoiseSource
 
 # (release, trial index) -> score; higher means "the canary was in".
 Adversary = Callable[[Tensor, int], float]

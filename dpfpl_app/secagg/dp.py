@@ -24,7 +24,7 @@ released nothing (``SecAggAbort``) costs nothing and must not be accounted.
 Amplification by subsampling is not in this curve: it is that of one release of the
 sum. When the sensitivity is per sample and samples are Poisson-drawn (DP-FPL's global
 channel), ``subsampled.poisson_subsampled_rdp`` amplifies it with a bound valid for any
-mechanism (Zhu and Wang 2019; opacus's is Gaussian-only); ``dpfpl_app.secure_channel``
+mechanism (Zhu and Wang 2019; opacus's is Gaussian-only); ``dpfpl_app.privacy.secure_channel``
 does so for the joint local-Gaussian + Skellam step.
 """
 

@@ -1,11 +1,11 @@
-"""Mask expansion on ChaCha20 keystreams (``dpfpl_app.keystream``): PRG(seed) over the ring.
+"""Mask expansion on ChaCha20 keystreams (``dpfpl_app.privacy.keystream``): PRG(seed) over the ring.
 
 Why not ``flwr.common.secure_aggregation.secaggplus_utils.pseudo_rand_gen``: it folds
 the seed into 32 bits (XOR of 4-byte words) and expands it with numpy's Mersenne
 Twister, so a mask can be searched in 2^32 tries and MT is predictable from its
 output; it also draws ``randint(0, num_range - 1)``, i.e. never the top ring element,
 so its masks are not uniform over the ring. Here a 256-bit key drives ChaCha20, the
-project's one keystream (``dpfpl_app.keystream``, numpy only: this package must import
+project's one keystream (``dpfpl_app.privacy.keystream``, numpy only: this package must import
 without torch, see ``__init__``), which also draws every secret random value here.
 
 Each key is used for exactly one stream, so the all-zero nonce is safe: mask seeds are
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dpfpl_app.keystream import KeyStream
+from dpfpl_app.privacy.keystream import KeyStream
 
 __all__ = ["KeyStream", "MAX_RING_BITS", "ring_mask"]
 

@@ -28,8 +28,8 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 import client_app as real
-from dpfpl_app import wire
-from dpfpl_app.client_node import STATE_ARRAYS
+from dpfpl_app.federation import wire
+from dpfpl_app.federation.client_node import STATE_ARRAYS
 
 MODES_KEY = "hostile-modes"
 HUGE_FACTOR = 1e6

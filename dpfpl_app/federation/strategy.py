@@ -1,0 +1,532 @@
+"""Server side of DP-FPL: Algorithm 1, steps 7-8, as a Flower message-API strategy.
+
+The server holds the global prompt ``p_G``, broadcasts it, receives each client's
+clipped global-prompt gradient, averages them with an unweighted ``1/N`` mean, adds
+the global Gaussian noise and applies ``p_G <- p_G - server_lr * noised mean``. Only the
+global prompt ever travels; replies that carry anything else are refused (``wire``).
+How much noise, and what epsilon it buys, is the channel plan's business
+(``dp_channel.py``): this class is the Flower plumbing around it.
+
+With ``aggregation = "secure"`` the training exchange is a SecAgg+ round
+(``secure_round``): the server receives masked vectors and learns only the sum of the
+survivors' clipped gradients with the clients' Skellam noise in it; it divides that sum
+by the number of survivors m (public; the accounting covers the SUM, whose sensitivity
+does not depend on m, so the division is post-processing) and takes the same step.
+
+Per-round metrics reach the ServerApp two ways: ``strategy.start(...)`` returns a Flower
+``Result`` with this strategy's train and evaluate ``MetricRecord`` of each round; and
+the optional ``on_round(round, metrics)`` callback receives both merged into one dict as
+soon as the round's evaluation is aggregated (progress lines, results files).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from logging import INFO, WARNING
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from dpfpl_app.config import DPMode
+from dpfpl_app.federation import wire
+from dpfpl_app.federation.node_wait import wait_for_nodes
+from dpfpl_app.federation.secure_round import SecureRound, global_release, metrics_of
+from dpfpl_app.privacy import mechanics, secure_channel
+from dpfpl_app.privacy.dp_channel import ACCOUNTED_KINDS, ChannelPlan
+from dpfpl_app.privacy.noise import NoiseSource
+
+RoundCallback = Callable[[int, dict[str, float | int]], None]
+
+# A Poisson batch larger than B makes an honest client's clipped sum / B exceed C a
+# little; far beyond that a client skipped clipping (or is hostile).
+_SUSPICIOUS_FACTOR = 2.0
+SECURE_STAGE_TIMEOUT = 3600.0  # seconds per key-exchange stage (Flower's start() default)
+
+
+class DPFPLStrategy(Strategy):
+    """Global prompt, unweighted mean of re-clipped gradients, Gaussian noise.
+
+    Parameters
+    ----------
+    initial_prompt : torch.Tensor
+        ``p_G`` (``n_ctx x d``, float32); fixes the shape and dtype every reply must match.
+    server_lr : float
+        Server learning rate ``eta_G`` (> 0).
+    channel : ChannelPlan
+        Noise and accounting of the run (clip norm C, batch size B, multipliers).
+    min_nodes : int
+        Connected nodes required before a round starts; also the minimum sample.
+    fraction_train, fraction_evaluate : float
+        Fraction of connected nodes sampled per round, in (0, 1].
+    node_wait_timeout : float
+        Seconds to wait for ``min_nodes`` before failing with a RuntimeError.
+    seed : int, optional
+        Public seed for reproducible experiments: noise and node sampling are then
+        derived from it per round, and the epsilon is nominal (``dp_channel``). Without
+        it both come from secret 256-bit OS keys that are never stored (a checkpoint
+        that held them would let its reader subtract the noise).
+    on_round : callable, optional
+        ``on_round(round, metrics)`` after each round's evaluation is aggregated.
+
+    Notes
+    -----
+    The server re-clips every client gradient to C: a client that skips clipping moves
+    ``p_G`` by at most ``server_lr * C / N`` per round, but its own data keeps no
+    sample-level guarantee; per-sample clipping is the client's job. Each node counts
+    once per round (a duplicate reply would double its weight and its sensitivity).
+
+    """
+
+    def __init__(
+        self,
+        *,
+        initial_prompt: torch.Tensor,
+        server_lr: float,
+        channel: ChannelPlan,
+        min_nodes: int = 2,
+        fraction_train: float = 1.0,
+        fraction_evaluate: float = 1.0,
+        node_wait_timeout: float = 300.0,
+        seed: int | None = None,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        _validate_arguments(locals())
+        self.server_lr = float(server_lr)
+        self.channel = channel
+        self.min_nodes = int(min_nodes)
+        self.fraction_train = float(fraction_train)
+        self.fraction_evaluate = float(fraction_evaluate)
+        self.node_wait_timeout = float(node_wait_timeout)
+        self.on_round = on_round
+        self._prompt = initial_prompt.detach().clone()
+        self._seed = seed
+        self._secret_noise, self._secret_nodes = NoiseSource.secure(), NoiseSource.secure()
+        self._round_offset = 0
+        self._last_round = 0
+        self._train_metrics: dict[str, float | int] = {}
+        # The messages of the current phase: Flower's own error replies (e.g. for a node
+        # that died) come from the SuperLink, so only these say which node was asked.
+        self._sent: list[Message] = []
+        self._secure: SecureRound | None = None  # the current secure round
+        # per trained secure round: survivors / min-survivors of the sum the server may
+        # hold, or None when none could be rebuilt (``secure_round.global_release``)
+        self._secure_rounds: list[float | None] = []
+
+    # --- public views ----------------------------------------------------------------
+    @property
+    def global_prompt(self) -> torch.Tensor:
+        """A copy of the current global prompt ``p_G``."""
+        return self._prompt.clone()
+
+    @property
+    def rounds_done(self) -> int:
+        """The last round this strategy aggregated (counting across resumes)."""
+        return self._last_round
+
+    @property
+    def dp_on(self) -> bool:
+        return self.channel.mode is not DPMode.OFF
+
+    def global_arrays(self) -> ArrayRecord:
+        """Return the current global prompt as the ArrayRecord to pass to ``start(...)``."""
+        return wire.global_prompt_record(self._prompt)
+
+    def epsilon(self) -> float:
+        """Composed epsilon after the rounds trained so far (``dp_channel`` says what it means).
+
+        Every round that sent training messages counts, accepted or not: the clients took
+        their local steps either way. Secure rounds count with their actual survivors.
+        """
+        if self.channel.secure and self.channel.guarantee in ACCOUNTED_KINDS:
+            return self.channel.secure_epsilon(self._secure_rounds)
+        return self.channel.epsilon(self._last_round * self.channel.local_steps)
+
+    def summary(self) -> None:
+        """Log the configuration and what the printed epsilon means."""
+        plan = self.channel
+        log(INFO, "\t├──> DP channel: %s (%s)", plan.mode.value, plan.guarantee.value)
+        log(INFO, "\t│\t├── %s", plan.meaning)
+        log(
+            INFO,
+            "\t│\t└── z_step=%.4g z_local=%.4g z_global=%.4g q<=%.4g over %d steps",
+            plan.z_step,
+            plan.z_local,
+            plan.z_global,
+            plan.sample_rate,
+            plan.planned_steps,
+        )
+        if self.dp_on and plan.z_global > 0:
+            log(INFO if plan.secure else WARNING, "%s", plan.server_view)
+        log(
+            INFO,
+            "\t└──> Sampling: min_nodes=%d fraction train=%.2f evaluate=%.2f wait<=%gs",
+            self.min_nodes,
+            self.fraction_train,
+            self.fraction_evaluate,
+            self.node_wait_timeout,
+        )
+
+    # --- configure -------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Broadcast the global prompt to a sample of nodes for one training step.
+
+        Secure: first the key exchange; the training messages then carry the masked stage.
+        """
+        if self.channel.secure:
+            return self._configure_secure(server_round, arrays, config, grid)
+        return self._configure(server_round, arrays, config, grid, MessageType.TRAIN)
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Broadcast the global prompt to a sample of nodes for evaluation."""
+        return self._configure(server_round, arrays, config, grid, MessageType.EVALUATE)
+
+    def _configure(
+        self,
+        server_round: int,
+        arrays: ArrayRecord,
+        config: ConfigRecord,
+        grid: Grid,
+        message_type: str,
+    ) -> list[Message]:
+        """One message per sampled node carrying ``p_G`` and a copy of ``config``.
+
+        ``arrays`` is Flower's current global model, adopted as ``p_G`` after a shape
+        check; the caller's config is copied, never mutated (``start`` reuses it).
+        """
+        round_ = self._round_offset + server_round
+        self._adopt(arrays)
+        train = message_type == MessageType.TRAIN
+        fraction = self.fraction_train if train else self.fraction_evaluate
+        node_ids = self._sample_nodes(grid, fraction, message_type, round_)
+        payload = ConfigRecord({**dict(config), wire.SERVER_ROUND: round_})
+        content = RecordDict(
+            {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
+        )
+        log(INFO, "%s round %d: sampled %d node(s)", message_type, round_, len(node_ids))
+        self._sent = [
+            Message(content, node, message_type, group_id=str(round_)) for node in node_ids
+        ]
+        return self._sent
+
+    def _configure_secure(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> list[Message]:
+        """Key exchange with a sample of nodes; the masked-input messages (none if aborted)."""
+        round_ = self._round_offset + server_round
+        self._adopt(arrays)
+        nodes = self._sample_nodes(grid, self.fraction_train, MessageType.TRAIN, round_)
+        plan = self.channel
+        secagg = secure_channel.secagg_config(
+            dim=self._prompt.numel(),
+            clip_norm=plan.clip_norm,
+            batch_size=plan.batch_size,
+            z_global=plan.z_global,
+        )
+        self._secure = SecureRound(
+            secagg, nodes, grid=grid, round_=round_, timeout=SECURE_STAGE_TIMEOUT
+        )
+        payloads = self._secure.key_exchange()
+        if payloads is None:
+            return []
+        payload = ConfigRecord({**dict(config), wire.SERVER_ROUND: round_})
+        content = RecordDict(
+            {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
+        )
+        self._sent = self._secure.masked_messages(payloads, content)
+        return self._sent
+
+    def _adopt(self, arrays: ArrayRecord) -> None:
+        prompt = wire.read_global_prompt(arrays)
+        if prompt.shape != self._prompt.shape:
+            raise ValueError(
+                f"arrays hold a global prompt of shape {tuple(prompt.shape)}, but this "
+                f"strategy was built for {tuple(self._prompt.shape)}; pass "
+                "strategy.global_arrays() as start(initial_arrays=...)"
+            )
+        self._prompt = prompt
+
+    def _sample_nodes(self, grid: Grid, fraction: float, purpose: str, round_: int) -> list[int]:
+        """Sample nodes like FedAvg, but give up after ``node_wait_timeout`` seconds."""
+        nodes = wait_for_nodes(grid, self.min_nodes, self.node_wait_timeout, purpose)
+        size = min(len(nodes), max(int(len(nodes) * fraction), self.min_nodes))
+        return self._source("nodes", purpose, round_, secret=self._secret_nodes).sample(nodes, size)
+
+    def _source(self, *purpose: object, secret: NoiseSource) -> NoiseSource:
+        """The secret stream, or one derived per purpose from the public seed."""
+        return secret if self._seed is None else NoiseSource.public_seed(self._seed, *purpose)
+
+    # --- aggregate train -------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Apply steps 7-8: noisy unweighted mean of re-clipped gradients, then the update.
+
+        A round in which every reply is refused adds no noise and leaves ``p_G`` as it
+        is; its clients' local steps still count towards the epsilon.
+        """
+        replies = list(replies)
+        round_ = self._last_round = self._round_offset + server_round
+        if self._secure is not None:
+            return self._aggregate_secure(round_, replies, self._secure)
+        accepted = self._accept_train_replies(round_, replies)
+        metrics: dict[str, float | int] = {
+            wire.ACCEPTED: len(accepted),
+            wire.REJECTED: len(replies) - len(accepted),
+            wire.BYTES_RECEIVED: sum(wire.reply_array_bytes(msg) for msg in replies),
+            wire.EPSILON: self.epsilon(),
+        }
+        self._train_metrics = metrics
+        if not accepted:
+            log(WARNING, "train round %d: every reply refused: global prompt unchanged", round_)
+            return None, MetricRecord(dict(metrics))
+        std = self.channel.global_std(len(accepted))
+        noised = self._clipped_mean(round_, accepted) + self._source(
+            "global-noise", round_, secret=self._secret_noise
+        ).gaussian(self._prompt.shape, std=std, dtype=torch.float64)
+        self._prompt = (self._prompt.double() - self.server_lr * noised).to(self._prompt.dtype)
+        metrics[wire.NOISE_STD] = std
+        metrics[wire.UPDATE_NORM] = float(noised.norm())  # after the noise: post-processing
+        if not self.dp_on:  # without DP nothing is protected, so the loss may be shown
+            losses = [r.train_loss for r in accepted if r.train_loss is not None]
+            metrics[wire.TRAIN_LOSS] = sum(losses) / max(1, len(losses))
+        return self.global_arrays(), MetricRecord(dict(metrics))
+
+    def _aggregate_secure(
+        self, round_: int, replies: list[Message], secure: SecureRound
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Unmask the sum, charge the round, step with the survivors' noised mean."""
+        result = secure.aggregate(replies) if secure.record.trained else None
+        record, self._secure = secure.record, None
+        if record.trained:  # the clients trained and released masked vectors
+            self._secure_rounds.append(global_release(record))
+        survivors = len(result.survivors) if result else 0
+        metrics: dict[str, float | int] = {
+            wire.ACCEPTED: survivors,
+            wire.REJECTED: record.sampled - survivors,
+            wire.BYTES_RECEIVED: sum(wire.reply_array_bytes(msg) for msg in replies),
+            wire.EPSILON: self.epsilon(),
+            **metrics_of(record),
+        }
+        self._train_metrics = metrics
+        if result is None:
+            log(WARNING, "train round %d: no sum released: global prompt unchanged", round_)
+            return None, MetricRecord(dict(metrics))
+        mean = torch.from_numpy(result.total).reshape(self._prompt.shape) / survivors
+        self._prompt = (self._prompt.double() - self.server_lr * mean).to(self._prompt.dtype)
+        metrics[wire.NOISE_STD] = result.accounting().noise_std(survivors) / survivors
+        metrics[wire.UPDATE_NORM] = float(mean.norm())
+        return self.global_arrays(), MetricRecord(dict(metrics))
+
+    def _accept_train_replies(self, round_: int, replies: list[Message]) -> list[wire.TrainReply]:
+        """Keep the replies that pass the protocol checks; log every refusal with its node."""
+        accepted: list[wire.TrainReply] = []
+        seen: set[int] = set()
+        for msg in replies:
+            try:
+                reply = wire.parse_train_reply(
+                    msg,
+                    expected_shape=tuple(self._prompt.shape),
+                    expected_dtype=self._prompt.dtype,
+                    dp_on=self.dp_on,
+                )
+                if reply.node_id in seen:
+                    raise wire.InvalidReply("duplicate reply: a node counts once per round")
+            except wire.InvalidReply as err:
+                self._log_refusal("train", round_, msg, str(err))
+                continue
+            seen.add(reply.node_id)
+            accepted.append(reply)
+        return accepted
+
+    def _clipped_mean(self, round_: int, accepted: list[wire.TrainReply]) -> torch.Tensor:
+        """Unweighted mean of the replies, each re-clipped to C (float64).
+
+        Nothing about an individual norm is logged or counted (it is a statistic of the
+        client's batch before any noise), except a warning for a reply no clipped batch
+        could produce.
+        """
+        grads = torch.stack([r.grad.to(torch.float64) for r in accepted])  # (N, n_ctx, d)
+        clip = self.channel.clip_norm
+        hostile = grads.flatten(1).norm(dim=1) > _SUSPICIOUS_FACTOR * clip  # (N,)
+        for reply, flagged in zip(accepted, hostile.tolist(), strict=True):
+            if flagged:
+                log(
+                    WARNING,
+                    "train round %d: node %d sent a gradient no clipped batch can produce "
+                    "(norm > %g x clip-norm); re-clipped on the server",
+                    round_,
+                    reply.node_id,
+                    _SUSPICIOUS_FACTOR,
+                )
+        return mechanics.clipped_sum(grads, clip) / len(accepted)
+
+    def _log_refusal(self, phase: str, round_: int, msg: Message, reason: str) -> None:
+        node = self._node_of(msg)
+        log(WARNING, "%s round %d: refused reply from node %d: %s", phase, round_, node, reason)
+
+    def _node_of(self, reply: Message) -> int:
+        """The node a reply answers for: the destination of the message it replies to.
+
+        A reply's ``src_node_id`` is the SuperLink's (1) when Flower itself stands in for
+        a node that died or whose reply was lost, so the sent message decides.
+        """
+        asked = reply.metadata.reply_to_message_id
+        for sent in self._sent if asked else ():
+            if sent.metadata.message_id == asked:
+                return sent.metadata.dst_node_id
+        return reply.metadata.src_node_id
+
+    # --- aggregate evaluate ----------------------------------------------------------
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        """Mean over clients of local / neighbour accuracy (the paper's protocol).
+
+        The unweighted mean over clients is the paper's number; the example-weighted
+        variants are reported alongside. A client with no local (or neighbour) test
+        examples has no such accuracy and is left out of that mean.
+        """
+        replies = list(replies)
+        round_ = self._round_offset + server_round
+        accepted: list[wire.EvaluateReply] = []
+        for msg in replies:
+            try:
+                accepted.append(wire.parse_evaluate_reply(msg))
+            except wire.InvalidReply as err:
+                self._log_refusal("evaluate", round_, msg, str(err))
+        metrics: dict[str, float | int] = {
+            wire.EVAL_ACCEPTED: len(accepted),
+            wire.EVAL_REJECTED: len(replies) - len(accepted),
+            **_accuracy_means(accepted),
+        }
+        if self.on_round is not None:
+            per_client = _per_client(accepted)  # for the results files, not for Flower's log
+            self.on_round(round_, {**self._train_metrics, **metrics, **per_client})
+        self._train_metrics = {}
+        return MetricRecord(dict(metrics))
+
+    # --- checkpoint ------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume (loadable with ``torch.load(weights_only=True)``).
+
+        No noise key or stream state is saved: resumed noise is fresh (or, with a public
+        seed, derived from it per round as before).
+        """
+        return {
+            "global_prompt": self._prompt.clone(),
+            "round": self._last_round,
+            "channel": self.channel.describe(),
+            "secure_rounds": list(self._secure_rounds),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume from ``state_dict()``; rounds then continue from the saved round.
+
+        Raises
+        ------
+        ValueError
+            If keys, the channel plan or the prompt shape differ from this strategy.
+
+        """
+        expected = set(self.state_dict())
+        if set(state) != expected:
+            raise ValueError(f"state keys {sorted(state)} differ from {sorted(expected)}")
+        if state["channel"] != self.channel.describe():
+            raise ValueError(
+                f"checkpoint privacy plan {state['channel']} differs from this run's "
+                f"{self.channel.describe()}; resume with the settings the run started with"
+            )
+        prompt = state["global_prompt"]
+        if tuple(prompt.shape) != tuple(self._prompt.shape) or prompt.dtype != self._prompt.dtype:
+            raise ValueError(
+                f"checkpoint global_prompt is {tuple(prompt.shape)} {prompt.dtype}, expected "
+                f"{tuple(self._prompt.shape)} {self._prompt.dtype}"
+            )
+        self._prompt = prompt.detach().clone()
+        self._last_round = self._round_offset = int(state["round"])
+        self._secure_rounds = list(state["secure_rounds"])
+
+
+def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float | int]:
+    """Each client's own accuracies, keyed ``local-acc/node-<id>`` (none without examples).
+
+    ``partition-id/node-<id>`` goes along for results.json's node map.
+    """
+    out: dict[str, float | int] = {}
+    for r in sorted(accepted, key=lambda r: r.node_id):
+        if r.local_examples:
+            out[f"{wire.LOCAL_ACC}/node-{r.node_id}"] = r.local_acc
+        if r.neighbour_examples:
+            out[f"{wire.NEIGHBOUR_ACC}/node-{r.node_id}"] = r.neighbour_acc
+        out[f"{wire.PARTITION_ID}/node-{r.node_id}"] = r.partition_id
+    return out
+
+
+def _accuracy_means(accepted: list[wire.EvaluateReply]) -> dict[str, float]:
+    """Unweighted (per-client) and example-weighted means of both accuracies, learned and
+    zero-shot (the template's, on the same images: the reference line).
+    """
+    out: dict[str, float] = {}
+    columns = (
+        (
+            wire.LOCAL_ACC,
+            wire.LOCAL_ACC_WEIGHTED,
+            [(r.local_acc, r.local_examples) for r in accepted],
+        ),
+        (
+            wire.NEIGHBOUR_ACC,
+            wire.NEIGHBOUR_ACC_WEIGHTED,
+            [(r.neighbour_acc, r.neighbour_examples) for r in accepted],
+        ),
+        (
+            wire.ZEROSHOT_LOCAL_ACC,
+            wire.ZEROSHOT_LOCAL_ACC_WEIGHTED,
+            [(r.zeroshot_local_acc, r.local_examples) for r in accepted],
+        ),
+        (
+            wire.ZEROSHOT_NEIGHBOUR_ACC,
+            wire.ZEROSHOT_NEIGHBOUR_ACC_WEIGHTED,
+            [(r.zeroshot_neighbour_acc, r.neighbour_examples) for r in accepted],
+        ),
+    )
+    for key, weighted_key, pairs in columns:
+        pairs = [(acc, n) for acc, n in pairs if n > 0]
+        if pairs:
+            out[key] = sum(acc for acc, _ in pairs) / len(pairs)
+            out[weighted_key] = sum(acc * n for acc, n in pairs) / sum(n for _, n in pairs)
+    return out
+
+
+def _validate_arguments(args: dict[str, Any]) -> None:
+    """ValueErrors that name the argument, for every constructor rule."""
+    prompt = args["initial_prompt"]
+    if (
+        not isinstance(prompt, torch.Tensor)
+        or prompt.dim() != 2
+        or prompt.dtype != wire.PROMPT_DTYPE
+    ):
+        raise ValueError(f"initial_prompt must be a 2-D {wire.PROMPT_DTYPE} tensor (n_ctx x d)")
+    if not bool(torch.isfinite(prompt).all()):
+        raise ValueError("initial_prompt must be finite")
+    rules = (
+        ("server_lr", args["server_lr"] > 0, "> 0"),
+        ("channel", isinstance(args["channel"], ChannelPlan), "a ChannelPlan"),
+        ("min_nodes", isinstance(args["min_nodes"], int) and args["min_nodes"] >= 1, "an int >= 1"),
+        ("fraction_train", 0.0 < args["fraction_train"] <= 1.0, "in (0, 1]"),
+        ("fraction_evaluate", 0.0 < args["fraction_evaluate"] <= 1.0, "in (0, 1]"),
+        ("node_wait_timeout", args["node_wait_timeout"] > 0, "> 0"),
+    )
+    for name, ok, requirement in rules:
+        if not ok:
+            raise ValueError(f"{name} must be {requirement}, got {args[name]!r}")
+    if not math.isfinite(float(args["server_lr"])):
+        raise ValueError(f"server_lr must be finite, got {args['server_lr']!r}")

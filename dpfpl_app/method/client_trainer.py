@@ -1,0 +1,283 @@
+"""A client's side of a round: sample, train the private prompt, count, evaluate.
+
+The noise sizes and the epsilon come from the run's channel plan (``dp_channel.py``),
+which the server derives from the same public config, so nothing about this client's
+data (its size, its sampling rate, its loss) has to be reported for the accounting.
+
+Sampling: in per-sample mode minibatches are Poisson samples with rate
+``q_i = min(max-sample-rate, B/|D_i|)`` drawn from a secret stream (amplification by
+subsampling needs the batch to be unpredictable), and sums are divided by the expected
+size B. With ``local-steps`` K > 1 the global gradient sent is the mean of the K step
+gradients; ``dp_channel`` accounts it as K pieces, one per step.
+
+Budget: a client never takes more than the ``T K`` steps its plan covers, and never
+trains the same server round twice (a server resumed from an older checkpoint would
+otherwise make it spend that round's budget again): both are refused with the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dpfpl_app.audit.canaries import ENV_VAR as CANARY_ENV
+from dpfpl_app.audit.canaries import CanaryError, injector_from_env
+from dpfpl_app.backbones.backbone import FrozenClip
+from dpfpl_app.config import DPMode, Method, RunConfig
+from dpfpl_app.data.federated_data import ClientData
+from dpfpl_app.method.gradients import class_logits
+from dpfpl_app.method.prompt_learner import LearnerSettings, PromptLearner, ctx_init_words
+from dpfpl_app.method.text_encoder import CoOpTextEncoder, template_context
+from dpfpl_app.privacy.dp_channel import plan_for
+from dpfpl_app.privacy.noise import NoiseSource
+
+logger = logging.getLogger(__name__)
+
+
+class BudgetError(ValueError):
+    """Training this round would spend privacy budget the run does not have."""
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    """A round's results; only ``global_grad`` (and, without DP, ``loss``) may leave."""
+
+    global_grad: Tensor  # (n_ctx, d); zeros for methods that share nothing
+    loss: float  # node-local: an unnoised statistic of the batch
+    epsilon: float  # composed epsilon of this client's releases so far
+
+
+class ClientTrainer:
+    """One client's learner, data, budget counters and noise streams."""
+
+    def __init__(
+        self,
+        cfg: RunConfig,
+        clip: FrozenClip,
+        class_names: tuple[str, ...],
+        data: ClientData,
+        *,
+        partition_id: int,
+    ) -> None:
+        if data.num_train == 0 and cfg.method is not Method.ZEROSHOT:
+            raise ValueError(f"partition {partition_id} has no training images")
+        self.cfg, self.data, self.partition_id = cfg, data, partition_id
+        self.plan = plan_for(cfg)
+        self.sample_rate = (
+            self.plan.client_sample_rate(data.num_train) if self._poisson else 1.0
+        )
+        template = (
+            template_context(clip, cfg.zeroshot_template) if cfg.method is Method.ZEROSHOT else None
+        )
+        n_ctx = template.shape[0] if template is not None else cfg.n_ctx
+        encoder = CoOpTextEncoder(clip.model, clip.tokenizer, class_names, n_ctx).to(clip.device)
+        settings = LearnerSettings(
+            method=cfg.method,
+            n_ctx=n_ctx,
+            rank=cfg.rank,
+            init_std=cfg.init_std,
+            lr=cfg.lr_local,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
+            dp_mode=cfg.dp_mode if cfg.dp_on else DPMode.OFF,
+            clip_norm=cfg.clip_norm,
+            local_noise_multiplier=self.plan.z_local,
+        )
+        init = init_generator(cfg.seed, partition_id)
+        self.learner = PromptLearner(
+            encoder,
+            clip.model.logit_scale.exp().cpu(),
+            settings,
+            generator=init,
+            width=clip.text_width,
+            template_context=template,
+            context_words=ctx_init_words(clip, cfg.ctx_init, n_ctx),
+        )
+        self._zeroshot = (clip, class_names)  # the reference classifier, built on evaluate
+        self.rounds_done = 0  # rounds this client trained
+        self.last_round = 0  # the last server round it trained
+        self.steps_taken = 0  # local steps, each a release of the composed mechanism
+        # an audit's canaries: only if this node's operator named a canary file
+        self.canaries = injector_from_env(
+            partition_id, shape=tuple(self.learner.global_prompt.shape), clip_norm=cfg.clip_norm
+        )
+        if self.canaries is not None and not self._poisson:
+            raise CanaryError(
+                "audit canaries test the accounted mechanism: they need dp-mode per-sample "
+                f"(this run has dp-mode {cfg.dp_mode.value}); unset {CANARY_ENV} or change it"
+            )
+
+    # ----- one round ---------------------------------------------------------------
+    def train_round(self, global_prompt: Tensor, server_round: int) -> RoundOutcome:
+        cfg, data = self.cfg, self.data
+        self._check_budget(server_round)
+        self._receive(global_prompt)
+        if cfg.method is Method.ZEROSHOT:  # nothing to train: report the template's loss
+            logits = self.learner.logits(data.train_features[0])
+            loss = float(torch.nn.functional.cross_entropy(logits, data.train_labels))
+            self._count(server_round)
+            return RoundOutcome(torch.zeros_like(global_prompt), loss, self.epsilon())
+        # the power iteration's start is public randomness (only the noise must be secret)
+        self.learner.generator = torch.Generator().manual_seed(
+            _derived_seed(cfg.seed, "carriers", self.partition_id, server_round)
+        )
+        self.learner.noise = self._source(server_round, "local-noise")
+        sampler = self._source(server_round, "batches", public=not cfg.dp_on)
+        grads, losses = [], []
+        for _ in range(cfg.local_steps):
+            idx = self._draw(sampler)
+            step = self.learner.train_step(
+                self._views(idx, sampler),
+                data.train_labels[idx],
+                expected_batch=self._expected_batch(),
+                canary_rows=self.canaries.draw(sampler) if self.canaries else None,
+            )
+            if step.global_grad is not None:
+                grads.append(step.global_grad)
+            losses.append(step.loss)
+        self._count(server_round)
+        shared = torch.stack(grads).mean(0) if grads else torch.zeros_like(global_prompt)
+        finite = [x for x in losses if x == x]
+        return RoundOutcome(shared, sum(finite) / max(1, len(finite)), self.epsilon())
+
+    def _check_budget(self, server_round: int) -> None:
+        if server_round <= self.last_round:
+            raise BudgetError(
+                f"partition {self.partition_id} already trained round {self.last_round}, and "
+                f"the server asks for round {server_round}: training it again would spend "
+                "that privacy budget twice. The server was resumed from an older checkpoint: "
+                f"resume from the latest one (round {self.last_round} or later)"
+            )
+        if self.steps_taken + self.cfg.local_steps > self.plan.planned_steps:
+            raise BudgetError(
+                f"partition {self.partition_id} has taken all {self.plan.planned_steps} steps "
+                f"its privacy budget covers (num-server-rounds={self.cfg.num_server_rounds} x "
+                f"local-steps={self.cfg.local_steps}); start a new run to train further"
+            )
+
+    def _count(self, server_round: int) -> None:
+        self.rounds_done += 1
+        self.last_round = server_round
+        self.steps_taken += self.cfg.local_steps
+
+    @property
+    def _poisson(self) -> bool:
+        """Poisson batches (and division by the expected size) in per-sample DP."""
+        return self.cfg.dp_mode is DPMode.PER_SAMPLE and self.cfg.dp_on
+
+    def _expected_batch(self) -> float:
+        """Per-sample sums are divided by B even when q_i < B/|D_i|: the noise of both
+        channels assumes every client's sensitivity is at most C/B.
+        """
+        if self._poisson:
+            return float(self.cfg.batch_size)
+        return float(min(self.cfg.batch_size, self.data.num_train))
+
+    def _draw(self, sampler: NoiseSource) -> Tensor:
+        n = self.data.num_train
+        if self._poisson:
+            return torch.nonzero(sampler.bernoulli(n, self.sample_rate)).flatten()
+        return torch.tensor(sampler.sample(range(n), min(self.cfg.batch_size, n)))
+
+    def _views(self, idx: Tensor, sampler: NoiseSource) -> Tensor:
+        feats = self.data.train_features
+        if feats.shape[0] == 1:
+            return feats[0, idx]
+        view = 1 + (sampler.uniform(idx.numel()) * (feats.shape[0] - 1)).long()
+        return feats[view, idx]
+
+    def _source(self, server_round: int, purpose: str, *, public: bool = False) -> NoiseSource:
+        """A round's stream: secret unless the run asks for reproducible (public) noise."""
+        return NoiseSource.for_run(
+            reproducible=public or self.cfg.reproducible_noise,
+            seed=self.cfg.seed,
+            purpose=(purpose, self.partition_id, server_round),
+        )
+
+    # ----- privacy and evaluation ----------------------------------------------------
+    def epsilon(self) -> float:
+        """Composed epsilon of everything this client released so far (its plan's meaning)."""
+        return self.plan.epsilon(self.steps_taken)
+
+    def _receive(self, global_prompt: Tensor) -> None:
+        """Take the broadcast global prompt; methods without one ignore it (a constant)."""
+        if self.cfg.method.has_global:
+            self.learner.set_global_prompt(global_prompt)
+
+    @torch.no_grad()
+    def evaluate(self, global_prompt: Tensor) -> dict[str, float]:
+        self._receive(global_prompt)
+        d = self.data
+        zeroshot = zeroshot_text(*self._zeroshot, self.cfg.zeroshot_template)
+        scale = self.learner.logit_scale
+
+        def zeroshot_logits(features: Tensor) -> Tensor:
+            return class_logits(zeroshot, features, scale)
+
+        local, neighbour = d.local_features, d.neighbour_features
+        return {
+            "local-acc": _accuracy(self.learner.logits, local, d.local_labels),
+            "neighbour-acc": _accuracy(self.learner.logits, neighbour, d.neighbour_labels),
+            "zeroshot-local-acc": _accuracy(zeroshot_logits, local, d.local_labels),
+            "zeroshot-neighbour-acc": _accuracy(zeroshot_logits, neighbour, d.neighbour_labels),
+            "local-examples": float(d.local_labels.numel()),
+            "neighbour-examples": float(d.neighbour_labels.numel()),
+        }
+
+    # ----- persistence (node-local only) ------------------------------------------------
+    def state_dict(self) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """Private tensors and the JSON-able rest (budget counters) for the node's disk."""
+        meta = {
+            "rounds_done": self.rounds_done,
+            "last_round": self.last_round,
+            "steps_taken": self.steps_taken,
+            "method": self.cfg.method.value,
+        }
+        return self.learner.private_state(), meta
+
+    def load_state_dict(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
+        if meta.get("method") != self.cfg.method.value:
+            raise ValueError(
+                f"saved client state is for method {meta.get('method')!r}, this run uses "
+                f"{self.cfg.method.value!r}: use another state-dir or run-name"
+            )
+        missing = {"rounds_done", "last_round", "steps_taken"} - set(meta)
+        if missing:
+            raise ValueError(
+                f"saved client state lacks {sorted(missing)} (written by an older dpfpl): "
+                "its privacy budget cannot be continued; use another state-dir or run-name"
+            )
+        self.learner.load_private_state(tensors)
+        self.rounds_done = int(meta["rounds_done"])
+        self.last_round = int(meta["last_round"])
+        self.steps_taken = int(meta["steps_taken"])
+
+
+@torch.no_grad()
+def zeroshot_text(clip: FrozenClip, class_names: tuple[str, ...], template: str) -> Tensor:
+    """Class text features (C, e) of the hand-written template: the zero-shot classifier."""
+    words = template_context(clip, template)
+    encoder = CoOpTextEncoder(clip.model, clip.tokenizer, class_names, words.shape[0])
+    return encoder.to(clip.device)(words.to(clip.device)).cpu()
+
+
+def _accuracy(logits: Callable[[Tensor], Tensor], features: Tensor, labels: Tensor) -> float:
+    if labels.numel() == 0:
+        return float("nan")
+    return float((logits(features).argmax(dim=1) == labels).float().mean())
+
+
+def init_generator(seed: int, partition_id: int) -> torch.Generator:
+    """The public generator of a client's initial prompts (an audit's adversary knows it)."""
+    return torch.Generator().manual_seed(_derived_seed(seed, "init", partition_id))
+
+
+def _derived_seed(*parts: object) -> int:
+    digest = hashlib.sha256("/".join(str(p) for p in parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1

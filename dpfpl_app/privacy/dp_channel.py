@@ -1,0 +1,347 @@
+"""The DP channel end to end: mode -> noise multipliers -> accounting -> epsilon -> meaning.
+
+The client trainer, the strategy, the prompt export and the results all read their
+noise and their epsilon from one :class:`ChannelPlan` built from the public run config,
+so the server and every client agree on every number without exchanging any.
+
+Sensitivities (per-sample mode), written here once and relied on by ``local_std`` and
+``global_std``. One sample of client i is added or removed; every per-sample gradient is
+clipped to C and every sum divided by the EXPECTED batch size B (never the drawn size):
+
+* local carriers (du, dv), each clipped to C:       sqrt(2) C / B   (dpfpl, dplora, fedpgp)
+* a full-rank local gradient:                         C / B           (fedotp, local)
+* the global gradient a client sends:                 C / B; the server's UNWEIGHTED mean
+  over the N accepted replies moves by C / (B N).
+
+Composition (what the printed epsilon covers). The client's global gradient is taken at
+``p_G + p_L(D_i)``, so the global release depends on the data through the local updates
+too: the sensitivity C/(BN) holds only for a fixed p_L. What holds is the composition of
+both channels on the same Poisson batches. Split the server's noise on a round's mean of
+K local-step gradients into K independent pieces (the released sum is post-processing of
+the pieces); local step k then releases, from batch k, the noised carriers and piece k:
+two Gaussian answers on one subsample, i.e. one Gaussian mechanism whose multiplier obeys
+``z_step^-2 = z_L^-2 + (K z_G^2)^-1``. The guarantee for everything released about a
+client's training data (the sequence of broadcast global prompts AND the client's
+personalised prompt, which is post-processing of both) is ``T K`` subsampled Gaussian
+steps with ``z_step`` at the public sampling-rate bound q. The user's target epsilon is
+that composed figure; ``global-share`` s splits the per-step precision z_step^-2 between
+the channels: ``z_L = z_step / sqrt(1 - s)``, ``z_G = z_step / sqrt(K s)``.
+
+Secure aggregation (``aggregation = "secure"``) replaces the server's Gaussian on the
+global channel with Skellam noise the clients add under SecAgg+ masking: the same
+split of z_step, accounted with a generic subsampled-RDP bound (``secure_channel``).
+
+The sampling rate accounted is the public bound ``max-sample-rate``; a client draws with
+``q_i = min(bound, B / |D_i|)`` <= bound and still divides by B, and epsilon only grows
+with q, so the bound covers every client without trusting any client's word.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from functools import lru_cache
+
+from dpfpl_app.config import Aggregation, DPMode, Method, RunConfig
+from dpfpl_app.privacy import accounting, secure_channel
+from dpfpl_app.privacy.accounting import AccountantKind
+from dpfpl_app.privacy.secure_channel import SecureSetting
+
+
+class Guarantee(str, Enum):
+    """What a printed epsilon means (never a number without its meaning)."""
+
+    ACCOUNTED = "accounted"  # sample-level (epsilon, delta)-DP from an accountant
+    NOMINAL_PAPER = "nominal-paper"  # the paper's figure: batch clipping, no formal bound
+    NOMINAL_PUBLIC_SEED = "nominal-public-seed"  # noise derived from the public seed
+    NO_DP = "no-dp"  # data used without noise: no privacy
+    NOTHING_RELEASED = "nothing-released"  # the method learns nothing from the data
+
+
+MEANINGS = {
+    Guarantee.ACCOUNTED: (
+        "sample-level (epsilon, delta)-DP of everything released about a client's training "
+        "data (every broadcast global prompt and the client's personalised prompt), both "
+        "noisy channels composed on the same Poisson batches"
+    ),
+    Guarantee.NOMINAL_PAPER: (
+        "dp-mode=paper: the paper's nominal figure (batch-mean clipping, "
+        "advanced-composition sigma); NOT a formal sample-level guarantee"
+    ),
+    Guarantee.NOMINAL_PUBLIC_SEED: (
+        "reproducible-noise=true: the noise is derived from the public seed, so anyone "
+        "who knows the run config can subtract it; the epsilon is nominal, NOT a guarantee"
+    ),
+    Guarantee.NO_DP: "no differential privacy: the data is used without noise",
+    Guarantee.NOTHING_RELEASED: "the method trains nothing on the data",
+}
+
+HONEST_SERVER = (
+    "the server sees each client's clipped global-prompt gradient in clear (honest-server "
+    "assumption, as in the paper): the epsilon protects against everyone who sees only the "
+    "broadcast global prompts and the released personalised prompts, not against the server"
+)
+
+SECURE_SERVER = (
+    "secure aggregation: the server sees only the noised SUM of at least min-survivors "
+    "clients' clipped global-prompt gradients, never one client's; the global noise is "
+    "added by the clients (Skellam), so the epsilon holds against an honest-but-curious "
+    "server; c colluding clients can remove their own noise shares, leaving the noise of "
+    "the other survivors: a weaker guarantee (the README's security model)"
+)
+
+
+@dataclass(frozen=True)
+class ChannelPlan:
+    """The noise of both channels and the accounting of their composition, for one run."""
+
+    mode: DPMode
+    method: Method
+    aggregation: Aggregation
+    guarantee: Guarantee
+    delta: float
+    accountant: AccountantKind
+    sample_rate: float  # the public bound q the accountant uses
+    local_steps: int  # K
+    rounds: int  # T
+    clip_norm: float
+    batch_size: int
+    target_epsilon: float
+    z_step: float  # composed multiplier per local step (0 without DP)
+    z_local: float  # local-channel multiplier (0: no local noise)
+    z_global: float  # global-channel multiplier (0: no global noise)
+
+    @property
+    def planned_steps(self) -> int:
+        return self.rounds * self.local_steps
+
+    @property
+    def meaning(self) -> str:
+        return MEANINGS[self.guarantee]
+
+    @property
+    def secure(self) -> bool:
+        return self.aggregation is Aggregation.SECURE
+
+    @property
+    def server_view(self) -> str:
+        """What the server sees of a client's global-prompt gradient, in words."""
+        return SECURE_SERVER if self.secure else HONEST_SERVER
+
+    @property
+    def secure_setting(self) -> SecureSetting:
+        """The secure channel's per-step mechanism (``secure_channel``)."""
+        return SecureSetting(self.sample_rate, self.z_local, self.z_global)
+
+    # --- noise ------------------------------------------------------------------------
+    def global_std(self, accepted: int) -> float:
+        """Std of the noise on the unweighted mean of ``accepted`` clients' gradients."""
+        return global_noise_std(
+            noise_multiplier=self.z_global,
+            clip_norm=self.clip_norm,
+            batch_size=self.batch_size,
+            accepted=accepted,
+        )
+
+    def client_sample_rate(self, num_train: int) -> float:
+        """A client's Poisson rate ``min(bound, B / |D_i|)``: never above the accounted bound."""
+        return min(self.sample_rate, self.batch_size / max(1, num_train))
+
+    # --- epsilon --------------------------------------------------------------------------
+    def epsilon(self, steps_done: int) -> float:
+        """The composed epsilon after ``steps_done`` local steps (see the module docstring)."""
+        if self.guarantee is Guarantee.NOTHING_RELEASED:
+            return 0.0
+        if self.guarantee is Guarantee.NO_DP:
+            return math.inf
+        if self.guarantee is Guarantee.NOMINAL_PAPER:
+            return self.target_epsilon
+        if self.secure:  # every step at the minimum survivors: the client's upper bound
+            return self.secure_setting.epsilon([1.0] * steps_done, self.delta)
+        return _epsilon(self.z_step, self.sample_rate, steps_done, self.delta, self.accountant)
+
+    def secure_epsilon(self, rounds: list[float | None]) -> float:
+        """The secure run's epsilon from each round's survivors / min-survivors ratio.
+
+        ``None`` marks a round whose sum was never released but whose clients trained
+        (their local carriers were released). Only for accounted secure plans.
+        """
+        if not self.secure or self.guarantee not in ACCOUNTED_KINDS:
+            raise ValueError(f"secure_epsilon needs an accounted secure plan, not {self}")
+        return self.secure_setting.epsilon(rounds, self.delta)
+
+    def components(self, steps_done: int) -> dict[str, float]:
+        """Each channel's epsilon as if it were the only one (a component, not a bound)."""
+        if self.mode is not DPMode.PER_SAMPLE or self.z_step == 0.0:
+            return {}
+        if self.secure:
+            alone = SecureSetting(self.sample_rate, 0.0, self.z_global)
+            return {
+                "eps-local-alone": self.secure_setting.epsilon([None] * steps_done, self.delta),
+                "eps-global-alone": alone.epsilon([1.0] * steps_done, self.delta),
+            }
+        out = {}
+        if self.z_local > 0:
+            out["eps-local-alone"] = _epsilon(
+                self.z_local, self.sample_rate, steps_done, self.delta, self.accountant
+            )
+        if self.z_global > 0:
+            out["eps-global-alone"] = _epsilon(
+                self.z_global * math.sqrt(self.local_steps),
+                self.sample_rate,
+                steps_done,
+                self.delta,
+                self.accountant,
+            )
+        return out
+
+    def describe(self) -> dict[str, float | int | str]:
+        """The public numbers behind the epsilon, for results files and recomputation."""
+        return {
+            "guarantee": self.guarantee.value,
+            "meaning": self.meaning,
+            "aggregation": self.aggregation.value,
+            "accountant": self.accountant.value,
+            "delta": self.delta,
+            "sample-rate-bound": self.sample_rate,
+            "local-steps": self.local_steps,
+            "planned-steps": self.planned_steps,
+            "target-epsilon": self.target_epsilon,
+            "noise-multiplier-step": self.z_step,
+            "noise-multiplier-local": self.z_local,
+            "noise-multiplier-global": self.z_global,
+        }
+
+
+def plan_for(cfg: RunConfig) -> ChannelPlan:
+    """The run's channel plan (cached: calibration costs a bisection over the accountant)."""
+    return _plan(
+        cfg.dp_mode if cfg.dp_on else DPMode.OFF,
+        cfg.method,
+        cfg.aggregation,
+        cfg.reproducible_noise,
+        cfg.delta,
+        AccountantKind(cfg.accountant.value),
+        cfg.max_sample_rate,
+        cfg.local_steps,
+        cfg.num_server_rounds,
+        cfg.clip_norm,
+        cfg.batch_size,
+        cfg.epsilon,
+        cfg.global_share,
+    )
+
+
+def local_noise_std(
+    mode: DPMode, *, noise_multiplier: float, clip_norm: float, expected_batch: float, tensors: int
+) -> float:
+    """Std of the noise on each of ``tensors`` separately clipped local means.
+
+    Per-sample mode: the tensors together have sensitivity sqrt(tensors) C / B, so
+    ``z sqrt(tensors) C / B``. Paper mode: the authors' C / B, one tensor at a time.
+    """
+    if noise_multiplier == 0.0 or mode is DPMode.OFF:
+        return 0.0
+    if mode is DPMode.PAPER:
+        return noise_multiplier * clip_norm / expected_batch
+    return noise_multiplier * math.sqrt(tensors) * clip_norm / expected_batch
+
+
+def global_noise_std(
+    *, noise_multiplier: float, clip_norm: float, batch_size: float, accepted: int
+) -> float:
+    """Std of the noise on the unweighted mean of ``accepted`` clipped client gradients:
+    ``z C / (B N)``, the multiplier times the mean's sensitivity.
+    """
+    if noise_multiplier == 0.0 or accepted < 1:
+        return 0.0
+    return noise_multiplier * clip_norm / (batch_size * accepted)
+
+
+@lru_cache(maxsize=32)
+def _plan(
+    mode: DPMode,
+    method: Method,
+    aggregation: Aggregation,
+    reproducible: bool,
+    delta: float,
+    kind: AccountantKind,
+    rate: float,
+    k: int,
+    rounds: int,
+    clip: float,
+    batch: int,
+    epsilon: float,
+    share: float,
+) -> ChannelPlan:
+    if mode is DPMode.OFF:
+        trains = method is not Method.ZEROSHOT
+        guarantee = Guarantee.NO_DP if trains else Guarantee.NOTHING_RELEASED
+        z_step = z_local = z_global = 0.0
+    elif mode is DPMode.PAPER:
+        guarantee = Guarantee.NOMINAL_PAPER
+        z_step = 0.0
+        z_local = (
+            accounting.paper_noise_multiplier(epsilon=epsilon, delta=delta, rounds=rounds * k)
+            if method.has_local
+            else 0.0
+        )
+        z_global = (
+            accounting.paper_noise_multiplier(epsilon=epsilon, delta=delta, rounds=rounds)
+            if method.has_global
+            else 0.0
+        )
+    else:
+        guarantee = Guarantee.NOMINAL_PUBLIC_SEED if reproducible else Guarantee.ACCOUNTED
+        if aggregation is Aggregation.SECURE:
+            z_step = secure_channel.calibrate(
+                target_epsilon=epsilon,
+                delta=delta,
+                sample_rate=rate,
+                steps=rounds * k,
+                global_share=share,
+                has_local=method.has_local,
+            )
+            setting = secure_channel.setting_for(
+                z_step, sample_rate=rate, global_share=share, has_local=method.has_local
+            )
+            z_local, z_global = setting.z_local, setting.z_global
+        else:
+            z_step = accounting.calibrate_noise_multiplier(
+                target_epsilon=epsilon, delta=delta, sample_rate=rate, steps=rounds * k, kind=kind
+            )
+            global_share = (
+                share if method.has_local and method.has_global else float(method.has_global)
+            )
+            z_local = z_step / math.sqrt(1.0 - global_share) if global_share < 1.0 else 0.0
+            z_global = z_step / math.sqrt(k * global_share) if global_share > 0.0 else 0.0
+    return ChannelPlan(
+        mode=mode,
+        method=method,
+        aggregation=aggregation,
+        guarantee=guarantee,
+        delta=delta,
+        accountant=kind,
+        sample_rate=rate,
+        local_steps=k,
+        rounds=rounds,
+        clip_norm=clip,
+        batch_size=batch,
+        target_epsilon=epsilon,
+        z_step=z_step,
+        z_local=z_local,
+        z_global=z_global,
+    )
+
+
+ACCOUNTED_KINDS = frozenset({Guarantee.ACCOUNTED, Guarantee.NOMINAL_PUBLIC_SEED})
+
+
+@lru_cache(maxsize=4096)
+def _epsilon(z: float, rate: float, steps: int, delta: float, kind: AccountantKind) -> float:
+    if steps <= 0:
+        return 0.0
+    return accounting.epsilon_for(
+        noise_multiplier=z, sample_rate=rate, steps=steps, delta=delta, kind=kind
+    )
