@@ -27,6 +27,7 @@ Usage::
 
     python benchmarks/bench_membership.py             # the sweep; writes benchmarks/results/
     python benchmarks/bench_membership.py --quick     # smoke run (3 settings, 2 seeds)
+    python benchmarks/bench_membership.py --replot benchmarks/results/membership.json
 """
 
 from __future__ import annotations
@@ -479,13 +480,23 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.set_xticks(epsilons, [f"{e:g}" for e in epsilons])
             ax.set_xlim(epsilons[0] / 2, epsilons[-1] * 2)
         ax.minorticks_off()
-        ax.set_xlabel("epsilon (composed, per client)")
+        ax.set_xlabel("target epsilon (composed, per client)")
         ax.set_title(f"{attack} attack: pooled AUC, 95% CI; dots: seeds")
     axes[0].set_ylabel("attack AUC (0.5 = guessing)")
     axes[1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def replot(path: Path) -> int:
+    """Rewrite ``<stem>.md`` and ``<stem>.png`` beside a results JSON (no training)."""
+    doc = json.loads(path.read_text())
+    setup = AuditSetup(**doc["setup"])
+    path.with_suffix(".md").write_text(markdown(doc["rows"], setup))
+    plot(doc["rows"], path.with_suffix(".png"))
+    print(markdown(doc["rows"], setup))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -496,12 +507,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=AuditSetup.seeds)
     parser.add_argument("--rounds", type=int, default=AuditSetup.rounds)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--replot", type=Path, metavar="JSON", help="only redraw the table and plot of a JSON"
+    )
     args = parser.parse_args(argv)
+    if args.replot:
+        return replot(args.replot)
     if args.seeds < 2:
         parser.error("--seeds must be >= 2 (the shadow attack is fit on the other seeds)")
     logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
     logging.getLogger("flwr").setLevel(logging.WARNING)  # per-round strategy logs: too many
     warnings.filterwarnings("ignore", message="dp-mode='paper'")
+    warnings.filterwarnings("ignore", message="Stochastic Optimizer: Maximum iterations")
     torch.set_num_threads(1)
     setup = AuditSetup(dataset=args.dataset, model=args.model, seeds=args.seeds, rounds=args.rounds)
     if args.quick:
