@@ -118,7 +118,7 @@ FPRS = (0.01, 0.1)  # TPR reported at these FPRs where the pooled non-members re
 
 @dataclass(frozen=True)
 class Setting:
-    """One point of the sweep: prompt method and privacy level (epsilon of both channels)."""
+    """One point of the sweep: prompt method and privacy level (target composed epsilon)."""
 
     method: Method
     dp_mode: DPMode
