@@ -71,6 +71,7 @@ class SecureRound:
         )
         self._grid, self._round, self._timeout = grid, round_, timeout
         self._masked_sent: float | None = None
+        self._masked: list[Message] = []
 
     @property
     def params(self) -> Any:
@@ -93,7 +94,7 @@ class SecureRound:
         """
         self.record.trained = True
         self._masked_sent = time.perf_counter()
-        return [
+        self._masked = [
             Message(
                 add_payload(RecordDict(dict(content.items())), payload),
                 node,
@@ -102,13 +103,16 @@ class SecureRound:
             )
             for node, payload in payloads.items()
         ]
+        return self._masked
 
     def aggregate(self, masked_replies: Iterable[Message]) -> AggregateResult | None:
         """Collect the masked inputs, run the unmask exchange, return the sum (or None)."""
         if self._masked_sent is not None:  # Flower sent them between our two calls
             self.record.seconds[Stage.COLLECT_MASKED] = time.perf_counter() - self._masked_sent
         try:
-            unmask = self.server.unmask(self._payloads(masked_replies, Stage.COLLECT_MASKED))
+            unmask = self.server.unmask(
+                self._payloads(masked_replies, Stage.COLLECT_MASKED, self._masked)
+            )
             self.record.revealed = True
             result = self.server.finish(self._exchange(Stage.UNMASK, unmask))
         except SecAggAbort as err:
@@ -131,7 +135,7 @@ class SecureRound:
         ]
         start = time.perf_counter()
         replies = self._payloads(
-            self._grid.send_and_receive(messages, timeout=self._timeout), stage
+            self._grid.send_and_receive(messages, timeout=self._timeout), stage, messages
         )
         self.record.seconds[stage] = time.perf_counter() - start
         log(
@@ -144,17 +148,27 @@ class SecureRound:
         )
         return replies
 
-    def _payloads(self, replies: Iterable[Message], stage: str) -> dict[int, dict[str, Any]]:
-        """Payloads by sender; error replies and unreadable ones are dropouts (logged)."""
+    def _payloads(
+        self, replies: Iterable[Message], stage: str, sent: list[Message]
+    ) -> dict[int, dict[str, Any]]:
+        """Payloads by sender; error replies, unreadable ones and silence are dropouts.
+
+        Every dropout is logged with the node it was sent to: Flower's own error reply
+        for a node it lost comes from the SuperLink, not from that node.
+        """
         out: dict[int, dict[str, Any]] = {}
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        if "" in sent_to or len(sent_to) != len(sent):  # a grid that assigns no ids
+            sent_to = {}
         for reply in replies:
             self.record.replies += 1
+            node = sent_to.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
                 log(
                     WARNING,
                     "secure round %d: node %d dropped out at %s: %s",
                     self._round,
-                    reply.metadata.src_node_id,
+                    node,
                     stage,
                     reply.error.reason,
                 )
@@ -170,6 +184,8 @@ class SecureRound:
                     reply.metadata.src_node_id,
                     err,
                 )
+        for node in sent_to.values():  # no reply at all before the stage's timeout
+            log(WARNING, "secure round %d: node %d sent no reply at %s", self._round, node, stage)
         return out
 
     def _abort(self, err: SecAggAbort) -> None:
