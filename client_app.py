@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfpl_app.config import RunConfig
+from dpfpl_app.config import Aggregation, ConfigError, RunConfig
 from dpfpl_app.federation.secure_client import answer_stage, masked_content
 from dpfpl_app.secagg import Stage
 
@@ -16,6 +16,35 @@ if TYPE_CHECKING:
     from dpfpl_app.method.client_trainer import ClientTrainer
 
 app = ClientApp()
+
+# Node config: an organisation that will not let the server see its clipped gradients
+# sets this on its SuperNode; its ClientApp then refuses every plain round.
+REQUIRE_SECURE = "require-secure-aggregation"
+
+
+def run_config(context: Context, mode: Aggregation) -> RunConfig:
+    """The run config with ``auto`` resolved to the mode the server's message states.
+
+    A bad key stops here, before torch. So does a plain round on a node whose operator
+    requires secure aggregation, and a mode that contradicts an explicit run config.
+    """
+    cfg = RunConfig.from_flower(context.run_config).resolve_aggregation(mode)
+    required = str(context.node_config.get(REQUIRE_SECURE, "false")).lower() == "true"
+    if required and cfg.aggregation is Aggregation.PLAIN and cfg.method.has_global:
+        raise ConfigError(
+            f"this node's operator requires secure aggregation (node config {REQUIRE_SECURE}"
+            f"=true) and this run is plain: the server would see this node's clipped "
+            "gradient. Run with aggregation='auto' or 'secure'"
+        )
+    return cfg
+
+
+def message_config(msg: Message, context: Context) -> RunConfig:
+    """``run_config`` for a train or evaluate message, which states the run's mode."""
+    RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
+    from dpfpl_app.federation.wire import read_aggregation
+
+    return run_config(context, read_aggregation(msg.content))
 
 
 def _handle(
@@ -43,7 +72,7 @@ def _handle(
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """One round: train the private prompt, reply with the clipped global-prompt gradient."""
-    cfg = RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
+    cfg = message_config(msg, context)
     from dpfpl_app.federation.client_messages import answer_train
 
     return _handle(msg, context, cfg, answer_train)
@@ -52,7 +81,7 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Local and neighbour accuracy of this client's personalised prompt."""
-    cfg = RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
+    cfg = message_config(msg, context)
     from dpfpl_app.federation.client_messages import answer_evaluate
 
     return _handle(msg, context, cfg, answer_evaluate)
@@ -66,19 +95,20 @@ def evaluate(msg: Message, context: Context) -> Message:
 @app.query(Stage.SETUP)
 def secagg_setup(msg: Message, context: Context) -> Message:
     """Check the round's parameters against this node's config; make the round keys."""
-    return answer_stage(msg, context, RunConfig.from_flower(context.run_config), Stage.SETUP)
+    return answer_stage(msg, context, run_config(context, Aggregation.SECURE), Stage.SETUP)
 
 
 @app.query(Stage.SHARE_KEYS)
 def secagg_share_keys(msg: Message, context: Context) -> Message:
     """Share the mask secrets among the neighbours, encrypted to each."""
-    return answer_stage(msg, context, RunConfig.from_flower(context.run_config), Stage.SHARE_KEYS)
+    cfg = run_config(context, Aggregation.SECURE)
+    return answer_stage(msg, context, cfg, Stage.SHARE_KEYS)
 
 
 @app.train(Stage.COLLECT_MASKED)
 def secagg_collect_masked(msg: Message, context: Context) -> Message:
     """Train one round; reply with the clipped gradient quantised, noised and masked."""
-    cfg = RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
+    cfg = run_config(context, Aggregation.SECURE)
     from dpfpl_app.federation.client_messages import secure_contribution
 
     def answer(trainer: ClientTrainer, message: Message) -> RecordDict:
@@ -90,4 +120,4 @@ def secagg_collect_masked(msg: Message, context: Context) -> Message:
 @app.query(Stage.UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Reveal the shares the protocol allows, then forget the round's secrets."""
-    return answer_stage(msg, context, RunConfig.from_flower(context.run_config), Stage.UNMASK)
+    return answer_stage(msg, context, run_config(context, Aggregation.SECURE), Stage.UNMASK)

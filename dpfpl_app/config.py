@@ -50,6 +50,7 @@ class DPMode(str, Enum):
 class Aggregation(str, Enum):
     """How the server combines the clients' global-prompt gradients."""
 
+    AUTO = "auto"  # secure against real SuperNodes, plain in a local simulation
     PLAIN = "plain"  # the server sees each clipped gradient and adds the Gaussian noise
     SECURE = "secure"  # SecAgg+: the server sees only the sum, noised by the clients
 
@@ -109,7 +110,8 @@ class RunConfig(BaseModel):
     clip_norm: float = Field(10.0, gt=0, description="per-sample (or batch) L2 clip C_th")
     accountant: Accountant = Field(Accountant.RDP, description="rdp | prv")
     aggregation: Aggregation = Field(
-        Aggregation.PLAIN, description="plain | secure (SecAgg+ with client noise; deployments)"
+        Aggregation.AUTO,
+        description="auto (secure against real SuperNodes, plain in simulation) | plain | secure",
     )
     model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")
     dataset: str = Field(
@@ -216,6 +218,36 @@ class RunConfig(BaseModel):
                 f"{self.local_steps}: the accounting splits a round into per-step releases, "
                 "and one rounding of a K-step mean does not split (secure_channel docstring)"
             )
+
+    def resolve_aggregation(self, mode: Aggregation) -> RunConfig:
+        """The config with ``auto`` made ``mode``; a config naming the other mode refuses.
+
+        The ServerApp resolves ``auto`` once per run (secure against real SuperNodes, plain
+        in simulation: ``server_run.aggregation_mode``) and every message it sends says
+        which; a client resolves its own copy from the message, so both sides plan the
+        same noise. Methods that share no global prompt have nothing to aggregate and
+        stay plain.
+        """
+        if mode is Aggregation.AUTO:
+            raise ValueError("resolve aggregation to 'plain' or 'secure', not 'auto'")
+        if self.aggregation is mode:
+            return self
+        if self.aggregation is not Aggregation.AUTO:
+            raise ConfigError(
+                f"this is a {mode.value} round, but the run config says "
+                f"aggregation={self.aggregation.value!r}: the ServerApp and this node disagree "
+                "on the aggregation (and so on the noise); run both from the same config"
+            )
+        if mode is Aggregation.SECURE and not self.method.has_global:
+            mode = Aggregation.PLAIN
+        try:
+            return RunConfig.from_flower({**self.to_flower(), "aggregation": mode.value})
+        except ConfigError as err:
+            raise ConfigError(
+                f"aggregation='auto' runs secure aggregation against real SuperNodes, and this "
+                f"config cannot: {str(err).splitlines()[1].strip()}. Fix that, or set "
+                "aggregation='plain' to let the server see each client's clipped gradient"
+            ) from None
 
     @property
     def dp_on(self) -> bool:

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import client_app as client_module
 import server_app as server_module
-from dpfpl_app.config import ConfigError, RunConfig
+from dpfpl_app.config import Aggregation, ConfigError, RunConfig
 from dpfpl_app.federation import server_run
 from dpfpl_app.federation.checkpoint import (
     FORMAT_NAME,
@@ -62,7 +62,8 @@ def uninterrupted(digits_backbone: Path, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_a_checkpoint_is_written_every_round(uninterrupted: Path) -> None:
-    cfg = RunConfig.from_flower(_config(uninterrupted))
+    # as the ServerApp resolves it in a simulation: 'auto' is plain
+    cfg = RunConfig.from_flower(_config(uninterrupted)).resolve_aggregation(Aggregation.PLAIN)
 
     metas = []
     for r in range(1, ROUNDS + 1):

@@ -158,6 +158,8 @@ def test_compose_has_three_organisations_each_with_own_key_state_and_data(certs:
         assert secrets[_flag(node, "--auth-supernode-private-key")] == f"supernode-{i}"
         # Partition and state directory; the ClientApp (in the SuperExec) mounts the state
         assert config["partition-id"] == str(i) and config["num-partitions"] == str(NUM_ORGS)
+        # the organisation refuses plain rounds, whatever run config is submitted
+        assert config["require-secure-aggregation"] == "true"
         assert _flag(app, "--runtime-api-address") == f"supernode-{i}:{_flag(node, '--port')}"
         mounts = _mounts(app)
         host_state, mode = mounts[config["state-dir"]]
@@ -209,6 +211,7 @@ def test_org_compose_connects_one_organisation_with_its_own_key(certs: Path) -> 
     assert secrets[_flag(node, "--root-certificates")] == "ca.crt"
     config = _node_config(node)
     assert (config["partition-id"], config["num-partitions"]) == ("1", "3")
+    assert config["require-secure-aggregation"] == "true"
     assert _mounts(app)[config["state-dir"]] == (f"./volumes/{ORG_ENV['ORG']}/state", "rw")
     assert doc["networks"]["org"]["internal"] is True and app["networks"] == ["org"]
     _check_secrets_exist_and_are_used(doc, certs)

@@ -627,6 +627,19 @@ def test_client_refuses_state_saved_by_another_method(setup: Setup) -> None:
         target.load_state_dict(tensors, meta)
 
 
+def test_client_refuses_state_trained_under_the_other_aggregation(setup: Setup) -> None:
+    # Prepare: one run's budget counted under secure aggregation (dp off: no calibration)
+    secure = _config(**{"dp-mode": "off", "aggregation": "secure", "min-nodes": 3})
+    tensors, meta = _trainer(setup, secure).state_dict()
+    plain = _trainer(setup, _config(**{"dp-mode": "off", "aggregation": "plain"}))
+
+    # Execute / Assert
+    assert meta["aggregation"] == "secure"
+    with pytest.raises(ValueError, match="trained with aggregation 'secure', this message asks "
+                       "for 'plain'"):
+        plain.load_state_dict(tensors, meta)
+
+
 def test_zeroshot_client_uses_the_template_words_and_evaluates(setup: Setup) -> None:
     # Prepare
     ids = setup.clip.tokenizer("a photo of a", add_special_tokens=False)["input_ids"]

@@ -181,7 +181,7 @@ def test_dropouts_at_each_stage_keep_the_sum_exact(stage: str, dropped: set[int]
         (
             Stage.UNMASK,
             6,
-            r"'secagg_unmask'.*4 shares of node \d+'s self-mask seed revealed < threshold 5",
+            r"'secagg_unmask'.*4 shares of node \d+'s self-mask seed revealed < threshold 6",
         ),
     ],
 )
@@ -189,6 +189,25 @@ def test_too_many_dropouts_release_nothing(stage: str, n_drop: int, message: str
     fed = federation()
     with pytest.raises(SecAggAbort, match=message):
         fed.run(drop={stage: set(NODES[:n_drop])})
+
+
+@pytest.mark.parametrize("stage", [Stage.COLLECT_MASKED, Stage.UNMASK])
+def test_three_nodes_release_the_sum_after_one_drops_between_stages(stage: str) -> None:
+    # Prepare: 3 nodes, complete graph k = 2: each secret has 3 holders (the two
+    # neighbours and its owner) and threshold 2, so one loss after the key shares is
+    # survivable; without the owner's own share it would leave one holder < 2
+    fed = federation([11, 12, 13], dataclasses.replace(CONFIG, dim=64))
+
+    # Execute
+    result = fed.run(drop={stage: {12}})
+
+    # Assert: a node that never sent its input is out of the sum; one that sent it but
+    # never unmasked is in it (its seed rebuilt from the others' shares)
+    expected = {11, 13} if stage == Stage.COLLECT_MASKED else {11, 12, 13}
+    assert set(result.survivors) == expected
+    np.testing.assert_array_equal(
+        result.integer_total, fed.expected_integer_total(result.survivors)
+    )
 
 
 def test_dropouts_at_every_stage_together() -> None:

@@ -110,12 +110,12 @@ def test_ring_encoding_round_trips_signed_values() -> None:
 
 @pytest.mark.parametrize(
     ("n", "degree", "threshold", "min_survivors"),
-    [(3, 2, 2, 2), (10, 9, 5, 7), (20, 12, 7, 14), (100, 16, 9, 67)],
+    [(3, 2, 2, 2), (10, 9, 6, 7), (20, 12, 7, 14), (100, 16, 9, 67)],
 )
 def test_default_rules(n: int, degree: int, threshold: int, min_survivors: int) -> None:
     p = RoundParams.derive(CONFIG, range(n), bytes(16))
     assert (p.degree, p.threshold, p.min_survivors) == (degree, threshold, min_survivors)
-    assert p.threshold > p.degree / 2  # a strict majority of share holders
+    assert p.threshold > (p.degree + 1) / 2  # a strict majority of neighbours + owner
 
 
 def test_ring_grows_with_the_number_of_clients() -> None:
@@ -128,7 +128,7 @@ def test_ring_grows_with_the_number_of_clients() -> None:
     [
         (range(2), {}, "needs >= 3 nodes"),
         (range(10), {"degree": 5}, "degree must be even"),
-        (range(10), {"degree": 4, "threshold": 5}, r"threshold must be in \[2, degree=4\]"),
+        (range(10), {"degree": 4, "threshold": 6}, r"threshold must be in \[2, degree \+ 1 = 5\]"),
         (range(10), {"min_survivors": 11}, r"min_survivors must be in \[2, 10\]"),
         (range(10), {"scale": 1e18}, "bit ring"),
         ([1, 1, 2], {}, "distinct"),
@@ -156,8 +156,8 @@ def test_config_validation(field: str, value: float, message: str) -> None:
 def test_params_round_trip_and_mismatch_is_named() -> None:
     p = RoundParams.derive(CONFIG, [5, 9, 2, 7], bytes(range(16)))
     assert RoundParams.from_payload(p.to_payload()) == p
-    with pytest.raises(ValueError, match="threshold: server 2, ours 3"):
-        p.check_against(dataclasses.replace(CONFIG, threshold=3))
+    with pytest.raises(ValueError, match="threshold: server 3, ours 4"):
+        p.check_against(dataclasses.replace(CONFIG, threshold=4))
 
 
 @pytest.mark.parametrize(("n", "k"), [(5, 4), (20, 12), (100, 16)])

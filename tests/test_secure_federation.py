@@ -99,7 +99,7 @@ def _run(tmp_path: Path, app: ClientApp, rounds: int) -> tuple[dict, RunConfig]:
 
 
 def test_secure_federation_with_a_dropout_at_each_stage(
-    digits_backbone: Path, tmp_path: Path, spy: Spy
+    digits_backbone: Path, tmp_path: Path, spy: Spy, caplog: pytest.LogCaptureFixture
 ) -> None:
     # Prepare: in round r, node r-1 fails at the r-th stage
     failures = {(r + 1, stage): {node_id_of(r)} for r, stage in enumerate(Stage.ORDER)}
@@ -115,6 +115,9 @@ def test_secure_federation_with_a_dropout_at_each_stage(
         assert result is not None and len(result.survivors) == expected
         inputs = [spy.inputs[(params.round_id, v)] for v in result.survivors]
         np.testing.assert_array_equal(result.integer_total, np.sum(inputs, axis=0))
+    # every dropout is logged with the node and the stage it was lost at
+    for (round_, stage), (node,) in failures.items():
+        assert f"secure round {round_}: node {node} dropped out at {stage}" in caplog.text
     # a node failing at unmask is still in the sum (its seed rebuilt from shares)
     assert node_id_of(3) in spy.sums[3][1].survivors  # type: ignore[union-attr]
     # the printed epsilon is the plan's accountant at the actual survivors

@@ -454,7 +454,9 @@ def test_configure_train_samples_copies_config_and_broadcasts_the_prompt() -> No
     assert dict(config) == {"lr": 0.1}
     for msg in messages:
         assert msg.metadata.message_type == MessageType.TRAIN
-        assert dict(msg.content[wire.CONFIG_RECORD]) == {"lr": 0.1, wire.SERVER_ROUND: 3}
+        assert dict(msg.content[wire.CONFIG_RECORD]) == {
+            "lr": 0.1, wire.SERVER_ROUND: 3, wire.AGGREGATION: "plain"
+        }
         torch.testing.assert_close(
             wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD]), _prompt()
         )

@@ -145,10 +145,11 @@ def audit_config(values: dict[str, Any], *, out_dir: Path, clients: int) -> RunC
             f"the one-run audit supports methods {[m.value for m in AUDITED_METHODS]}, got "
             f"{cfg.method.value!r} (its released prompt has no public start to measure from)"
         )
-    if cfg.aggregation is not Aggregation.PLAIN:
+    if cfg.aggregation is Aggregation.SECURE:
         raise ValueError(
             "the one-run audit scores runs with aggregation='plain' (the server's Gaussian "
-            "noise); auditing secure aggregation's client-side Skellam noise is not built yet"
+            "noise; 'auto' is plain in its local simulation); auditing secure aggregation's "
+            "client-side Skellam noise is not built yet"
         )
     if cfg.dp_mode is not DPMode.PER_SAMPLE:
         raise ValueError(

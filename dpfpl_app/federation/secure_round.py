@@ -16,6 +16,7 @@ clients by then, which is what the accounting needs (``strategy`` charges it).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
@@ -49,6 +50,7 @@ class RoundRecord:
     bytes_received: int = 0  # serialised reply content, all stages
     replies: int = 0
     faults: list[str] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)  # wall time of each stage
 
 
 class SecureRound:
@@ -68,6 +70,8 @@ class SecureRound:
             sampled=len(nodes), min_survivors=self.server.params.min_survivors
         )
         self._grid, self._round, self._timeout = grid, round_, timeout
+        self._masked_sent: float | None = None
+        self._masked: list[Message] = []
 
     @property
     def params(self) -> Any:
@@ -89,7 +93,8 @@ class SecureRound:
         ``content`` is copied per node through a fresh RecordDict, never shared.
         """
         self.record.trained = True
-        return [
+        self._masked_sent = time.perf_counter()
+        self._masked = [
             Message(
                 add_payload(RecordDict(dict(content.items())), payload),
                 node,
@@ -98,11 +103,16 @@ class SecureRound:
             )
             for node, payload in payloads.items()
         ]
+        return self._masked
 
     def aggregate(self, masked_replies: Iterable[Message]) -> AggregateResult | None:
         """Collect the masked inputs, run the unmask exchange, return the sum (or None)."""
+        if self._masked_sent is not None:  # Flower sent them between our two calls
+            self.record.seconds[Stage.COLLECT_MASKED] = time.perf_counter() - self._masked_sent
         try:
-            unmask = self.server.unmask(self._payloads(masked_replies))
+            unmask = self.server.unmask(
+                self._payloads(masked_replies, Stage.COLLECT_MASKED, self._masked)
+            )
             self.record.revealed = True
             result = self.server.finish(self._exchange(Stage.UNMASK, unmask))
         except SecAggAbort as err:
@@ -123,7 +133,11 @@ class SecureRound:
             )
             for node, p in payloads.items()
         ]
-        replies = self._payloads(self._grid.send_and_receive(messages, timeout=self._timeout))
+        start = time.perf_counter()
+        replies = self._payloads(
+            self._grid.send_and_receive(messages, timeout=self._timeout), stage, messages
+        )
+        self.record.seconds[stage] = time.perf_counter() - start
         log(
             INFO,
             "secure round %d: %s answered by %d of %d",
@@ -134,12 +148,30 @@ class SecureRound:
         )
         return replies
 
-    def _payloads(self, replies: Iterable[Message]) -> dict[int, dict[str, Any]]:
-        """Payloads by sender; error replies and unreadable ones are dropouts."""
+    def _payloads(
+        self, replies: Iterable[Message], stage: str, sent: list[Message]
+    ) -> dict[int, dict[str, Any]]:
+        """Payloads by sender; error replies, unreadable ones and silence are dropouts.
+
+        Every dropout is logged with the node it was sent to: Flower's own error reply
+        for a node it lost comes from the SuperLink, not from that node.
+        """
         out: dict[int, dict[str, Any]] = {}
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in sent}
+        if "" in sent_to or len(sent_to) != len(sent):  # a grid that assigns no ids
+            sent_to = {}
         for reply in replies:
             self.record.replies += 1
+            node = sent_to.pop(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
             if reply.has_error():
+                log(
+                    WARNING,
+                    "secure round %d: node %d dropped out at %s: %s",
+                    self._round,
+                    node,
+                    stage,
+                    reply.error.reason,
+                )
                 continue
             self.record.bytes_received += recorddict_to_proto(reply.content).ByteSize()
             try:
@@ -152,6 +184,8 @@ class SecureRound:
                     reply.metadata.src_node_id,
                     err,
                 )
+        for node in sent_to.values():  # no reply at all before the stage's timeout
+            log(WARNING, "secure round %d: node %d sent no reply at %s", self._round, node, stage)
         return out
 
     def _abort(self, err: SecAggAbort) -> None:
@@ -174,12 +208,17 @@ def global_release(record: RoundRecord) -> float | None:
     return 1.0 if record.revealed else None
 
 
-def metrics_of(record: RoundRecord) -> Mapping[str, int]:
-    """Round metrics every secure round reports (numbers only, as MetricRecord needs)."""
+def metrics_of(record: RoundRecord) -> Mapping[str, int | float]:
+    """Round metrics every secure round reports (numbers only, as MetricRecord needs).
+
+    ``<stage>-s`` is each exchange's wall time as the server saw it: in a deployment,
+    mostly the ClientApp process each message starts (``benchmarks/bench_rounds.py``).
+    """
     survivors = len(record.result.survivors) if record.result else 0
     return {
         "survivors": survivors,
         "secagg-aborted-stage": ABORT_CODES.get(record.aborted_stage or "", 0),
         "secagg-bytes-received": record.bytes_received,
         "secagg-replies": record.replies,
+        **{f"{stage}-s": round(s, 3) for stage, s in record.seconds.items()},
     }

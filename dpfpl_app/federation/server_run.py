@@ -15,9 +15,10 @@ from typing import Any
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid
+from flwr.superlink.grid import HttpGrid
 
 from dpfpl_app.backbones.backbone_build import BACKBONES, CACHE_ENV, cache_root
-from dpfpl_app.config import RunConfig
+from dpfpl_app.config import Aggregation, RunConfig
 from dpfpl_app.federation.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
 from dpfpl_app.federation.node_paths import run_state_name
 from dpfpl_app.federation.results import RunRecorder
@@ -71,6 +72,16 @@ def output_dir(cfg: RunConfig, context: Context) -> Path:
     return Path(cfg.output_dir).expanduser() / name
 
 
+def aggregation_mode(grid: Grid) -> Aggregation:
+    """What ``aggregation = "auto"`` means for this grid.
+
+    Flower hands a deployed ServerApp an ``HttpGrid`` to its SuperLink, whose SuperNodes
+    are other organisations' machines: secure. A simulation (``InMemoryGrid``) or a test
+    grid runs every client in this operator's own processes: plain.
+    """
+    return Aggregation.SECURE if isinstance(grid, HttpGrid) else Aggregation.PLAIN
+
+
 def run_server(grid: Grid, context: Context) -> Path:
     """Run the whole federation; returns the results directory.
 
@@ -78,6 +89,10 @@ def run_server(grid: Grid, context: Context) -> Path:
     unreachable hub, a crash mid-run) leaves results.json ``failed`` with the reason.
     """
     cfg = RunConfig.from_flower(context.run_config)
+    if cfg.aggregation is Aggregation.AUTO:
+        cfg = cfg.resolve_aggregation(aggregation_mode(grid))
+        log(INFO, "aggregation 'auto' is %r for this run (%s)", cfg.aggregation.value,
+            type(grid).__name__)
     out = output_dir(cfg, context)
     # a resumed run continues the rounds results.json holds: read them before the
     # recorder rewrites it; the checkpoint then says how many of them still count

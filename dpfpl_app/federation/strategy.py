@@ -207,7 +207,7 @@ class DPFPLStrategy(Strategy):
         train = message_type == MessageType.TRAIN
         fraction = self.fraction_train if train else self.fraction_evaluate
         node_ids = self._sample_nodes(grid, fraction, message_type, round_)
-        payload = ConfigRecord({**dict(config), wire.SERVER_ROUND: round_})
+        payload = ConfigRecord({**dict(config), **self._round_config(round_)})
         content = RecordDict(
             {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
         )
@@ -237,12 +237,16 @@ class DPFPLStrategy(Strategy):
         payloads = self._secure.key_exchange()
         if payloads is None:
             return []
-        payload = ConfigRecord({**dict(config), wire.SERVER_ROUND: round_})
+        payload = ConfigRecord({**dict(config), **self._round_config(round_)})
         content = RecordDict(
             {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
         )
         self._sent = self._secure.masked_messages(payloads, content)
         return self._sent
+
+    def _round_config(self, round_: int) -> dict[str, int | str]:
+        """What every message of a round says besides ``p_G``: the round and the mode."""
+        return {wire.SERVER_ROUND: round_, wire.AGGREGATION: self.channel.aggregation.value}
 
     def _adopt(self, arrays: ArrayRecord) -> None:
         prompt = wire.read_global_prompt(arrays)

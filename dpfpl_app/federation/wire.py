@@ -39,6 +39,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
+from dpfpl_app.config import Aggregation
+
 # --- record names -------------------------------------------------------------------
 ARRAYS_RECORD = "arrays"
 CONFIG_RECORD = "config"
@@ -51,6 +53,7 @@ PROMPT_DTYPE = torch.float32
 
 # --- config keys (server -> client) -------------------------------------------------
 SERVER_ROUND = "server-round"
+AGGREGATION = "aggregation"  # the run's resolved mode: both sides must plan the same noise
 
 # --- metric keys (client -> server) ---------------------------------------------------
 NUM_EXAMPLES = "num-examples"
@@ -118,6 +121,17 @@ class EvaluateReply:
 def global_prompt_record(prompt: torch.Tensor) -> ArrayRecord:
     """Build the ArrayRecord the server broadcasts: the global prompt and nothing else."""
     return ArrayRecord({GLOBAL_PROMPT: Array(prompt.detach().to(PROMPT_DTYPE).contiguous())})
+
+
+def read_aggregation(content: RecordDict) -> Aggregation:
+    """The aggregation mode the server resolved for this run (``plain`` or ``secure``)."""
+    value = content[CONFIG_RECORD].get(AGGREGATION)
+    if value not in {Aggregation.PLAIN.value, Aggregation.SECURE.value}:
+        raise ValueError(
+            f"the message's config has {AGGREGATION}={value!r}, expected 'plain' or 'secure': "
+            "the ServerApp must be the same dpfpl version as this ClientApp"
+        )
+    return Aggregation(value)
 
 
 def read_global_prompt(arrays: ArrayRecord) -> torch.Tensor:

@@ -238,6 +238,7 @@ class ClientTrainer:
             "last_round": self.last_round,
             "steps_taken": self.steps_taken,
             "method": self.cfg.method.value,
+            "aggregation": self.plan.aggregation.value,
         }
         return self.learner.private_state(), meta
 
@@ -246,6 +247,12 @@ class ClientTrainer:
             raise ValueError(
                 f"saved client state is for method {meta.get('method')!r}, this run uses "
                 f"{self.cfg.method.value!r}: use another state-dir or run-name"
+            )
+        if meta.get("aggregation", self.plan.aggregation.value) != self.plan.aggregation.value:
+            raise ValueError(
+                f"saved client state was trained with aggregation {meta['aggregation']!r}, "
+                f"this message asks for {self.plan.aggregation.value!r}: one run's budget "
+                "cannot mix the two accountings; use another run-name or state-dir"
             )
         missing = {"rounds_done", "last_round", "steps_taken"} - set(meta)
         if missing:

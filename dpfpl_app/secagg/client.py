@@ -4,11 +4,11 @@ Each Flower message runs in a fresh process, so the object lives only for one st
 build it with ``ClientRound(config)`` (stage 0) or ``ClientRound.from_state(...)``
 (later stages), call the stage method, store ``to_state()`` back in the node's
 ``context.state``. The state holds the round's secrets (two X25519 private keys, the
-self-mask seed, the shares received from neighbours); none of them is ever put in a
-reply except as shares encrypted to a neighbour, or, in the last stage, as the one
-kind of share (seed OR key) the protocol allows per owner. After ``unmask`` the state
-is empty: the caller must then delete the record (Python cannot wipe ``bytes`` in
-place; in deployment the process ends with the message).
+self-mask seed, the shares received from neighbours and its own share of its secrets);
+none of them is ever put in a reply except as shares encrypted to a neighbour, or, in
+the last stage, as the one kind of share (seed OR key) the protocol allows per owner.
+After ``unmask`` the state is empty: the caller must then delete the record (Python
+cannot wipe ``bytes`` in place; in deployment the process ends with the message).
 
 The client checks what the server could abuse: the round parameters against its own
 config (noise, threshold, ring), its neighbours' keys, at least ``threshold`` live
@@ -26,6 +26,7 @@ import numpy as np
 
 from . import crypto, fixed_point, skellam, wire
 from .errors import SecAggAbort
+from .graph import share_holders
 from .params import RoundParams, SecAggConfig
 from .stream import KeyStream, ring_mask
 from .wire import Stage
@@ -127,10 +128,10 @@ class ClientRound:
                 Stage.SHARE_KEYS,
                 f"node {self.node_id}: peers are not my neighbours or keys are misaligned",
             )
-        if len(peers) < params.threshold:
+        if len(peers) + 1 < params.threshold:
             raise SecAggAbort(
                 Stage.SHARE_KEYS,
-                f"node {self.node_id} has {len(peers)} live neighbours"
+                f"node {self.node_id} has {len(peers)} live neighbours + itself"
                 f" < threshold {params.threshold}",
             )
         own = {crypto.public_of(st["sk-mask"]), crypto.public_of(st["sk-enc"])}
@@ -145,8 +146,11 @@ class ClientRound:
             [pk_mask[i] for i in order],
             [pk_enc[i] for i in order],
         )
-        seed_shares = crypto.split_secret(st["seed"], params.threshold, len(peers))
-        key_shares = crypto.split_secret(st["sk-mask"], params.threshold, len(peers))
+        holders = share_holders(self.node_id, peers)
+        seed_shares = crypto.split_secret(st["seed"], params.threshold, len(holders))
+        key_shares = crypto.split_secret(st["sk-mask"], params.threshold, len(holders))
+        mine = holders.index(self.node_id)
+        own = (seed_shares.pop(mine), key_shares.pop(mine))
         ciphertexts = []
         for peer, pk, s_share, k_share in zip(peers, pk_enc, seed_shares, key_shares, strict=True):
             try:
@@ -162,6 +166,8 @@ class ClientRound:
         st.update(
             {
                 "stage": Stage.SHARE_KEYS,
+                "own-seed-share": own[0],
+                "own-key-share": own[1],
                 wire.PEERS: peers,
                 wire.PEER_PK_MASK: pk_mask,
                 wire.PEER_PK_ENC: pk_enc,
@@ -217,10 +223,10 @@ class ClientRound:
                 rejected.append(src)
                 continue
             held[src] = (seed_share, key_share)
-        if len(held) < params.threshold:
+        if len(held) + 1 < params.threshold:
             raise SecAggAbort(
                 Stage.COLLECT_MASKED,
-                f"node {self.node_id} holds shares of {len(held)} neighbours"
+                f"node {self.node_id} holds shares of {len(held)} neighbours + itself"
                 f" < threshold {params.threshold}",
             )
         if np.size(vector) != params.dim:
@@ -243,6 +249,7 @@ class ClientRound:
             mask = ring_mask(seed, params.dim, params.bits)
             y = y + mask if self.node_id < peer else y - mask  # uint64 wraps mod 2^64
         y &= np.uint64((1 << params.bits) - 1)
+        held[self.node_id] = (st.pop("own-seed-share"), st.pop("own-key-share"))
         owners = sorted(held)
         st.update(
             {

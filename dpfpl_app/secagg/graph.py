@@ -39,3 +39,12 @@ def check_graph(graph: dict[int, tuple[int, ...]], degree: int) -> None:
         for u in nbrs:
             if v not in graph.get(u, ()):
                 raise ValueError(f"edge {v}-{u} is not symmetric")
+
+
+def share_holders(owner: int, peers: list[int]) -> list[int]:
+    """Who holds Shamir shares of ``owner``'s secrets: its live neighbours and itself.
+
+    The order is the shares' x-coordinates (x = index + 1), which client and server
+    derive alike from the same peer list.
+    """
+    return sorted({*peers, owner})

@@ -16,11 +16,16 @@ Rules, for n sampled nodes (each overridable):
   their derived value: compute theirs when a formal guarantee at given fractions is
   needed, and pass it as ``degree``. The "+2" keeps k even (``graph``'s Harary
   construction).
-* Shamir threshold t = floor(k / 2) + 1: a strict majority of a client's k share
-  holders. Two disjoint sets of neighbours can then never both reach t, so a server
-  that claims "dropped" to some and "survived" to others still cannot obtain both the
-  self-mask seed and the mask key of one client; up to k - t neighbours may drop, and
-  up to t - 1 colluding neighbours learn nothing of a client's secrets.
+* share holders: a client's k neighbours and the client itself (Bonawitz et al. share
+  with every client including the owner). The own share matters when few nodes take
+  part: with n = 3 (k = 2), a survivor's seed is still recoverable after the third node
+  dies, from its own share and the other survivor's. The owner reveals its own share
+  only of its seed, and only when it is among the survivors it is answering for.
+* Shamir threshold t = floor((k + 1) / 2) + 1: a strict majority of the k + 1 holders.
+  The server can get at most one kind of share from each neighbour and only seed shares
+  from the owner, so obtaining both the self-mask seed and the mask key of one client
+  would need 2t - 1 <= k distinct neighbours: impossible. Up to k + 1 - t holders may
+  drop, and up to t - 1 colluding neighbours learn nothing of a client's secrets.
 * release threshold ``min_survivors`` = max(t, ceil(2 n / 3)): the smallest number of
   noised inputs a released sum may contain. Every client's noise is sized so that this
   many survivors reach the calibrated total (``dp.client_variance_for``); fewer
@@ -57,8 +62,8 @@ def default_degree(n: int) -> int:
 
 
 def default_threshold(degree: int) -> int:
-    """Shamir threshold: a strict majority of a client's share holders."""
-    return degree // 2 + 1
+    """Shamir threshold: a strict majority of a client's degree + 1 share holders."""
+    return (degree + 1) // 2 + 1
 
 
 def default_min_survivors(n: int, threshold: int) -> int:
@@ -153,12 +158,15 @@ class RoundParams:
                 f"degree must be even in [2, {n - 1}] or exactly {n - 1}, got {degree}"
             )
         threshold = config.threshold if config.threshold is not None else default_threshold(degree)
-        if not 2 <= threshold <= degree:
-            raise ValueError(f"threshold must be in [2, degree={degree}], got {threshold}")
-        if threshold <= degree // 2:
+        if not 2 <= threshold <= degree + 1:
+            raise ValueError(
+                f"threshold must be in [2, degree + 1 = {degree + 1}] (the share holders: "
+                f"the neighbours and the owner), got {threshold}"
+            )
+        if 2 * threshold - 1 <= degree:
             warnings.warn(
-                f"threshold {threshold} is not a strict majority of {degree} share holders: a"
-                " server that lies about dropouts could obtain both masks of a client",
+                f"threshold {threshold} is not a strict majority of {degree + 1} share holders:"
+                " a server that lies about dropouts could obtain both masks of a client",
                 stacklevel=2,
             )
         min_surv = (

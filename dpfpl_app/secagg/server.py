@@ -32,7 +32,7 @@ import numpy as np
 from . import crypto, fixed_point, shamir, wire
 from .dp import DistributedSkellam
 from .errors import SecAggAbort
-from .graph import neighbour_graph
+from .graph import neighbour_graph, share_holders
 from .params import ROUND_ID_BYTES, RoundParams, SecAggConfig
 from .stream import ring_mask
 from .wire import PayloadError, Stage
@@ -151,7 +151,7 @@ class ServerRound:
                     self._fault(
                         node,
                         stage,
-                        f"only {live} live neighbours"
+                        f"only {live} live share holders (neighbours and itself)"
                         f" < threshold {self.params.threshold}: excluded",
                     )
                     alive.discard(node)
@@ -195,7 +195,7 @@ class ServerRound:
                         f"public key shared with nodes {sorted(set(nodes) - {node})}",
                     )
                     good.pop(node, None)
-        alive = self._prune(Stage.SETUP, set(good), lambda v, a: set(self.graph[v]) & a)
+        alive = self._prune(Stage.SETUP, set(good), lambda v, a: (set(self.graph[v]) & a) | {v})
         self._need(Stage.SETUP, alive, "sent valid public keys")
         for node in alive:
             self._pk_mask[node], self._pk_enc[node], self._commit[node] = good[node]
@@ -226,7 +226,9 @@ class ServerRound:
             return dict(zip(dst, cts, strict=True))
 
         good = self._accept(Stage.SHARE_KEYS, replies, set(self._peers), check)
-        alive = self._prune(Stage.SHARE_KEYS, set(good), lambda v, a: set(self._peers[v]) & a)
+        alive = self._prune(
+            Stage.SHARE_KEYS, set(good), lambda v, a: (set(self._peers[v]) & a) | {v}
+        )
         self._need(Stage.SHARE_KEYS, alive, "sent their encrypted shares")
         self._cts = {v: good[v] for v in alive}
         out: Payloads = {}
@@ -287,8 +289,12 @@ class ServerRound:
         }
 
     def _holders(self, owner: int, responders: set[int]) -> set[int]:
-        """Responders that hold a verified share of ``owner`` (they masked with it)."""
-        return {h for h in responders if owner in self._mask_set.get(h, ())}
+        """Responders that hold a verified share of ``owner`` (they masked with it).
+
+        A responding owner holds its own share too (only its seed's is ever revealed).
+        """
+        held = {h for h in responders if owner in self._mask_set.get(h, ())}
+        return held | ({owner} & responders)
 
     # --- stage 4 ----------------------------------------------------------------------
     def finish(self, replies: Replies) -> AggregateResult:
@@ -350,9 +356,10 @@ class ServerRound:
                 if len(owners) != len(shares):
                     raise ValueError(f"{owners_key} and {shares_key} differ in length")
                 for owner, share in zip(owners, shares, strict=True):
-                    if owner not in allowed or owner not in self._mask_set[node]:
+                    holds = owner in self._mask_set[node] or (owner == node and sink is seeds)
+                    if owner not in allowed or not holds:
                         raise ValueError(f"revealed a share of node {owner} it should not reveal")
-                    x = self._peers[owner].index(node) + 1
+                    x = share_holders(owner, self._peers[owner]).index(node) + 1
                     if shamir.share_x(share) != x:
                         raise ValueError(
                             f"share of node {owner} has x-coordinate {shamir.share_x(share)},"

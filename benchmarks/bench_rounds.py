@@ -1,0 +1,219 @@
+"""Secure vs plain aggregation in real Flower runs: round time, messages and bytes.
+
+Three settings, each run once per mode (``aggregation = plain`` and ``secure``) with the
+same run config (the main job's DP-FPL, per-sample DP at epsilon 4, digits, iid
+partitions so that 100 clients all have images):
+
+* ``sim-10`` and ``sim-100``: ``flwr run`` on a private local SuperLink
+  (``LocalFlower``, the sweep's runner) with 10 and 100 simulated SuperNodes;
+* ``deploy-3``: the topology of docs/deployment.md as real processes on loopback: a
+  SuperLink with TLS and SuperNode authentication, 3 SuperNodes with their own keys
+  (the deployment tests' harness, ``tests/deploy_processes.py``). Every message starts
+  a fresh ClientApp process there, which is what the per-stage times show.
+
+Round time is read from the server's ``results.json`` (``elapsed-s`` per round; round 1
+pays start-up and feature caching, so the figure is the median of the later rounds).
+A round is train + evaluate. Messages per client per round: plain 1 train + 1 evaluate;
+secure 4 stages + 1 evaluate. Upload bytes per client per round are what the server
+received (``bytes-received`` / ``secagg-bytes-received`` over the sampled clients);
+download sizes of the key exchange are in ``bench_secagg.py``'s pure-protocol table.
+Secure rounds also report each stage's wall time as the server saw it.
+
+Usage::
+
+    python benchmarks/bench_rounds.py                    # all three; ~25 min on 2 idle cores
+    python benchmarks/bench_rounds.py --settings sim-10  # one setting
+Writes ``benchmarks/results/rounds.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(1, str(ROOT / "tests"))  # the deployment tests' process harness
+
+from dpfpl_app.backbones.backbone_build import CACHE_ENV, ensure_backbone  # noqa: E402
+from dpfpl_app.federation.flwr_local import LocalFlower, toml_value  # noqa: E402
+from dpfpl_app.secagg import Stage  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+MODES = ("plain", "secure")
+STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK)
+MESSAGES = {"plain": 2, "secure": len(STAGES) + 1}  # per client per round, with evaluate
+SETTINGS = {"sim-10": 10, "sim-100": 100, "deploy-3": 3}
+
+
+def run_config(nodes: int, rounds: int, out: Path, name: str, mode: str) -> dict[str, Any]:
+    return {
+        "aggregation": mode,
+        "dataset": "digits",
+        "partitioner": "iid",
+        "num-server-rounds": rounds,
+        "min-nodes": nodes,
+        "node-wait-timeout": 300,
+        "output-dir": str(out),
+        "run-name": name,
+        "state-dir": str(out / "state"),
+    }
+
+
+def summarise(results: Path, mode: str, nodes: int) -> dict[str, Any]:
+    """Round times and traffic of one finished run, from its results.json."""
+    doc = json.loads(results.read_text())
+    if doc["status"] != "completed":
+        raise RuntimeError(f"{results}: run {doc['status']}: {doc.get('reason', '')}")
+    rows = doc["rounds"]
+    elapsed = [row["elapsed-s"] for row in rows]
+    times = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+    upload = "secagg-bytes-received" if mode == "secure" else "bytes-received"
+    later = rows[1:]
+    out: dict[str, Any] = {
+        "mode": mode,
+        "nodes": nodes,
+        "rounds": len(rows),
+        "round-1-s": elapsed[0],
+        "round-s": statistics.median(times),
+        "round-s-all": [round(t, 2) for t in times],
+        "messages-per-client": MESSAGES[mode],
+        "upload-kib-per-client": statistics.median(r[upload] for r in later) / nodes / 1024,
+        "epsilon": rows[-1]["epsilon"],
+        "local-acc": rows[-1]["local-acc"],
+    }
+    if mode == "secure":
+        out["stage-s"] = {s: statistics.median(r[f"{s}-s"] for r in later) for s in STAGES}
+        out["survivors"] = [r["survivors"] for r in rows]
+    return out
+
+
+def simulate(nodes: int, rounds: int, work: Path) -> list[dict[str, Any]]:
+    out = []
+    with LocalFlower(ROOT, work / "flwr-home") as flower:
+        for mode in MODES:
+            name = f"sim-{nodes}-{mode}"
+            started = time.monotonic()
+            print(f"[{name}] {nodes} simulated clients, {rounds} rounds ...", flush=True)
+            run_id, status = flower.run(
+                run_config(nodes, rounds, work / "runs", name, mode),
+                num_supernodes=nodes,
+                timeout_s=3600,
+            )
+            if status != "finished:completed":
+                raise RuntimeError(f"run {run_id} {status}:\n{flower.log(run_id)[-3000:]}")
+            out.append(summarise(work / "runs" / name / "results.json", mode, nodes))
+            print(f"[{name}] done in {time.monotonic() - started:.0f} s", flush=True)
+    return out
+
+
+def deploy(rounds: int, work: Path) -> list[dict[str, Any]]:
+    from deploy_processes import REPO, Federation, wait_until
+
+    nodes = SETTINGS["deploy-3"]
+    fed = Federation(work / "deploy", nodes)
+    out = []
+    try:
+        fed.make_credentials(extra_keys=[])
+        fed.start_superlink()
+        for node in fed.nodes:
+            fed.register(node)
+            fed.start_supernode(node)
+        expected = {node.node_id for node in fed.nodes}
+        wait_until(lambda: fed.online_node_ids() == expected, 120, "3 SuperNodes online")
+        for mode in MODES:
+            name = f"deploy-3-{mode}"
+            print(f"[{name}] 3 SuperNodes (TLS, node auth), {rounds} rounds ...", flush=True)
+            config = run_config(nodes, rounds, fed.runs, name, mode)
+            config.pop("state-dir")  # each SuperNode has its own (node config)
+            run_id = fed.submit(REPO, " ".join(f"{k}={toml_value(v)}" for k, v in config.items()))
+            info = fed.wait_finished(run_id, 3600)
+            if info.get("status") != "finished:completed":
+                raise RuntimeError(f"run {run_id}: {info}")
+            out.append(summarise(fed.runs / name / "results.json", mode, nodes))
+    finally:
+        fed.close()
+    return out
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Secure vs plain aggregation: whole rounds in real Flower runs",
+        "",
+        f"Written by `python benchmarks/bench_rounds.py` on {meta['date']}, {meta['machine']}, "
+        f"load average {meta['load-before']:.1f} before / {meta['load-after']:.1f} after. "
+        "DP-FPL, per-sample DP, epsilon 4, digits (iid), tiny offline backbone. "
+        "A round = train + evaluate; its time is the median over rounds 2..T "
+        "(round 1 includes start-up).",
+        "",
+        "| setting | mode | round s | secure / plain | round 1 s | messages / client "
+        "| upload KiB / client | epsilon | local acc |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    plain = {r["setting"]: r["round-s"] for r in rows if r["mode"] == "plain"}
+    for r in rows:
+        ratio = r["round-s"] / plain[r["setting"]] if r["setting"] in plain else float("nan")
+        lines.append(
+            f"| {r['setting']} | {r['mode']} | {r['round-s']:.1f} | "
+            f"{ratio:.2f} | {r['round-1-s']:.1f} | {r['messages-per-client']} | "
+            f"{r['upload-kib-per-client']:.1f} | {r['epsilon']:.2f} | {r['local-acc']:.3f} |"
+        )
+    lines += [
+        "",
+        "Secure rounds, wall time of each stage as the server saw it (median over rounds "
+        "2..T; in a deployment each is one fresh ClientApp process per node):",
+        "",
+        "| setting | " + " | ".join(STAGES) + " |",
+        "|---|" + "---:|" * len(STAGES),
+    ]
+    for r in rows:
+        if r["mode"] == "secure":
+            cells = " | ".join(f"{r['stage-s'][s]:.1f}" for s in STAGES)
+            lines.append(f"| {r['setting']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--settings", default=",".join(SETTINGS), help="sim-10,sim-100,deploy-3")
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 2)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of rounds.{md,json}")
+    args = parser.parse_args()
+    chosen = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = set(chosen) - set(SETTINGS)
+    if unknown or args.rounds < 2:
+        parser.error(f"unknown settings {sorted(unknown)} or --rounds < 2")
+    os.environ.setdefault(CACHE_ENV, str(ROOT / ".cache" / "dpfpl"))
+    ensure_backbone("dpfpl-tiny-digits")
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load-before": os.getloadavg()[0],
+    }
+    rows: list[dict[str, Any]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-rounds-") as tmp:
+        for setting in chosen:
+            run: Callable[[], list[dict[str, Any]]] = (
+                (lambda: deploy(args.rounds, Path(tmp)))
+                if setting == "deploy-3"
+                else (lambda s=setting: simulate(SETTINGS[s], args.rounds, Path(tmp) / s))
+            )
+            rows += [{"setting": setting, **row} for row in run()]
+    meta["load-after"] = os.getloadavg()[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "rounds.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (args.out / "rounds.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
