@@ -198,6 +198,22 @@ def test_tls_and_node_auth_run_completes_with_results(
         assert meta["rounds_done"] == 1 and meta["run_id"] == honest_run["run_id"]
 
 
+def _crash_and_restart(federation: Federation, node: Node) -> None:
+    """SIGKILL a SuperNode; start it again (same key, node config, state directory).
+
+    The restart waits until the SuperLink has noticed: before that, Flower refuses to
+    activate a node it still thinks is online.
+    """
+    federation.kill_supernode(node)
+    wait_until(
+        lambda: node.node_id not in federation.online_node_ids(),
+        HEARTBEAT_GRACE_S,
+        "the SuperLink to mark the killed node offline",
+    )
+    modes = HOSTILE_MODES[federation.nodes.index(node)]
+    federation.start_supernode(node, extra=f"hostile-modes='{modes}'")
+
+
 def _state_file(node: Node, run_name: str, name: str) -> Path:
     return node.state_dir / run_name / f"partition-{node.partition_id}" / name
 
@@ -315,15 +331,8 @@ def test_supernode_killed_mid_run_rejoins_and_resumes_its_local_prompt(
     saved = _state_file(victim, "fault", "meta.json")
     wait_until(saved.exists, RUN_TIMEOUT_S, "the victim's round-1 state on its disk", every=1)
 
-    # Execute: crash it; restart it (same key and state directory) once the SuperLink has
-    # noticed (before that, Flower refuses to activate a node it still thinks is online)
-    federation.kill_supernode(victim)
-    wait_until(
-        lambda: victim.node_id not in federation.online_node_ids(),
-        HEARTBEAT_GRACE_S,
-        "the SuperLink to mark the killed node offline",
-    )
-    federation.start_supernode(victim, extra=f"hostile-modes='{HOSTILE_MODES[2]}'")
+    # Execute: crash it; restart it (same key and state directory)
+    _crash_and_restart(federation, victim)
     info = federation.wait_finished(run_id, 2 * RUN_TIMEOUT_S)
     log = federation.server_log(run_id)
 
@@ -362,14 +371,8 @@ def test_secure_round_survives_a_supernode_killed_between_stages(federation: Fed
     )
 
     # Execute: crash the victim after it shared its mask secrets, before it unmasks;
-    # restart it once the SuperLink has noticed, so round 2 has all three again
-    federation.kill_supernode(victim)
-    wait_until(
-        lambda: victim.node_id not in federation.online_node_ids(),
-        HEARTBEAT_GRACE_S,
-        "the SuperLink to mark the killed node offline",
-    )
-    federation.start_supernode(victim, extra=f"hostile-modes='{HOSTILE_MODES[1]}'")
+    # restart it, so round 2 has all three again
+    _crash_and_restart(federation, victim)
     info = federation.wait_finished(run_id, 2 * RUN_TIMEOUT_S)
     log = federation.server_log(run_id)
 
