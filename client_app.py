@@ -29,6 +29,11 @@ def run_config(context: Context, mode: Aggregation) -> RunConfig:
     requires secure aggregation, and a mode that contradicts an explicit run config.
     """
     cfg = RunConfig.from_flower(context.run_config).resolve_aggregation(mode)
+    if cfg.aggregation is not mode:  # auto stays plain for a method that shares nothing
+        raise ConfigError(
+            f"method {cfg.method.value!r} shares no global prompt, so it takes part in no "
+            f"{mode.value} round: the ServerApp and this node disagree on the run"
+        )
     required = str(context.node_config.get(REQUIRE_SECURE, "false")).lower() == "true"
     if required and cfg.aggregation is Aggregation.PLAIN and cfg.method.has_global:
         raise ConfigError(

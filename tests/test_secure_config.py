@@ -121,3 +121,10 @@ def test_a_node_that_requires_secure_aggregation_refuses_plain_rounds() -> None:
     # nothing leaves a node whose method shares no global prompt
     local = _context({REQUIRE_SECURE: True}, min_nodes=3, method="local")
     assert run_config(local, Aggregation.PLAIN).aggregation is Aggregation.PLAIN
+
+
+def test_a_secure_stage_for_a_method_without_global_prompt_is_refused() -> None:
+    from client_app import run_config
+
+    with pytest.raises(ConfigError, match="shares no global prompt"):
+        run_config(_context({}, min_nodes=3, method="local"), Aggregation.SECURE)
