@@ -34,8 +34,13 @@ def run_config(context: Context, mode: Aggregation) -> RunConfig:
             f"method {cfg.method.value!r} shares no global prompt, so it takes part in no "
             f"{mode.value} round: the ServerApp and this node disagree on the run"
         )
-    required = str(context.node_config.get(REQUIRE_SECURE, "false")).lower() == "true"
-    if required and cfg.aggregation is Aggregation.PLAIN and cfg.method.has_global:
+    policy = str(context.node_config.get(REQUIRE_SECURE, "false")).lower()
+    if policy not in {"true", "false"}:
+        raise ConfigError(
+            f"node config {REQUIRE_SECURE}={context.node_config[REQUIRE_SECURE]!r}: "
+            "use true or false (start the SuperNode with a corrected --node-config)"
+        )
+    if policy == "true" and cfg.aggregation is Aggregation.PLAIN and cfg.method.has_global:
         raise ConfigError(
             f"this node's operator requires secure aggregation (node config {REQUIRE_SECURE}"
             f"=true) and this run is plain: the server would see this node's clipped "

@@ -128,3 +128,10 @@ def test_a_secure_stage_for_a_method_without_global_prompt_is_refused() -> None:
 
     with pytest.raises(ConfigError, match="shares no global prompt"):
         run_config(_context({}, min_nodes=3, method="local"), Aggregation.SECURE)
+
+
+def test_a_misspelt_node_policy_is_refused_not_read_as_false() -> None:
+    from client_app import REQUIRE_SECURE, run_config
+
+    with pytest.raises(ConfigError, match="use true or false"):
+        run_config(_context({REQUIRE_SECURE: "yes"}, min_nodes=3), Aggregation.PLAIN)
