@@ -9,7 +9,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfpl_app.config import Aggregation, ConfigError, RunConfig
-from dpfpl_app.federation.secure_client import answer_stage, masked_content
+from dpfpl_app.federation.secure_client import CLUSTERING, answer_stage, masked_content
 from dpfpl_app.secagg import Stage
 
 if TYPE_CHECKING:
@@ -125,6 +125,22 @@ def secagg_collect_masked(msg: Message, context: Context) -> Message:
         return masked_content(message, context, cfg, lambda: secure_contribution(trainer, message))
 
     return _handle(msg, context, cfg, answer)
+
+
+@app.query(Stage.COLLECT_MASKED)
+def secfpp_cluster_masked(msg: Message, context: Context) -> Message:
+    """SecFPP clustering: reply with this node's statistics, quantised and masked."""
+    cfg = run_config(context, Aggregation.SECURE)
+    from dpfpl_app.federation.client_messages import cluster_contribution
+    from dpfpl_app.federation.client_node import build_trainer
+    from dpfpl_app.service.logs import route_app_logs
+
+    route_app_logs()
+    trainer = build_trainer(cfg, context)  # read only: nothing trained, nothing saved
+    content = masked_content(
+        msg, context, cfg, lambda: cluster_contribution(trainer, msg), purpose=CLUSTERING
+    )
+    return Message(content, reply_to=msg)
 
 
 @app.query(Stage.UNMASK)

@@ -22,17 +22,27 @@ class Method(str, Enum):
     DPLORA = "dplora"  # as dpfpl without the residual
     FEDPGP = "fedpgp"  # global + u v learned directly (no re-factorisation)
     FEDOTP = "fedotp"  # global + full-rank local prompt
+    SECFPP = "secfpp"  # domain prompt of a secure cluster + full-rank class-level prompt
     PROMPTFL = "promptfl"  # global prompt only
     LOCAL = "local"  # local CoOp prompt only, nothing shared
     ZEROSHOT = "zeroshot"  # hand-written template, nothing trained
 
     @property
     def has_global(self) -> bool:
-        return self in {Method.DPFPL, Method.DPLORA, Method.FEDPGP, Method.FEDOTP, Method.PROMPTFL}
+        return self in {
+            Method.DPFPL, Method.DPLORA, Method.FEDPGP, Method.FEDOTP, Method.SECFPP, Method.PROMPTFL
+        }
 
     @property
     def has_local(self) -> bool:
-        return self in {Method.DPFPL, Method.DPLORA, Method.FEDPGP, Method.FEDOTP, Method.LOCAL}
+        return self in {
+            Method.DPFPL, Method.DPLORA, Method.FEDPGP, Method.FEDOTP, Method.SECFPP, Method.LOCAL
+        }
+
+    @property
+    def clustered(self) -> bool:
+        """The shared prompt is one per secure cluster (SecFPP), not one for everyone."""
+        return self is Method.SECFPP
 
     @property
     def low_rank(self) -> bool:
@@ -138,6 +148,21 @@ class RunConfig(BaseModel):
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of nodes trained per round")
     fraction_evaluate: float = Field(1.0, gt=0, le=1, description="share of nodes evaluated")
     node_wait_timeout: float = Field(120.0, gt=0, description="seconds to wait for min-nodes")
+    max_clusters: int = Field(
+        4, ge=1, le=16, description="secfpp: largest number of domain clusters tried"
+    )
+    min_cluster_size: int = Field(
+        3, ge=3, description="secfpp: smallest cluster whose aggregates are ever released"
+    )
+    cluster_iterations: int = Field(
+        5, ge=1, le=50, description="secfpp: secure Lloyd iterations of the clustering"
+    )
+    cluster_restarts: int = Field(
+        8, ge=1, le=16, description="secfpp: random starts per k (best sum of squares wins)"
+    )
+    summary_dim: int = Field(
+        64, ge=1, le=1024, description="secfpp: length of a client's public projection summary"
+    )
     output_dir: str = Field("runs", min_length=1, description="where run results go")
     run_name: str = Field("", description="subdirectory of output-dir; empty = generated")
     state_dir: str = Field("", description="node-local dir for private state; empty = cache")
@@ -174,8 +199,10 @@ class RunConfig(BaseModel):
                 "results directory and its clients' private state; set run-name to the name "
                 "of the run being resumed"
             )
-        if self.aggregation is Aggregation.SECURE:
+        if self.aggregation is Aggregation.SECURE or self.method.clustered:
             self._check_secure()
+        if self.method.clustered:
+            self._check_clustering()
         if self.dp_mode is DPMode.PAPER:
             warnings.warn(
                 "dp-mode='paper' clips minibatch means, not samples: its epsilon is the "
@@ -219,6 +246,25 @@ class RunConfig(BaseModel):
                 "and one rounding of a K-step mean does not split (secure_channel docstring)"
             )
 
+    def _check_clustering(self) -> None:
+        """SecFPP's clustering and per-cluster sums exist only under secure aggregation."""
+        if self.aggregation is Aggregation.PLAIN:
+            raise ValueError(
+                "method='secfpp' learns one domain prompt per secure cluster; with "
+                "aggregation='plain' the server would see every client's cluster and gradient: "
+                "use aggregation='auto' or 'secure'"
+            )
+        if self.fraction_train < 1.0:
+            raise ValueError(
+                f"method='secfpp' trains every node of its clusters each round (a cluster's sum "
+                f"is divided by its size), got fraction-train={self.fraction_train}: set 1.0"
+            )
+        if self.min_cluster_size > self.min_nodes:
+            raise ValueError(
+                f"min-cluster-size={self.min_cluster_size} exceeds min-nodes={self.min_nodes}: "
+                "no cluster could ever open; lower min-cluster-size or raise min-nodes"
+            )
+
     def resolve_aggregation(self, mode: Aggregation) -> RunConfig:
         """The config with ``auto`` made ``mode``; a config naming the other mode refuses.
 
@@ -240,6 +286,8 @@ class RunConfig(BaseModel):
             )
         if mode is Aggregation.SECURE and not self.method.has_global:
             mode = Aggregation.PLAIN
+        if self.method.clustered:  # SecFPP is secure wherever it runs, simulation included
+            mode = Aggregation.SECURE
         try:
             return RunConfig.from_flower({**self.to_flower(), "aggregation": mode.value})
         except ConfigError as err:

@@ -64,7 +64,7 @@ def test_a_styled_image_set_reads_styled_pixels_under_its_own_fingerprint() -> N
     assert len({plain.fingerprint, thick.fingerprint, thin.fingerprint}) == 3
     assert thick.fingerprint == plain.styled("thick").fingerprint
     assert [styled.style_of(i) for i in (0, 5)] == [styled.styles[0]] * 2
-    assert len({styled.style_of(i) for i in range(10)}) == len(STYLES)
+    assert len({styled.style_of(i) for i in range(10)}) == len(styled.styles) == 5
 
 
 def test_validation_holdout_is_carved_from_the_train_pool_and_never_holds_a_test_image() -> None:

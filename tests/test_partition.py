@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from dpfpl_app.config import Partitioner
-from dpfpl_app.data.partition import client_partitions, partition_train, pathological_classes
+from dpfpl_app.data.partition import (
+    client_partitions,
+    domain_partitions,
+    partition_train,
+    pathological_classes,
+)
 
 
 def _shuffled_labels(num_classes: int, per_class: int, seed: int) -> np.ndarray:
@@ -171,3 +176,26 @@ def test_iid_split_does_not_depend_on_the_pool_order() -> None:
 
     # Assert: 60 IID draws from 10 equally likely classes miss a class with prob ~1e-2
     assert all(len(np.unique(labels[p])) >= 8 for p in parts)
+
+
+def test_domain_partitions_split_classes_within_each_domain() -> None:
+    # Prepare: 10 classes of 30 images; 12 clients in 3 domains (client i in domain i % 3)
+    labels = np.repeat(np.arange(10), 30)
+    test = np.repeat(np.arange(10), 5)
+
+    # Execute
+    parts = domain_partitions(labels, test, 12, domains=3, kind=Partitioner.PATHOLOGICAL, seed=0)
+
+    # Assert: every image held once; each domain holds every class, split by class among
+    # its 4 clients; the domains' shares are disjoint and class-stratified
+    held = np.concatenate([p.train for p in parts])
+    assert sorted(held.tolist()) == list(range(len(labels)))
+    for d in range(3):
+        members = [parts[i] for i in range(d, 12, 3)]
+        classes = [set(m.classes.tolist()) for m in members]
+        assert set().union(*classes) == set(range(10))
+        assert all(not (a & b) for i, a in enumerate(classes) for b in classes[i + 1 :])
+        share = np.concatenate([m.train for m in members])
+        assert sorted(np.bincount(labels[share]).tolist()) == [10] * 10
+    with pytest.raises(ValueError, match="3 domains need at least as many clients"):
+        domain_partitions(labels, test, 2, domains=3, kind=Partitioner.PATHOLOGICAL, seed=0)

@@ -23,7 +23,7 @@ from dpfpl_app.data.data_sources import ImageSet, SourceSpec, load_splits
 from dpfpl_app.data.features import FeatureCache
 from dpfpl_app.data.image_styles import STYLED_DATASETS
 from dpfpl_app.data.offline_data import DATASETS, federated_pool
-from dpfpl_app.data.partition import ClientPartition, client_partitions
+from dpfpl_app.data.partition import ClientPartition, client_partitions, domain_partitions
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,17 @@ def validation_data(data: FederatedData, *, validation_fraction: float, seed: in
 def partitions_for(
     cfg: RunConfig, data: FederatedData, num_partitions: int
 ) -> list[ClientPartition]:
+    styled = STYLED_DATASETS.get(cfg.dataset)
+    if styled is not None and styled.split_by_domain:
+        return domain_partitions(
+            data.train.labels,
+            data.test.labels,
+            num_partitions,
+            domains=len(styled.styles),
+            kind=cfg.partitioner,
+            seed=cfg.seed,
+            dirichlet_alpha=cfg.dirichlet_alpha,
+        )
     return client_partitions(
         data.train.labels,
         data.test.labels,

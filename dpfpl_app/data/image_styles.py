@@ -57,12 +57,24 @@ def _low_contrast(image: np.ndarray) -> np.ndarray:
     return _to_uint8(image.astype(np.float64) * 0.35 + 80.0)
 
 
+def _invert(image: np.ndarray) -> np.ndarray:
+    """Dark strokes on a light ground: a negative scan."""
+    return 255 - image
+
+
+def _rotate(image: np.ndarray) -> np.ndarray:
+    """A quarter turn: a scanner that feeds the page sideways."""
+    return np.ascontiguousarray(np.rot90(image))
+
+
 STYLES: dict[str, Style] = {
     "thick": _thick,
     "thin": _thin,
     "blur": _blur,
     "noise": _noise,
     "low-contrast": _low_contrast,
+    "invert": _invert,
+    "rotate": _rotate,
 }
 """Style name -> transform; a name is part of the feature-cache key of styled images."""
 
@@ -77,13 +89,20 @@ class StyledDataset:
 
     base: str
     styles: tuple[str, ...]
+    split_by_domain: bool = False  # classes split within each style's clients
 
     def style_of(self, partition_id: int) -> str:
         return self.styles[partition_id % len(self.styles)]
 
 
 STYLED_DATASETS: dict[str, StyledDataset] = {
-    "styled-digits": StyledDataset(base="digits", styles=tuple(STYLES)),
+    "styled-digits": StyledDataset(
+        base="digits", styles=("thick", "thin", "blur", "noise", "low-contrast")
+    ),
+    # SecFPP's benchmark: three domains, clients i, i+3, i+6, ... share one
+    "domain-digits": StyledDataset(
+        base="digits", styles=("blur", "invert", "rotate"), split_by_domain=True
+    ),
 }
 """Styled dataset names (run-config ``dataset``) -> base offline dataset and styles."""
 

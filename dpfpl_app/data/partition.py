@@ -141,6 +141,53 @@ def client_partitions(
         train_labels, num_clients, kind=kind, seed=seed, dirichlet_alpha=dirichlet_alpha
     )
     test_parts = partition_test(train_labels, train_parts, test_labels, seed=seed)
+    return _with_neighbours(train_labels, test_labels, train_parts, test_parts)
+
+
+def domain_partitions(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    num_clients: int,
+    *,
+    domains: int,
+    kind: Partitioner,
+    seed: int,
+    dirichlet_alpha: float = 0.3,
+) -> list[ClientPartition]:
+    """Clients ``i`` with ``i % domains == d`` form domain d; classes split WITHIN it.
+
+    Each domain gets a disjoint, class-stratified share of the train pool and splits it
+    over its own clients with ``kind`` (so every domain holds every class, and inside a
+    domain the clients differ by class): SecFPP's benchmark, where clients differ by
+    domain and by class at once.
+    """
+    if not 1 <= domains <= num_clients:
+        raise ValueError(f"{domains} domains need at least as many clients, got {num_clients}")
+    rng = np.random.default_rng(seed + 2)
+    domain_of_image = np.empty(len(train_labels), dtype=np.int64)
+    for c in np.unique(train_labels):
+        members = rng.permutation(np.flatnonzero(train_labels == c))
+        domain_of_image[members] = np.arange(len(members)) % domains
+    train_parts: list[np.ndarray] = [np.empty(0, dtype=np.int64)] * num_clients
+    for d in range(domains):
+        share = np.flatnonzero(domain_of_image == d)
+        clients = list(range(d, num_clients, domains))
+        parts = partition_train(
+            train_labels[share], len(clients), kind=kind, seed=seed + d,
+            dirichlet_alpha=dirichlet_alpha,
+        )
+        for client, part in zip(clients, parts, strict=True):
+            train_parts[client] = share[part]
+    test_parts = partition_test(train_labels, train_parts, test_labels, seed=seed)
+    return _with_neighbours(train_labels, test_labels, train_parts, test_parts)
+
+
+def _with_neighbours(
+    train_labels: np.ndarray,
+    test_labels: np.ndarray,
+    train_parts: list[np.ndarray],
+    test_parts: list[np.ndarray],
+) -> list[ClientPartition]:
     result = []
     for train, local in zip(train_parts, test_parts, strict=True):
         classes = np.unique(train_labels[train])

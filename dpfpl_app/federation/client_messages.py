@@ -9,16 +9,45 @@ the clipped global-prompt gradient and scalar metrics into the reply (``wire``).
 from __future__ import annotations
 
 import numpy as np
+import torch
 from flwr.app import Message, RecordDict
 
-from dpfpl_app.federation import wire
+from dpfpl_app.federation import domain_wire, wire
+from dpfpl_app.federation.secure_clustering import CLUSTER_ARRAYS, CLUSTER_RECORD
+from dpfpl_app.method import domain_clusters
 from dpfpl_app.method.client_trainer import ClientTrainer
 from dpfpl_app.privacy import mechanics
 
 
+def shared_prompt(trainer: ClientTrainer, msg: Message) -> tuple[torch.Tensor, int, int]:
+    """The broadcast prompt this client uses, its cluster and the number of clusters.
+
+    One global prompt: cluster 0 of 1. SecFPP: the domain prompt of the centroid nearest
+    this client's summary, chosen here and never told to anyone.
+    """
+    arrays = msg.content[wire.ARRAYS_RECORD]
+    if not trainer.cfg.method.clustered:
+        return wire.read_global_prompt(arrays), 0, 1
+    prompts, centroids = domain_wire.read_domains(arrays)
+    cluster = domain_wire.own_cluster(domain_summary(trainer), centroids)
+    return prompts[cluster], cluster, prompts.shape[0]
+
+
+def domain_summary(trainer: ClientTrainer) -> np.ndarray:
+    """This client's SecFPP summary: from its un-augmented training features."""
+    cfg = trainer.cfg
+    return domain_clusters.summary(
+        trainer.data.train_features[0].double().numpy(),
+        trainer.data.train_labels.numpy(),
+        trainer.template_text().double().numpy(),
+        cfg.summary_dim,
+        cfg.seed,
+    )
+
+
 def answer_train(trainer: ClientTrainer, msg: Message) -> RecordDict:
     """One round of local training; the reply content for the server."""
-    prompt = wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD])
+    prompt, _, _ = shared_prompt(trainer, msg)
     server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
     outcome = trainer.train_round(prompt, server_round)
     return wire.train_reply_content(
@@ -28,7 +57,7 @@ def answer_train(trainer: ClientTrainer, msg: Message) -> RecordDict:
 
 def answer_evaluate(trainer: ClientTrainer, msg: Message) -> RecordDict:
     """Local and neighbour accuracy of the personalised prompt with the broadcast p_G."""
-    metrics = trainer.evaluate(wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD]))
+    metrics = trainer.evaluate(shared_prompt(trainer, msg)[0])
     return wire.evaluate_reply_content(
         local_acc=metrics["local-acc"],
         neighbour_acc=metrics["neighbour-acc"],
@@ -46,9 +75,37 @@ def secure_contribution(trainer: ClientTrainer, msg: Message) -> np.ndarray:
     The projection keeps the per-sample sensitivity C/B (it is 1-Lipschitz) and puts the
     vector inside the SecAgg input bound even when the Poisson batch exceeded B. No
     noise here: the client's Skellam share is added after quantisation (``secagg``).
+    SecFPP: the vector has one block per cluster and this client fills its own only.
     """
-    prompt = wire.read_global_prompt(msg.content[wire.ARRAYS_RECORD])
+    prompt, cluster, clusters = shared_prompt(trainer, msg)
     server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
     outcome = trainer.train_round(prompt, server_round)
     bounded = mechanics.clip_tensor(outcome.global_grad.double(), trainer.cfg.clip_norm)
-    return bounded.flatten().numpy()
+    blocks = torch.zeros((clusters, bounded.numel()), dtype=torch.float64)
+    blocks[cluster] = bounded.flatten()
+    return blocks.flatten().numpy()
+
+
+def cluster_contribution(trainer: ClientTrainer, msg: Message) -> np.ndarray:
+    """SecFPP clustering: this client's input to one secure sum (``domain_clusters``).
+
+    The layout may not exceed the search the run config allows (else the server could
+    ask for more than the input bound covers); nothing is trained, nothing is counted.
+    """
+    cfg = trainer.cfg
+    record = msg.content.config_records[CLUSTER_RECORD]
+    arrays = msg.content.array_records[CLUSTER_ARRAYS]
+    layout = domain_clusters.Layout(tuple(int(k) for k in record["ks"]))
+    allowed = domain_clusters.Layout.search(cfg.max_clusters, cfg.cluster_restarts)
+    if len(layout.ks) > len(allowed.ks) or max(layout.ks) > cfg.max_clusters:
+        raise ValueError(
+            f"clustering layout {layout.ks} exceeds this run's search (max-clusters="
+            f"{cfg.max_clusters}, cluster-restarts={cfg.cluster_restarts})"
+        )
+    return domain_clusters.client_vector(
+        str(record["phase"]),
+        domain_summary(trainer),
+        np.asarray(arrays["centroids"].numpy(), dtype=np.float64),
+        layout,
+        np.asarray(arrays["open"].numpy()).astype(bool),
+    )

@@ -25,14 +25,40 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from dpfpl_app.config import RunConfig
+from dpfpl_app.method import domain_clusters
 from dpfpl_app.privacy.secure_channel import config_for
-from dpfpl_app.secagg import ClientRound, Stage
-from dpfpl_app.secagg.records import add_payload, read_payload
+from dpfpl_app.secagg import ClientRound, SecAggConfig, Stage
+from dpfpl_app.secagg.records import add_payload, read_payload, read_purpose
 
 if TYPE_CHECKING:
     import numpy as np
 
 STATE_KEY = "dpfpl.secagg"
+PURPOSE_KEY = "dpfpl.secagg.purpose"
+PROMPT, CLUSTERING = "prompt", "clustering"
+
+
+def config_for_purpose(cfg: RunConfig, purpose: str, dim: int) -> SecAggConfig:
+    """The SecAgg config this node agrees to for a round of ``purpose``.
+
+    ``prompt``: the global (or domain) prompt channel with its DP noise (``secure_channel``).
+    ``clustering``: SecFPP's statistics, no noise, every sampled node must survive (a
+    dropout could leave a cluster's sum with fewer members than opened it), inputs
+    bounded by the largest search the run config allows (``domain_clusters``).
+    """
+    if purpose == PROMPT:
+        return config_for(cfg, dim)
+    if purpose == CLUSTERING and cfg.method.clustered:
+        return SecAggConfig(
+            dim=dim,
+            clip=domain_clusters.input_bound(cfg.max_clusters, cfg.cluster_restarts),
+            scale=domain_clusters.SCALE,
+            require_all=True,
+        )
+    raise ValueError(
+        f"a secure round for {purpose!r} does not exist for method {cfg.method.value!r}: "
+        "the ServerApp and this node run different configs or versions"
+    )
 
 
 _KEY_STAGES = {
@@ -47,22 +73,49 @@ def answer_stage(msg: Message, context: Context, cfg: RunConfig, stage: str) -> 
     if stage not in _KEY_STAGES:
         raise ValueError(f"{stage!r} is not a key-exchange stage")
     payload = read_payload(msg.content)
+    purpose = read_purpose(msg.content, PROMPT)
+    if stage == Stage.SETUP:
+        context.state[PURPOSE_KEY] = ConfigRecord({"purpose": purpose})
+    _check_purpose(context, purpose)
     step = _KEY_STAGES[stage]
     content = _run(context, cfg, stage, payload, lambda client: step(client, payload))
     return Message(content, reply_to=msg)
 
 
 def masked_content(
-    msg: Message, context: Context, cfg: RunConfig, contribution: Callable[[], np.ndarray]
+    msg: Message,
+    context: Context,
+    cfg: RunConfig,
+    contribution: Callable[[], np.ndarray],
+    purpose: str = PROMPT,
 ) -> RecordDict:
     """The masked-input stage's reply: ``contribution()`` trains and returns the clipped
     vector, which is quantised, noised and masked before it leaves (``ClientRound``).
+
+    ``purpose`` is what the handler computes; the message and the round's setup must
+    say the same, or a gradient could be summed under the clustering's noiseless config.
     """
+    stated = read_purpose(msg.content, PROMPT)
+    if stated != purpose:
+        raise ValueError(
+            f"a {purpose!r} masked stage got a message for {stated!r}: it drops out of this round"
+        )
+    _check_purpose(context, purpose)
     payload = read_payload(msg.content)
     stage = Stage.COLLECT_MASKED
     return _run(
         context, cfg, stage, payload, lambda client: client.collect_masked(payload, contribution())
     )
+
+
+def _check_purpose(context: Context, purpose: str) -> None:
+    """A stage must continue the round its setup began, for the same purpose."""
+    started = context.state.config_records.get(PURPOSE_KEY)
+    if started is not None and started["purpose"] != purpose:
+        raise ValueError(
+            f"this node's secure round is for {started['purpose']!r} but the message is for "
+            f"{purpose!r}: it drops out of this round"
+        )
 
 
 def _run(
@@ -94,11 +147,17 @@ def _client(context: Context, cfg: RunConfig, stage: str, payload: dict[str, Any
         dim = payload.get("dim")
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"setup payload has no valid 'dim' (got {dim!r})")
-        return ClientRound(config_for(cfg, dim), context.node_id)
+        return ClientRound(config_for_purpose(cfg, _purpose(context), dim), context.node_id)
     if STATE_KEY not in context.state:
         raise RuntimeError(
             f"node {context.node_id} got stage {stage!r} without a round in progress "
             "(its setup never arrived, or the node restarted): it drops out of this round"
         )
     state: dict[str, Any] = dict(context.state.config_records[STATE_KEY])
-    return ClientRound.from_state(config_for(cfg, int(state["dim"])), context.node_id, state)
+    config = config_for_purpose(cfg, _purpose(context), int(state["dim"]))
+    return ClientRound.from_state(config, context.node_id, state)
+
+
+def _purpose(context: Context) -> str:
+    record = context.state.config_records.get(PURPOSE_KEY)
+    return PROMPT if record is None else str(record["purpose"])

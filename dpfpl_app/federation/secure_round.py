@@ -22,13 +22,19 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any
 
-from flwr.app import Message, RecordDict
+from flwr.app import Message, MessageType, RecordDict
 from flwr.common.logger import log
 from flwr.common.serde import recorddict_to_proto
 from flwr.serverapp import Grid
 
 from dpfpl_app.secagg import AggregateResult, SecAggAbort, SecAggConfig, ServerRound, Stage
-from dpfpl_app.secagg.records import add_payload, message_type, read_payload
+from dpfpl_app.secagg.records import (
+    add_payload,
+    add_purpose,
+    message_type,
+    message_type_for,
+    read_payload,
+)
 
 Payloads = dict[int, dict[str, Any]]
 
@@ -64,8 +70,12 @@ class SecureRound:
         grid: Grid,
         round_: int,
         timeout: float,
+        purpose: str = "prompt",
     ) -> None:
+        """``purpose`` tags every message, so a client knows which sum (and so which
+        config) the round is for: the prompt channel, or a SecFPP clustering phase."""
         self.server = ServerRound(config, nodes)
+        self._purpose = purpose
         self.record = RoundRecord(
             sampled=len(nodes), min_survivors=self.server.params.min_survivors
         )
@@ -87,7 +97,9 @@ class SecureRound:
             self._abort(err)
             return None
 
-    def masked_messages(self, payloads: Payloads, content: RecordDict) -> list[Message]:
+    def masked_messages(
+        self, payloads: Payloads, content: RecordDict, category: str = MessageType.TRAIN
+    ) -> list[Message]:
         """The masked-input stage's messages: ``content`` (the training instruction) + payload.
 
         ``content`` is copied per node through a fresh RecordDict, never shared.
@@ -96,14 +108,23 @@ class SecureRound:
         self._masked_sent = time.perf_counter()
         self._masked = [
             Message(
-                add_payload(RecordDict(dict(content.items())), payload),
+                add_payload(add_purpose(RecordDict(dict(content.items())), self._purpose), payload),
                 node,
-                message_type(Stage.COLLECT_MASKED),
+                message_type_for(Stage.COLLECT_MASKED, category),
                 group_id=str(self._round),
             )
             for node, payload in payloads.items()
         ]
         return self._masked
+
+    def run_query(self, content: RecordDict) -> AggregateResult | None:
+        """A whole round driven here, the masked stage a query that trains nothing
+        (SecFPP's clustering sums): the sum, or None if the round was discarded."""
+        payloads = self.key_exchange()
+        if payloads is None:
+            return None
+        messages = self.masked_messages(payloads, content, category=MessageType.QUERY)
+        return self.aggregate(self._grid.send_and_receive(messages, timeout=self._timeout))
 
     def aggregate(self, masked_replies: Iterable[Message]) -> AggregateResult | None:
         """Collect the masked inputs, run the unmask exchange, return the sum (or None)."""
@@ -129,7 +150,10 @@ class SecureRound:
         """One stage: a message per node, the payloads of the nodes that answered."""
         messages = [
             Message(
-                add_payload(RecordDict(), p), node, message_type(stage), group_id=str(self._round)
+                add_payload(add_purpose(RecordDict(), self._purpose), p),
+                node,
+                message_type(stage),
+                group_id=str(self._round),
             )
             for node, p in payloads.items()
         ]

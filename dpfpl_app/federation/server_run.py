@@ -19,6 +19,7 @@ from flwr.superlink.grid import HttpGrid
 
 from dpfpl_app.backbones.backbone_build import BACKBONES, CACHE_ENV, cache_root
 from dpfpl_app.config import Aggregation, RunConfig
+from dpfpl_app.federation.cluster_strategy import CLUSTERING_NOTE, SecFPPStrategy
 from dpfpl_app.federation.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
 from dpfpl_app.federation.node_paths import run_state_name
 from dpfpl_app.federation.results import RunRecorder
@@ -47,6 +48,8 @@ def privacy_notes(cfg: RunConfig) -> dict[str, str]:
         )
     if plan.z_global > 0:
         notes["secure-aggregation" if plan.secure else "honest-server"] = plan.server_view
+    if cfg.method.clustered:
+        notes["clustering"] = CLUSTERING_NOTE
     if cfg.method.has_local:
         notes["private-state"] = (
             "local prompts, carriers u, v and residual R never leave the node; replies carry "
@@ -159,8 +162,9 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) ->
     plan = strategy.channel
     steps = strategy.rounds_done * plan.local_steps
     privacy = {**plan.describe(), "steps": steps, "epsilon": strategy.epsilon()}
-    path = recorder.finish(
-        status="completed", extra={"privacy": {**privacy, **plan.components(steps)}}
-    )
+    extra: dict[str, Any] = {"privacy": {**privacy, **plan.components(steps)}}
+    if isinstance(strategy, SecFPPStrategy) and strategy.clusters is not None:
+        extra["clusters"] = strategy.clusters.to_state()  # all of it known to the server
+    path = recorder.finish(status="completed", extra=extra)
     log(INFO, "results written to %s", path)
     return out

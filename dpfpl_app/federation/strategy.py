@@ -224,12 +224,14 @@ class DPFPLStrategy(Strategy):
         round_ = self._round_offset + server_round
         self._adopt(arrays)
         nodes = self._sample_nodes(grid, self.fraction_train, MessageType.TRAIN, round_)
+        self._before_secure_round(grid, nodes, round_)
         plan = self.channel
         secagg = secure_channel.secagg_config(
             dim=self._prompt.numel(),
             clip_norm=plan.clip_norm,
             batch_size=plan.batch_size,
             z_global=plan.z_global,
+            clustered=plan.method.clustered,
         )
         self._secure = SecureRound(
             secagg, nodes, grid=grid, round_=round_, timeout=SECURE_STAGE_TIMEOUT
@@ -243,6 +245,10 @@ class DPFPLStrategy(Strategy):
         )
         self._sent = self._secure.masked_messages(payloads, content)
         return self._sent
+
+    def _before_secure_round(self, grid: Grid, nodes: list[int], round_: int) -> None:
+        """Work a subclass does with the round's sample before its key exchange (SecFPP
+        clusters the nodes here); nothing for one global prompt."""
 
     def _round_config(self, round_: int) -> dict[str, int | str]:
         """What every message of a round says besides ``p_G``: the round and the mode."""
@@ -324,11 +330,16 @@ class DPFPLStrategy(Strategy):
         if result is None:
             log(WARNING, "train round %d: no sum released: global prompt unchanged", round_)
             return None, MetricRecord(dict(metrics))
-        mean = torch.from_numpy(result.total).reshape(self._prompt.shape) / survivors
+        mean, noise_std = self._secure_mean(result, survivors)
         self._prompt = (self._prompt.double() - self.server_lr * mean).to(self._prompt.dtype)
-        metrics[wire.NOISE_STD] = result.accounting().noise_std(survivors) / survivors
+        metrics[wire.NOISE_STD] = noise_std
         metrics[wire.UPDATE_NORM] = float(mean.norm())
         return self.global_arrays(), MetricRecord(dict(metrics))
+
+    def _secure_mean(self, result: Any, survivors: int) -> tuple[torch.Tensor, float]:
+        """The survivors' mean gradient from the released sum, and the std of its noise."""
+        mean = torch.from_numpy(result.total).reshape(self._prompt.shape) / survivors
+        return mean, result.accounting().noise_std(survivors) / survivors
 
     def _accept_train_replies(self, round_: int, replies: list[Message]) -> list[wire.TrainReply]:
         """Keep the replies that pass the protocol checks; log every refusal with its node."""

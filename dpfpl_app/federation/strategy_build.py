@@ -7,11 +7,14 @@ caller that builds from the same config gets the same strategy.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from transformers import AutoConfig
 
 from dpfpl_app.backbones.backbone import load_frozen_clip, resolve_model_source
 from dpfpl_app.config import RunConfig
+from dpfpl_app.federation.cluster_strategy import SecFPPStrategy
 from dpfpl_app.federation.strategy import DPFPLStrategy, RoundCallback
 from dpfpl_app.method.prompt_learner import ctx_init_words, initial_local_prompt
 from dpfpl_app.privacy.dp_channel import plan_for
@@ -38,8 +41,16 @@ def initial_prompt(cfg: RunConfig) -> torch.Tensor:
 def build_strategy(
     cfg: RunConfig, *, on_round: RoundCallback | None = None, prompt: torch.Tensor | None = None
 ) -> DPFPLStrategy:
-    """The run's strategy; ``prompt`` overrides the initial global prompt (tests, audits)."""
-    return DPFPLStrategy(
+    """The run's strategy; ``prompt`` overrides the initial global prompt (tests, audits).
+
+    SecFPP's is the same strategy with one shared prompt per secure cluster.
+    """
+    kind: Any = DPFPLStrategy
+    extra: dict[str, Any] = {}
+    if cfg.method.clustered:
+        kind, extra = SecFPPStrategy, {"cfg": cfg}
+    return kind(
+        **extra,
         initial_prompt=initial_prompt(cfg) if prompt is None else prompt,
         server_lr=cfg.lr_global,
         channel=plan_for(cfg),

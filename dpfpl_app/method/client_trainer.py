@@ -100,6 +100,7 @@ class ClientTrainer:
             context_words=ctx_init_words(clip, cfg.ctx_init, n_ctx),
         )
         self._zeroshot = (clip, class_names)  # the reference classifier, built on evaluate
+        self._template_text: Tensor | None = None
         self.rounds_done = 0  # rounds this client trained
         self.last_round = 0  # the last server round it trained
         self.steps_taken = 0  # local steps, each a release of the composed mechanism
@@ -210,11 +211,17 @@ class ClientTrainer:
         if self.cfg.method.has_global:
             self.learner.set_global_prompt(global_prompt)
 
+    def template_text(self) -> Tensor:
+        """Class text features (C, e) of the zero-shot template: public, from the model."""
+        if self._template_text is None:
+            self._template_text = zeroshot_text(*self._zeroshot, self.cfg.zeroshot_template)
+        return self._template_text
+
     @torch.no_grad()
     def evaluate(self, global_prompt: Tensor) -> dict[str, float]:
         self._receive(global_prompt)
         d = self.data
-        zeroshot = zeroshot_text(*self._zeroshot, self.cfg.zeroshot_template)
+        zeroshot = self.template_text()
         scale = self.learner.logit_scale
 
         def zeroshot_logits(features: Tensor) -> Tensor:

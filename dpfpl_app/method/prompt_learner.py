@@ -9,10 +9,15 @@ dpfpl                 p_G + u v + R  (= p_G + p_L)    p_L via carriers (Eq. 4)
 dplora                p_G + u v                       p_L via carriers (Eq. 4)
 fedpgp                p_G + u v                       u, v directly
 fedotp                p_G + p_L                       p_L (full rank)
+secfpp                p_D,c + p_L                     p_L (full rank)
 promptfl              p_G                             nothing
 local                 p_L                             p_L (full rank)
 zeroshot              embedded template words         nothing
 ====================  ==============================  =======================
+
+For secfpp the shared part is the domain prompt p_D,c of the client's secure cluster c
+(``federation/cluster_strategy``): here it takes p_G's place, so SecFPP is FedOTP's
+structure with one shared prompt per cluster instead of one for everyone.
 
 The global prompt p_G is never updated here: its clipped gradient is returned for the
 server. The private parts (p_L, u, v, R, optimiser state) stay in this object; the only
@@ -138,7 +143,7 @@ class PromptLearner:
         self.global_prompt = torch.zeros(shape)
         self._template = template_context
         self._state: dict[str, Tensor] = {}
-        if s.method in {Method.DPFPL, Method.DPLORA, Method.FEDOTP, Method.LOCAL}:
+        if s.method in {Method.DPFPL, Method.DPLORA, Method.FEDOTP, Method.SECFPP, Method.LOCAL}:
             words = context_words if s.method is Method.LOCAL else None
             self._state["local_prompt"] = initial_local_prompt(
                 shape, s.init_std, generator, words
@@ -174,7 +179,7 @@ class PromptLearner:
             return st["local_prompt"].clone()
         if m in {Method.DPLORA, Method.FEDPGP}:
             return self.global_prompt + st["u"] @ st["v"]
-        return self.global_prompt + st["local_prompt"]  # dpfpl (u v + R = p_L), fedotp
+        return self.global_prompt + st["local_prompt"]  # dpfpl (u v + R = p_L), fedotp, secfpp
 
     @torch.no_grad()
     def logits(self, features: Tensor) -> Tensor:
@@ -247,7 +252,7 @@ class PromptLearner:
         if m in {Method.DPLORA, Method.FEDPGP}:
             u, v, _ = carriers  # type: ignore[misc]
             return self.global_prompt + u @ v
-        if m is Method.FEDOTP:
+        if m in {Method.FEDOTP, Method.SECFPP}:
             return self.global_prompt + self._state["local_prompt"]
         if m is Method.LOCAL:
             return self._state["local_prompt"].clone()
@@ -287,7 +292,7 @@ class PromptLearner:
         m = self.settings.method
         if not m.has_local:
             return 0.0
-        if carriers is None:  # fedotp, local: the whole local gradient is the channel
+        if carriers is None:  # fedotp, secfpp, local: the whole local gradient is the channel
             std = self._noise_std(1, expected_batch)
             self._sgd("local_prompt", self._noised(grads, std, expected_batch))
             return std

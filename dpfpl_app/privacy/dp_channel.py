@@ -9,7 +9,7 @@ Sensitivities (per-sample mode), written here once and relied on by ``local_std`
 clipped to C and every sum divided by the EXPECTED batch size B (never the drawn size):
 
 * local carriers (du, dv), each clipped to C:       sqrt(2) C / B   (dpfpl, dplora, fedpgp)
-* a full-rank local gradient:                         C / B           (fedotp, local)
+* a full-rank local gradient:                         C / B           (fedotp, secfpp, local)
 * the global gradient a client sends:                 C / B; the server's UNWEIGHTED mean
   over the N accepted replies moves by C / (B N).
 
@@ -77,6 +77,11 @@ MEANINGS = {
     Guarantee.NOTHING_RELEASED: "the method trains nothing on the data",
 }
 
+CLUSTERING_CAVEAT = (
+    "NOT covered: SecFPP's clustering statistics (per-cluster sums of domain summaries over "
+    "secure aggregation, no noise), on which the domain prompts depend"
+)
+
 HONEST_SERVER = (
     "the server sees each client's clipped global-prompt gradient in clear (honest-server "
     "assumption, as in the paper): the epsilon protects against everyone who sees only the "
@@ -118,6 +123,8 @@ class ChannelPlan:
 
     @property
     def meaning(self) -> str:
+        if self.method.clustered and self.guarantee is not Guarantee.NO_DP:
+            return f"{MEANINGS[self.guarantee]}; {CLUSTERING_CAVEAT}"
         return MEANINGS[self.guarantee]
 
     @property

@@ -160,12 +160,16 @@ def calibrate(
     )
 
 
-def secagg_config(*, dim: int, clip_norm: float, batch_size: int, z_global: float) -> SecAggConfig:
+def secagg_config(
+    *, dim: int, clip_norm: float, batch_size: int, z_global: float, clustered: bool = False
+) -> SecAggConfig:
     """The SecAgg+ configuration of a round (identical on the server and every client).
 
-    ``dim`` is the flattened global prompt's length; ``z_global`` 0 means no DP noise
-    (secure aggregation alone). Degree, threshold and release threshold follow the
-    rules of ``secagg.params``.
+    ``dim`` is the flattened global prompt's length (SecFPP: k domain prompts, a client
+    filling its cluster's block only); ``z_global`` 0 means no DP noise (secure
+    aggregation alone). Degree, threshold and release threshold follow the rules of
+    ``secagg.params``, except that a ``clustered`` sum needs every sampled node: a
+    cluster's block must never be summed over fewer members than opened it.
     """
     sensitivity = clip_norm / batch_size
     return SecAggConfig(
@@ -174,6 +178,7 @@ def secagg_config(*, dim: int, clip_norm: float, batch_size: int, z_global: floa
         sum_noise_std=z_global * sensitivity,
         l2_sensitivity=sensitivity,
         scale=SCALE_RATIO * math.sqrt(dim) / sensitivity,
+        require_all=clustered,
     )
 
 
@@ -202,5 +207,9 @@ def config_for(cfg: RunConfig, dim: int) -> SecAggConfig:
             has_local=cfg.method.has_local,
         ).z_global
     return secagg_config(
-        dim=dim, clip_norm=cfg.clip_norm, batch_size=cfg.batch_size, z_global=z_global
+        dim=dim,
+        clip_norm=cfg.clip_norm,
+        batch_size=cfg.batch_size,
+        z_global=z_global,
+        clustered=cfg.method.clustered,
     )

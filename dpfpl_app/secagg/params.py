@@ -88,6 +88,10 @@ class SecAggConfig:
         Float L2 sensitivity for the accounting; ``clip`` (client-level) if None.
     scale, degree, threshold, min_survivors : optional
         Overrides of the rules in the module docstring.
+    require_all : bool
+        Every sampled node must survive (``min_survivors`` = n, whatever n is): for sums
+        whose blocks are over subsets of the clients (SecFPP's clusters), where a dropout
+        could leave a block with fewer inputs than the rule that opened it.
     wrap_probability : float
         Probability per round that the noise tail exceeds the ring (then the norm check
         aborts the round: a wrap is never released silently).
@@ -102,6 +106,7 @@ class SecAggConfig:
     degree: int | None = None
     threshold: int | None = None
     min_survivors: int | None = None
+    require_all: bool = False
     wrap_probability: float = 2.0**-40
 
     def __post_init__(self) -> None:
@@ -170,7 +175,9 @@ class RoundParams:
                 stacklevel=2,
             )
         min_surv = (
-            config.min_survivors
+            n
+            if config.require_all
+            else config.min_survivors
             if config.min_survivors is not None
             else default_min_survivors(n, threshold)
         )

@@ -18,6 +18,7 @@ from .wire import ARRAY_KEYS, Stage
 
 PAYLOAD_CONFIG = "secagg"
 PAYLOAD_ARRAYS = "secagg-arrays"
+PURPOSE = "secagg-purpose"  # what the sum is for: a client derives the round's config from it
 
 CATEGORY = {
     Stage.SETUP: MessageType.QUERY,
@@ -30,6 +31,24 @@ CATEGORY = {
 def message_type(stage: str) -> str:
     """The Flower message type of a stage, e.g. ``"query.secagg_setup"``."""
     return f"{CATEGORY[stage]}.{stage}"
+
+
+def message_type_for(stage: str, category: str) -> str:
+    """A stage sent under another category (a masked stage that trains nothing is a query)."""
+    return f"{category}.{stage}"
+
+
+def add_purpose(content: RecordDict, purpose: str) -> RecordDict:
+    """Tag ``content`` (in place) with the purpose of the round it belongs to."""
+    content[PURPOSE] = ConfigRecord({"purpose": purpose})
+    return content
+
+
+def read_purpose(content: RecordDict, default: str) -> str:
+    """The purpose a message states; ``default`` for a message that states none."""
+    if PURPOSE not in content:
+        return default
+    return str(content.config_records[PURPOSE]["purpose"])
 
 
 def add_payload(content: RecordDict, payload: Mapping[str, Any]) -> RecordDict:

@@ -40,6 +40,7 @@ LABELS = {
     Method.FEDPGP: "FedPGP",
     Method.DPLORA: "DP-LoRA",
     Method.DPFPL: "DP-FPL",
+    Method.SECFPP: "SecFPP",
     Method.LOCAL: "CoOp (local only)",
     Method.ZEROSHOT: "Zero-shot CLIP",
 }
