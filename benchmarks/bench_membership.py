@@ -71,12 +71,23 @@ from dpfpl_app.data.features import encode_pixels  # noqa: E402
 from dpfpl_app.data.federated_data import ClientData  # noqa: E402
 from dpfpl_app.data.image_processing import images_to_pixel_values  # noqa: E402
 from dpfpl_app.data.offline_data import federated_pool  # noqa: E402
-from dpfpl_app.federation.client_messages import answer_evaluate, answer_train  # noqa: E402
+from dpfpl_app.federation.client_messages import (  # noqa: E402
+    answer_evaluate,
+    answer_train,
+    cluster_contribution,
+    secure_contribution,
+)
 from dpfpl_app.federation.prompt_export import personalised_prompt_file  # noqa: E402
+from dpfpl_app.federation.secure_client import (  # noqa: E402
+    CLUSTERING,
+    answer_stage,
+    masked_content,
+)
 from dpfpl_app.federation.strategy import DPFPLStrategy  # noqa: E402
 from dpfpl_app.federation.strategy_build import build_strategy  # noqa: E402
 from dpfpl_app.method.client_trainer import ClientTrainer  # noqa: E402
 from dpfpl_app.method.prompt_file import load_prompt_file  # noqa: E402
+from dpfpl_app.secagg import Stage  # noqa: E402
 from dpfpl_app.service.predict import PromptClassifier  # noqa: E402
 from tests.flower_harness import run_strategy  # noqa: E402
 
@@ -173,8 +184,39 @@ def run_config(setup: AuditSetup, setting: Setting, seed: int) -> RunConfig:
 
 
 def _client_app(trainers: dict[int, ClientTrainer]) -> ClientApp:
-    """A ClientApp over in-memory trainers (the audit chooses each client's data)."""
+    """A ClientApp over in-memory trainers (the audit chooses each client's data).
+
+    SecFPP runs under secure aggregation only: its stages answer as ``client_app.py``'s.
+    """
     app = ClientApp()
+
+    def trainer_of(context: Context) -> ClientTrainer:
+        return trainers[int(context.node_config["partition-id"])]
+
+    def key_stage(stage: str) -> None:
+        @app.query(stage)
+        def _answer(msg: Message, context: Context) -> Message:
+            return answer_stage(msg, context, trainer_of(context).cfg, stage)
+
+    for stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK):
+        key_stage(stage)
+
+    @app.train(Stage.COLLECT_MASKED)
+    def _masked(msg: Message, context: Context) -> Message:
+        trainer = trainer_of(context)
+        content = masked_content(
+            msg, context, trainer.cfg, lambda: secure_contribution(trainer, msg)
+        )
+        return Message(content, reply_to=msg)
+
+    @app.query(Stage.COLLECT_MASKED)
+    def _cluster(msg: Message, context: Context) -> Message:
+        trainer = trainer_of(context)
+        content = masked_content(
+            msg, context, trainer.cfg, lambda: cluster_contribution(trainer, msg),
+            purpose=CLUSTERING,
+        )
+        return Message(content, reply_to=msg)
 
     @app.train()
     def _train(msg: Message, context: Context) -> Message:
@@ -353,7 +395,9 @@ def _rounded(values: np.ndarray) -> list[float]:
     return [float(f"{v:.6g}") for v in values]
 
 
-def sweep(quick: bool) -> list[Setting]:
+def sweep(quick: bool, secfpp: bool = False) -> list[Setting]:
+    if secfpp:  # SecFPP adds no noise: set beside non-private DP-FPL, same 3 clients
+        return [Setting(Method.DPFPL, DPMode.OFF), Setting(Method.SECFPP, DPMode.OFF)]
     off = [Setting(m, DPMode.OFF) for m in (Method.PROMPTFL, Method.DPFPL)]
     if quick:
         return [*off, Setting(Method.DPFPL, DPMode.PER_SAMPLE, 8.0)]
@@ -510,6 +554,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--replot", type=Path, metavar="JSON", help="only redraw the table and plot of a JSON"
     )
+    parser.add_argument(
+        "--secfpp", action="store_true",
+        help="SecFPP beside non-private DP-FPL, 3 clients (SecFPP needs 3 for its secure "
+        "sums); writes membership-secfpp.*",
+    )
     args = parser.parse_args(argv)
     if args.replot:
         return replot(args.replot)
@@ -521,18 +570,20 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message="Stochastic Optimizer: Maximum iterations")
     torch.set_num_threads(1)
     setup = AuditSetup(dataset=args.dataset, model=args.model, seeds=args.seeds, rounds=args.rounds)
+    if args.secfpp:
+        setup = replace(setup, clients=3)
     if args.quick:
         setup = replace(setup, seeds=2, rounds=3, bootstrap=200)
     pool = load_pool(setup)
     work = Path(tempfile.mkdtemp(prefix="dpfpl-audit-"))  # exported prompts: not results
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = "membership-quick" if args.quick else "membership"
+    stem = "membership" + ("-secfpp" if args.secfpp else "") + ("-quick" if args.quick else "")
     command = "python benchmarks/bench_membership.py " + " ".join(
         sys.argv[1:] if argv is None else argv
     )
     started = time.perf_counter()
     rows = []
-    for setting in sweep(args.quick):
+    for setting in sweep(args.quick, args.secfpp):
         targets = []
         for seed in range(setup.seeds):
             targets.append(audit_target(pool, setup, setting, seed, work))

@@ -143,3 +143,20 @@ def test_unknown_phase_and_bad_centroids_are_refused() -> None:
         dc.client_vector("peek", np.ones(2) / 2**0.5, np.zeros((2, 2)), layout, np.ones(2, bool))
     with pytest.raises(ValueError, match="layout needs"):
         dc.client_vector("count", np.ones(2) / 2**0.5, np.zeros((3, 2)), layout, np.ones(2, bool))
+
+
+def test_overlapping_open_groups_can_isolate_one_summary() -> None:
+    """The documented limit: exact sums of overlapping groups difference to one client."""
+    rng = np.random.default_rng(6)
+    points = np.array([[1.0, 0, 0]] * 3 + [[0, 1.0, 0]]) + 0.05 * rng.standard_normal((4, 3))
+    points /= np.linalg.norm(points, axis=1, keepdims=True)
+    layout = dc.Layout((1, 2))
+    # candidate 1 (one slot) holds all four; candidate 2 splits three from the fourth
+    centroids = np.array([points.mean(0), [1.0, 0, 0], [0, 1.0, 0]])
+    opened = np.array([True, True, False])  # the fourth client's own slot stays closed
+    total = np.sum([dc.client_vector("sum", z, centroids, layout, opened) for z in points], 0)
+    stats = dc.SlotStats.from_total(total, layout, 3)
+
+    # every released group has >= 3 members, yet the difference is one client's summary
+    assert stats.counts.tolist() == [4, 3, 0]
+    np.testing.assert_allclose(stats.sums[0] - stats.sums[1], points[3], atol=1e-12)

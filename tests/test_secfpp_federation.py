@@ -24,7 +24,7 @@ from dpfpl_app.config import ConfigError, RunConfig
 from dpfpl_app.federation.secure_round import SecureRound
 from dpfpl_app.method import domain_clusters as dc
 from dpfpl_app.secagg import AggregateResult, ClientRound, RoundParams
-from tests.flower_harness import federation_config, run_server_app
+from tests.flower_harness import federation_config, make_instruction, run_server_app
 
 NODES = 6
 MIN_SIZE = 3
@@ -182,8 +182,8 @@ def test_the_train_handler_refuses_a_clustering_round(tmp_path: Path) -> None:
 
     cfg = RunConfig.from_flower(_config(tmp_path))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    msg = Message(add_purpose(RecordDict(), "clustering"), dst_node_id=1,
-                  message_type="train.secagg_collect_masked")
+    msg = make_instruction(add_purpose(RecordDict(), "clustering"), dst_node_id=1,
+                           message_type="train.secagg_collect_masked")
     trained = []
     with pytest.raises(ValueError, match="got a message for 'clustering'"):
         masked_content(msg, context, cfg, lambda: trained.append(1) or np.zeros(1))
@@ -224,7 +224,41 @@ def test_a_client_refuses_a_layout_beyond_the_run_configs_search(tmp_path: Path)
                 "open": Array(np.ones(sum(ks), dtype=np.uint8)),
             }),
         })
-        msg = Message(content, dst_node_id=1, message_type="query.secagg_collect_masked")
+        msg = make_instruction(content, dst_node_id=1, message_type="query.secagg_collect_masked")
         with pytest.raises(ValueError, match="exceeds this run's search"):
             cluster_contribution(SimpleNamespace(cfg=cfg), msg)  # type: ignore[arg-type]
     assert allowed.ks == (1, 2, 2)
+
+
+def test_a_secfpp_checkpoint_resumes_its_clusters_and_domain_prompts(
+    digits_backbone: Path, tmp_path: Path
+) -> None:
+    import torch
+
+    from dpfpl_app.federation.checkpoint import load_checkpoint, save_checkpoint
+    from dpfpl_app.federation.cluster_strategy import SecFPPStrategy
+    from dpfpl_app.federation.secure_clustering import Clusters
+    from dpfpl_app.federation.strategy_build import build_strategy
+
+    # Prepare: a strategy that has clustered into 2 domains and trained them apart
+    cfg = RunConfig.from_flower(_config(tmp_path))
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, SecFPPStrategy)
+    strategy.clusters = Clusters(
+        nodes=(1, 2, 3, 4, 5, 6), centroids=np.eye(2, cfg.summary_dim), counts=(3, 3),
+        scores={1: -5.0, 2: 1.5}, secure_sums=7, seconds=0.5,
+    )
+    strategy._prompt = torch.randn(2, *strategy._prompt.shape[1:])
+    strategy._last_round = 1
+
+    # Execute: through the checkpoint file, into a fresh strategy
+    path = save_checkpoint(tmp_path / "run", strategy.state_dict(), config=cfg)
+    state, _ = load_checkpoint(path, config=cfg)
+    resumed = build_strategy(cfg)
+    resumed.load_state_dict(state)
+
+    # Assert
+    assert isinstance(resumed, SecFPPStrategy) and resumed.clusters is not None
+    torch.testing.assert_close(resumed.global_prompt, strategy.global_prompt)
+    np.testing.assert_array_equal(resumed.clusters.centroids, strategy.clusters.centroids)
+    assert resumed.clusters.counts == (3, 3) and resumed.rounds_done == 1

@@ -35,8 +35,10 @@ CLUSTERING_NOTE = (
     "SecFPP clustering: the server learns, per secure sum over all sampled clients, the "
     "number of clients nearest each candidate centroid and, for groups of at least "
     "min-cluster-size clients only, the sum of their domain summaries and squared distances; "
-    "never a client's summary or cluster. These statistics carry no DP noise: the printed "
-    "epsilon covers the prompt channels, not the clustering"
+    "never a single client's message or its cluster. Differences between groups of "
+    "different candidates or iterations can still isolate one (anonymous) client's "
+    "summary. These statistics carry no DP noise: the printed epsilon covers the prompt "
+    "channels, not the clustering"
 )
 
 

@@ -224,14 +224,16 @@ class ChannelPlan:
 def plan_for(cfg: RunConfig) -> ChannelPlan:
     """The run's channel plan (cached: calibration costs a bisection over the accountant).
 
-    ``aggregation = "auto"`` plans as plain, what it means in a simulation. Against real
-    SuperNodes the ServerApp resolves it to secure before planning (``server_run``), and
-    each ClientApp resolves its copy from the mode the message states (``client_app``).
+    ``aggregation = "auto"`` plans as plain, what it means in a simulation (SecFPP: as
+    secure, its only mode). Against real SuperNodes the ServerApp resolves it to secure
+    before planning (``server_run``), and each ClientApp resolves its copy from the mode
+    the message states (``client_app``).
     """
+    auto = Aggregation.SECURE if cfg.method.clustered else Aggregation.PLAIN
     return _plan(
         cfg.dp_mode if cfg.dp_on else DPMode.OFF,
         cfg.method,
-        Aggregation.PLAIN if cfg.aggregation is Aggregation.AUTO else cfg.aggregation,
+        auto if cfg.aggregation is Aggregation.AUTO else cfg.aggregation,
         cfg.reproducible_noise,
         cfg.delta,
         AccountantKind(cfg.accountant.value),
