@@ -29,15 +29,11 @@ class Method(str, Enum):
 
     @property
     def has_global(self) -> bool:
-        return self in {
-            Method.DPFPL, Method.DPLORA, Method.FEDPGP, Method.FEDOTP, Method.SECFPP, Method.PROMPTFL
-        }
+        return self not in {Method.LOCAL, Method.ZEROSHOT}
 
     @property
     def has_local(self) -> bool:
-        return self in {
-            Method.DPFPL, Method.DPLORA, Method.FEDPGP, Method.FEDOTP, Method.SECFPP, Method.LOCAL
-        }
+        return self not in {Method.PROMPTFL, Method.ZEROSHOT}
 
     @property
     def clustered(self) -> bool:

@@ -131,7 +131,7 @@ def test_a_slot_below_the_threshold_is_never_opened() -> None:
     # no released statistic covers fewer than 3 clients, and no eligible k has a small cluster
     released = stats.counts[stats.counts > 0]
     assert (released >= 3).all()
-    for k, (_, index) in scores.items():
+    for _, index in scores.values():
         lo, hi = layout.bounds[index]
         assert (stats.counts[lo:hi] >= 3).all()
     assert 3 not in scores  # the outlier's singleton cluster cannot open

@@ -34,7 +34,7 @@ def shared_prompt(trainer: ClientTrainer, msg: Message) -> tuple[torch.Tensor, i
 
 
 def domain_summary(trainer: ClientTrainer) -> np.ndarray:
-    """This client's SecFPP summary: from its un-augmented training features."""
+    """The client's SecFPP summary, from its un-augmented training features."""
     cfg = trainer.cfg
     return domain_clusters.summary(
         trainer.data.train_features[0].double().numpy(),

@@ -15,13 +15,12 @@ the clustering counted.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
-from collections.abc import Iterable
-
 from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid

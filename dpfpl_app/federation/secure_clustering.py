@@ -2,10 +2,12 @@
 
 Every statistic the server receives is a SecAgg+ sum over ALL sampled nodes (a dropout
 discards that sum and the phase is asked again): first the population's first and
-second moments (its mean and principal axes, where random starts are drawn), then per Lloyd iteration a ``count`` sum and a ``sum`` sum restricted to the
-slots the counts opened (``domain_clusters`` says what each holds and why), and last a
-``count`` of the chosen clustering, whose per-cluster sizes divide the training sums.
-The clients' summaries, and which cluster any client is in, never reach the server.
+second moments (its mean and principal axes, where random starts are drawn), then per
+Lloyd iteration a ``count`` sum and a ``sum`` sum restricted to the slots the counts
+opened (``domain_clusters`` says what each holds and why), and last a ``count`` of the
+chosen clustering, whose per-cluster sizes divide the training sums. No message holds
+a client's summary or cluster; sums over overlapping groups can still be differenced
+down to one anonymous summary (README, SecFPP), which only noise would prevent.
 """
 
 from __future__ import annotations
@@ -98,7 +100,7 @@ class SecureClustering:
             log(INFO, "secure clustering: iteration %d/%d, squared error per k %s", iteration + 1,
                 cfg.cluster_iterations, _best_sse(layout, stats))
         scores = dc.candidate_scores(layout, stats.counts, stats.sse, n, dim, cfg.min_cluster_size)
-        for k, (score, index) in sorted(scores.items(), key=lambda kv: -kv[1][0]):
+        for k, (_, index) in sorted(scores.items(), key=lambda kv: -kv[1][0]):
             lo, hi = layout.bounds[index]
             final = self._counts(dc.Layout((k,)), centroids[lo:hi])
             if (final >= cfg.min_cluster_size).all():

@@ -73,7 +73,8 @@ class SecureRound:
         purpose: str = "prompt",
     ) -> None:
         """``purpose`` tags every message, so a client knows which sum (and so which
-        config) the round is for: the prompt channel, or a SecFPP clustering phase."""
+        config) the round is for: the prompt channel, or a SecFPP clustering phase.
+        """
         self.server = ServerRound(config, nodes)
         self._purpose = purpose
         self.record = RoundRecord(
@@ -119,7 +120,8 @@ class SecureRound:
 
     def run_query(self, content: RecordDict) -> AggregateResult | None:
         """A whole round driven here, the masked stage a query that trains nothing
-        (SecFPP's clustering sums): the sum, or None if the round was discarded."""
+        (SecFPP's clustering sums): the sum, or None if the round was discarded.
+        """
         payloads = self.key_exchange()
         if payloads is None:
             return None

@@ -19,8 +19,8 @@ from flwr.superlink.grid import HttpGrid
 
 from dpfpl_app.backbones.backbone_build import BACKBONES, CACHE_ENV, cache_root
 from dpfpl_app.config import Aggregation, RunConfig
-from dpfpl_app.federation.cluster_strategy import CLUSTERING_NOTE, SecFPPStrategy
 from dpfpl_app.federation.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
+from dpfpl_app.federation.cluster_strategy import CLUSTERING_NOTE, SecFPPStrategy
 from dpfpl_app.federation.node_paths import run_state_name
 from dpfpl_app.federation.results import RunRecorder
 from dpfpl_app.federation.strategy_build import build_strategy

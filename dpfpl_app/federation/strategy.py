@@ -34,6 +34,7 @@ from flwr.serverapp.strategy import Strategy
 
 from dpfpl_app.config import DPMode
 from dpfpl_app.federation import wire
+from dpfpl_app.federation.evaluate_metrics import accuracy_means, per_client_metrics
 from dpfpl_app.federation.node_wait import wait_for_nodes
 from dpfpl_app.federation.secure_round import SecureRound, global_release, metrics_of
 from dpfpl_app.privacy import mechanics, secure_channel
@@ -248,7 +249,8 @@ class DPFPLStrategy(Strategy):
 
     def _before_secure_round(self, grid: Grid, nodes: list[int], round_: int) -> None:
         """Work a subclass does with the round's sample before its key exchange (SecFPP
-        clusters the nodes here); nothing for one global prompt."""
+        clusters the nodes here); nothing for one global prompt.
+        """
 
     def _round_config(self, round_: int) -> dict[str, int | str]:
         """What every message of a round says besides ``p_G``: the round and the mode."""
@@ -421,10 +423,10 @@ class DPFPLStrategy(Strategy):
         metrics: dict[str, float | int] = {
             wire.EVAL_ACCEPTED: len(accepted),
             wire.EVAL_REJECTED: len(replies) - len(accepted),
-            **_accuracy_means(accepted),
+            **accuracy_means(accepted),
         }
         if self.on_round is not None:
-            per_client = _per_client(accepted)  # for the results files, not for Flower's log
+            per_client = per_client_metrics(accepted)  # for the results files, not for Flower's log
             self.on_round(round_, {**self._train_metrics, **metrics, **per_client})
         self._train_metrics = {}
         return MetricRecord(dict(metrics))
@@ -469,56 +471,6 @@ class DPFPLStrategy(Strategy):
         self._prompt = prompt.detach().clone()
         self._last_round = self._round_offset = int(state["round"])
         self._secure_rounds = list(state["secure_rounds"])
-
-
-def _per_client(accepted: list[wire.EvaluateReply]) -> dict[str, float | int]:
-    """Each client's own accuracies, keyed ``local-acc/node-<id>`` (none without examples).
-
-    ``partition-id/node-<id>`` goes along for results.json's node map.
-    """
-    out: dict[str, float | int] = {}
-    for r in sorted(accepted, key=lambda r: r.node_id):
-        if r.local_examples:
-            out[f"{wire.LOCAL_ACC}/node-{r.node_id}"] = r.local_acc
-        if r.neighbour_examples:
-            out[f"{wire.NEIGHBOUR_ACC}/node-{r.node_id}"] = r.neighbour_acc
-        out[f"{wire.PARTITION_ID}/node-{r.node_id}"] = r.partition_id
-    return out
-
-
-def _accuracy_means(accepted: list[wire.EvaluateReply]) -> dict[str, float]:
-    """Unweighted (per-client) and example-weighted means of both accuracies, learned and
-    zero-shot (the template's, on the same images: the reference line).
-    """
-    out: dict[str, float] = {}
-    columns = (
-        (
-            wire.LOCAL_ACC,
-            wire.LOCAL_ACC_WEIGHTED,
-            [(r.local_acc, r.local_examples) for r in accepted],
-        ),
-        (
-            wire.NEIGHBOUR_ACC,
-            wire.NEIGHBOUR_ACC_WEIGHTED,
-            [(r.neighbour_acc, r.neighbour_examples) for r in accepted],
-        ),
-        (
-            wire.ZEROSHOT_LOCAL_ACC,
-            wire.ZEROSHOT_LOCAL_ACC_WEIGHTED,
-            [(r.zeroshot_local_acc, r.local_examples) for r in accepted],
-        ),
-        (
-            wire.ZEROSHOT_NEIGHBOUR_ACC,
-            wire.ZEROSHOT_NEIGHBOUR_ACC_WEIGHTED,
-            [(r.zeroshot_neighbour_acc, r.neighbour_examples) for r in accepted],
-        ),
-    )
-    for key, weighted_key, pairs in columns:
-        pairs = [(acc, n) for acc, n in pairs if n > 0]
-        if pairs:
-            out[key] = sum(acc for acc, _ in pairs) / len(pairs)
-            out[weighted_key] = sum(acc * n for acc, n in pairs) / sum(n for _, n in pairs)
-    return out
 
 
 def _validate_arguments(args: dict[str, Any]) -> None:

@@ -53,7 +53,7 @@ class Layout:
 
     @classmethod
     def search(cls, max_clusters: int, restarts: int) -> Layout:
-        """k = 1 once (its restarts would coincide), every k >= 2 ``restarts`` times."""
+        """K = 1 once (its restarts would coincide), every k >= 2 ``restarts`` times."""
         return cls((1, *(k for k in range(2, max_clusters + 1) for _ in range(restarts))))
 
     @property
@@ -128,7 +128,8 @@ def client_vector(
 def input_bound(max_clusters: int, restarts: int) -> float:
     """L2 bound of any client input: per candidate ||z||^2 + 1 + (4)^2 <= 18 (|z| = 1,
     squared distances capped at 4, the diameter of the unit ball squared); the moments
-    vector has squared norm 3."""
+    vector has squared norm 3.
+    """
     return math.sqrt(18.0 * len(Layout.search(max_clusters, restarts).ks))
 
 
@@ -171,7 +172,7 @@ class Population:
         return cls(mean, vectors[:, order], np.sqrt(np.maximum(values[order], 0.0)))
 
     def draw(self, k: int, rng: np.random.Generator) -> np.ndarray:
-        """k random starts in the top max(1, k - 1) axes (k = 1: the mean)."""
+        """K random starts in the top max(1, k - 1) axes (k = 1: the mean)."""
         if k == 1:
             return self.mean[None].copy()
         m = min(k - 1, self.mean.size)
@@ -179,7 +180,9 @@ class Population:
         return self.mean + coefficients @ self.axes[:, :m].T
 
 
-def initial_centroids(layout: Layout, population: Population, rng: np.random.Generator) -> np.ndarray:
+def initial_centroids(
+    layout: Layout, population: Population, rng: np.random.Generator
+) -> np.ndarray:
     """Public random starts of every candidate (``Population.draw``)."""
     return np.concatenate([population.draw(hi - lo, rng) for lo, hi in layout.bounds])
 

@@ -71,7 +71,7 @@ def add_sweep_command(sub: Any) -> None:
     p.add_argument("--dataset", default="digits", help="run-config dataset of every cell")
     p.add_argument(
         "--methods", type=_list(Method), default=SHARED_METHODS,
-        help="comma-separated, e.g. promptfl,fedotp,fedpgp,dplora,dpfpl",
+        help="comma-separated, e.g. promptfl,fedotp,fedpgp,dplora,dpfpl (and secfpp)",
     )
     p.add_argument("--epsilons", type=_list(float), default=(1.0, 4.0, float("inf")),
                    help="composed targets of both channels, comma-separated; inf = no DP")
