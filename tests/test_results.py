@@ -174,3 +174,16 @@ def test_finish_keeps_the_clients_zero_shot_accuracies_as_the_reference(tmp_path
     doc = json.loads((tmp_path / "run" / "results.json").read_text())
     assert doc["zeroshot"] == pytest.approx({"local-acc": 0.6, "neighbour-acc": 0.4})
     assert "zeroshot-local-acc: 0.6" in summary_table(doc).splitlines()
+
+
+def test_a_secfpp_summary_prints_the_clusters_not_their_centroids(tmp_path: Path) -> None:
+    recorder = RunRecorder(tmp_path / "run", config={"method": "secfpp"}, notes={})
+    recorder.record(1, {"local-acc": 0.5})
+    clusters = {"centroids": [[0.123456789] * 64] * 3, "counts": [4, 4, 4], "secure_sums": 12,
+                "seconds": 83.4, "nodes": [1, 2, 3], "scores": {"3": 1.0}}
+    recorder.finish(status="completed", extra={"clusters": clusters})
+
+    table = summary_table(json.loads((tmp_path / "run" / "results.json").read_text()))
+
+    assert "clusters: k=3 sizes [4, 4, 4] (12 secure sums, 83.4 s)" in table.splitlines()
+    assert "0.1234" not in table

@@ -229,9 +229,14 @@ def summary_table(doc: dict[str, Any]) -> str:
     )
     if doc.get("reason"):
         lines.append(f"reason: {doc['reason']}")
-    lines.extend(
-        f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}" for k, v in doc["summary"].items()
-    )
+    for key, value in doc["summary"].items():
+        if key == "clusters":  # SecFPP: the centroids are long; sizes say what matters
+            lines.append(
+                f"clusters: k={len(value['counts'])} sizes {value['counts']} "
+                f"({value['secure_sums']} secure sums, {value['seconds']:.1f} s)"
+            )
+        else:
+            lines.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     lines.extend(f"zeroshot-{k}: {v:.4g}" for k, v in doc.get("zeroshot", {}).items())
     return "\n".join(lines)
 
