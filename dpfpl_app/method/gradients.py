@@ -5,6 +5,15 @@ Every sample's loss depends on the prompt only through the class text features T
 batch, and sample j's gradient is the encoder's vector-Jacobian product with
 dL_j/dT. ``torch.func.vmap`` batches those products into one batched backward (chunked
 to bound memory) instead of B separate backward passes in a Python loop.
+
+Why B backward passes, although dL_j/dT = s (softmax_j - onehot_j) f_j^T is rank one:
+sample j's gradient is sum_c a_jc J_c^T f_j (J_c the Jacobian of class c's feature).
+Expanding the prompt per class would give every J_c^T v from one backward, but only for
+one v at a time, and the B image features f_j span B dimensions (B <= e), so that route
+also needs B backward passes over all classes' tokens: no fewer than this one. The
+weights are frozen, so each pass computes input gradients only; its cost is set by the
+class tokens the encoder runs (``CoOpTextEncoder`` runs no padding and, in the last
+layer, only the EOS rows).
 """
 
 from __future__ import annotations

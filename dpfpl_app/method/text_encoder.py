@@ -6,8 +6,13 @@ text tower is causal, which gives two savings that change no result:
 * the hidden states of ``[SOS] ctx`` (the *prefix*) are identical for every class, so
   they are computed once per forward instead of once per class, and each class's
   *suffix* attends to the prefix's keys and values;
-* nothing after EOS reaches the pooled EOS state, so sequences stop at the longest EOS
-  instead of running to the 77-token context.
+* nothing after EOS reaches the pooled EOS state, so each class's sequence stops at its
+  own EOS instead of running to the 77-token context: classes are grouped by suffix
+  length and each group runs unpadded (a padded batch would spend most of its work on
+  tokens after EOS when names differ in length, and per-sample gradients repeat that
+  work once per sample);
+* in the last layer only the EOS row is pooled, so its queries, attention output and
+  MLP are computed for that row alone (the other rows still provide keys and values).
 
 ``plain_features`` keeps the textbook formulation (every class, all 77 tokens, through
 transformers' own encoder) as the reference the fast path is tested against, and as the
@@ -74,6 +79,14 @@ class CoOpTextEncoder(nn.Module):
             self.register_buffer("positions", positions[: 1 + n_ctx + longest].clone())
         self.register_buffer("suffix_ids", padded)
         self.register_buffer("eos_index", torch.tensor([len(ids) - 1 for ids in suffix_ids]))
+        # Classes grouped by suffix length: each group's rows, in class order, and the
+        # permutation that puts the concatenated groups' features back in class order.
+        lengths = torch.tensor([len(ids) for ids in suffix_ids])
+        self.group_lengths = tuple(int(n) for n in torch.unique(lengths))
+        groups = [torch.nonzero(lengths == n).flatten() for n in self.group_lengths]
+        for n, rows in zip(self.group_lengths, groups, strict=True):
+            self.register_buffer(f"group_rows_{n}", rows)
+        self.register_buffer("class_order", torch.argsort(torch.cat(groups)))
         self.context_length = context_length
         self.requires_grad_(False)
 
@@ -85,16 +98,22 @@ class CoOpTextEncoder(nn.Module):
         """Normalised text features (C, e) for context vectors ``ctx`` (n_ctx, d)."""
         dtype = self.sos_embed.dtype
         n_prefix = 1 + self.n_ctx
-        # prefix (P, d) = [SOS; ctx]; suffix (C, S, d) = class tokens through EOS
+        # prefix (P, d) = [SOS; ctx]; one suffix block (C_n, n, d) per suffix length n,
+        # each row the class tokens through EOS, so EOS is every block's last row
         prefix = torch.cat([self.sos_embed, ctx.to(dtype)], dim=0) + self.positions[:n_prefix]
-        suffix = self.suffix_embed + self.positions[n_prefix:]
-        masks = _prefix_suffix_masks(n_prefix, suffix.shape[1], suffix.device, dtype)
+        positions = self.positions[n_prefix:]
+        suffixes = [
+            self.suffix_embed[getattr(self, f"group_rows_{n}"), :n] + positions[:n]
+            for n in self.group_lengths
+        ]
+        masks = [_suffix_mask(n_prefix, n, ctx.device, dtype) for n in self.group_lengths]
+        prefix_mask = _causal_mask(n_prefix, ctx.device, dtype)
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            prefix, suffix = _shared_prefix_layer(
-                layer, prefix, suffix, masks, self.num_heads, need_prefix=i < last
+            prefix, suffixes = _shared_prefix_layer(
+                layer, prefix, suffixes, (prefix_mask, masks), self.num_heads, last=i == last
             )
-        pooled = suffix[torch.arange(suffix.shape[0], device=suffix.device), self.eos_index]
+        pooled = torch.cat([s[:, -1] for s in suffixes])[self.class_order]  # (C, d)
         features = self.projection(self.final_layer_norm(pooled))  # (C, e)
         return F.normalize(features.float(), dim=-1)
 
@@ -138,17 +157,16 @@ def _class_suffix_ids(tokenizer: PreTrainedTokenizerBase, name: str) -> list[int
     return [int(i) for i in ids] + [int(tokenizer.eos_token_id)]
 
 
-def _prefix_suffix_masks(
-    n_prefix: int, n_suffix: int, device: torch.device, dtype: torch.dtype
-) -> tuple[Tensor, Tensor]:
-    """Additive causal masks: prefix (P, P) and suffix-over-[prefix; suffix] (S, P+S)."""
+def _causal_mask(n: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Additive causal mask (n, n): row i sees columns 0..i."""
     neg = torch.finfo(dtype).min
-    prefix_mask = torch.triu(torch.full((n_prefix, n_prefix), neg, device=device, dtype=dtype), 1)
-    within = torch.triu(torch.full((n_suffix, n_suffix), neg, device=device, dtype=dtype), 1)
-    suffix_mask = torch.cat(
-        [torch.zeros(n_suffix, n_prefix, device=device, dtype=dtype), within], dim=1
-    )
-    return prefix_mask, suffix_mask
+    return torch.triu(torch.full((n, n), neg, device=device, dtype=dtype), 1)
+
+
+def _suffix_mask(n_prefix: int, n_suffix: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Additive mask (S, P+S) of suffix queries: the whole prefix, then the suffix causally."""
+    within = _causal_mask(n_suffix, device, dtype)
+    return torch.cat([torch.zeros(n_suffix, n_prefix, device=device, dtype=dtype), within], dim=1)
 
 
 def _heads(x: Tensor, num_heads: int) -> Tensor:
@@ -166,29 +184,57 @@ def _merge(x: Tensor) -> Tensor:
 def _shared_prefix_layer(
     layer: nn.Module,
     prefix: Tensor,
-    suffix: Tensor,
-    masks: tuple[Tensor, Tensor],
+    suffixes: list[Tensor],
+    masks: tuple[Tensor, list[Tensor]],
     num_heads: int,
     *,
-    need_prefix: bool,
-) -> tuple[Tensor, Tensor]:
-    """One pre-LN CLIP encoder layer on a shared prefix (P, d) and class suffixes (C, S, d)."""
+    last: bool,
+) -> tuple[Tensor, list[Tensor]]:
+    """One pre-LN CLIP encoder layer on a shared prefix (P, d) and suffix blocks (C_n, n, d).
+
+    In the ``last`` layer the prefix is not needed any more and each block keeps only
+    its EOS row (C_n, 1, d).
+    """
     attn = layer.self_attn
     x_p = layer.layer_norm1(prefix)
-    x_s = layer.layer_norm1(suffix)
     k_p, v_p = _heads(attn.k_proj(x_p), num_heads), _heads(attn.v_proj(x_p), num_heads)  # (H,P,h)
-    q_s = _heads(attn.q_proj(x_s), num_heads)  # (C, H, S, h)
-    k_s, v_s = _heads(attn.k_proj(x_s), num_heads), _heads(attn.v_proj(x_s), num_heads)
-    n_prefix = prefix.shape[0]
-    # scores (C, H, S, P+S): suffix queries against the shared prefix keys, then their own
-    scores = torch.cat([q_s @ k_p.transpose(-1, -2), q_s @ k_s.transpose(-1, -2)], dim=-1)
-    weights = torch.softmax(scores * attn.scale + masks[1], dim=-1)
-    mixed = weights[..., :n_prefix] @ v_p + weights[..., n_prefix:] @ v_s  # (C, H, S, h)
-    suffix = suffix + attn.out_proj(_merge(mixed))
-    suffix = suffix + layer.mlp(layer.layer_norm2(suffix))
-    if need_prefix:
+    suffixes = [
+        _suffix_block(layer, suffix, (k_p, v_p), mask, num_heads, eos_only=last)
+        for suffix, mask in zip(suffixes, masks[1], strict=True)
+    ]
+    if not last:
         q_p = _heads(attn.q_proj(x_p), num_heads)
         w_p = torch.softmax((q_p @ k_p.transpose(-1, -2)) * attn.scale + masks[0], dim=-1)
         prefix = prefix + attn.out_proj(_merge(w_p @ v_p))
         prefix = prefix + layer.mlp(layer.layer_norm2(prefix))
-    return prefix, suffix
+    return prefix, suffixes
+
+
+def _suffix_block(
+    layer: nn.Module,
+    suffix: Tensor,
+    prefix_kv: tuple[Tensor, Tensor],
+    mask: Tensor,
+    num_heads: int,
+    *,
+    eos_only: bool,
+) -> Tensor:
+    """One layer on a suffix block (C_n, n, d) attending to the prefix keys and values.
+
+    With ``eos_only`` every row still gives keys and values, but queries, attention
+    output and MLP run for the last (EOS) row alone: the rest never reaches the pool.
+    """
+    attn = layer.self_attn
+    k_p, v_p = prefix_kv
+    x_s = layer.layer_norm1(suffix)
+    k_s, v_s = _heads(attn.k_proj(x_s), num_heads), _heads(attn.v_proj(x_s), num_heads)
+    if eos_only:
+        suffix, x_s, mask = suffix[:, -1:], x_s[:, -1:], mask[-1:]
+    q_s = _heads(attn.q_proj(x_s), num_heads)  # (C_n, H, rows, h)
+    n_prefix = k_p.shape[-2]
+    # scores (C_n, H, rows, P+n): suffix queries against the shared prefix keys, then their own
+    scores = torch.cat([q_s @ k_p.transpose(-1, -2), q_s @ k_s.transpose(-1, -2)], dim=-1)
+    weights = torch.softmax(scores * attn.scale + mask, dim=-1)
+    mixed = weights[..., :n_prefix] @ v_p + weights[..., n_prefix:] @ v_s  # (C_n, H, rows, h)
+    suffix = suffix + attn.out_proj(_merge(mixed))
+    return suffix + layer.mlp(layer.layer_norm2(suffix))
