@@ -108,6 +108,23 @@ def test_tables_have_every_cell_with_mean_and_std_over_seeds(tmp_path: Path) -> 
     assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 0
 
 
+def test_secfpp_has_its_column_csv_rows_and_plot(tmp_path: Path) -> None:
+    spec = SweepSpec(
+        methods=(Method.DPFPL, Method.SECFPP), epsilons=(4.0, math.inf), seeds=(0,),
+        references=False,
+    )
+    for cell in spec.cells():
+        _fake_result(tmp_path, cell, 0.4, 0.3)
+
+    write_tables(spec, tmp_path)
+
+    assert "| digits | 4 | 40.0 (n=1) | 40.0 (n=1) |" in (tmp_path / "table.md").read_text()
+    assert "| dataset | epsilon | DP-FPL | SecFPP |" in (tmp_path / "table.md").read_text()
+    rows = (tmp_path / "table.csv").read_text().splitlines()
+    assert [r.split(",")[1] for r in rows[1:]] == ["dpfpl", "secfpp", "dpfpl", "secfpp"]
+    assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 0
+
+
 def test_missing_cells_show_as_dashes_not_as_numbers(tmp_path: Path) -> None:
     spec = SweepSpec(methods=(Method.PROMPTFL, Method.DPFPL), epsilons=(1.0,), references=False)
     _fake_result(tmp_path, Cell(Method.PROMPTFL, 1.0, 0, 0), 0.5, 0.4)

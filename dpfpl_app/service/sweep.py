@@ -376,7 +376,7 @@ def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
             "neighbour_mean", "neighbour_std", "epsilon_spent",
         ]
     )
-    order = {m: i for i, m in enumerate((*SHARED_METHODS, *REFERENCE_METHODS))}
+    order = {m: i for i, m in enumerate((*SHARED_METHODS, Method.SECFPP, *REFERENCE_METHODS))}
 
     def spent(a: Aggregate) -> list[str]:
         if math.isinf(a.epsilon):  # no DP: there is no budget to report
