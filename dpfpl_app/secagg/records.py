@@ -30,7 +30,7 @@ CATEGORY = {
 
 def message_type(stage: str) -> str:
     """The Flower message type of a stage, e.g. ``"query.secagg_setup"``."""
-    return f"{CATEGORY[stage]}.{stage}"
+    return message_type_for(stage, CATEGORY[stage])
 
 
 def message_type_for(stage: str, category: str) -> str:
