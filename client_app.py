@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -9,13 +10,17 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfpl_app.config import Aggregation, ConfigError, RunConfig
+from dpfpl_app.federation.message_timing import MessageTimes
+from dpfpl_app.federation.node_worker_link import delegate_to_worker
 from dpfpl_app.federation.secure_client import CLUSTERING, answer_stage, masked_content
 from dpfpl_app.secagg import Stage
 
 if TYPE_CHECKING:
     from dpfpl_app.method.client_trainer import ClientTrainer
 
-app = ClientApp()
+# node-worker=true in a node's config: every message runs in the node's long-lived worker
+# (the same handlers below), not in this short-lived process.
+app = ClientApp(mods=[delegate_to_worker])
 
 # Node config: an organisation that will not let the server see its clipped gradients
 # sets this on its SuperNode; its ClientApp then refuses every plain round.
@@ -72,10 +77,16 @@ def _handle(
     from dpfpl_app.federation.client_node import build_trainer, save_state
     from dpfpl_app.service.logs import route_app_logs
 
-    route_app_logs()
-    trainer = build_trainer(cfg, context)
-    content = answer(trainer, msg)
-    save_state(trainer, cfg, context)
+    times = MessageTimes()
+    with times.part("imports"):
+        route_app_logs()  # imports opacus, and with it torch
+    with times.part("model and features"):
+        trainer = build_trainer(cfg, context)
+    with times.part("compute"):
+        content = answer(trainer, msg)
+    with times.part("state saved"):
+        save_state(trainer, cfg, context)
+    logging.getLogger("dpfpl_app.message").info(times.line(msg.metadata.message_type))
     return Message(content, reply_to=msg)
 
 

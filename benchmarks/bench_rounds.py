@@ -8,8 +8,11 @@ partitions so that 100 clients all have images):
   (``LocalFlower``, the sweep's runner) with 10 and 100 simulated SuperNodes;
 * ``deploy-3``: the topology of docs/deployment.md as real processes on loopback: a
   SuperLink with TLS and SuperNode authentication, 3 SuperNodes with their own keys
-  (the deployment tests' harness, ``tests/deploy_processes.py``). Every message starts
-  a fresh ClientApp process there, which is what the per-stage times show.
+  (the deployment tests' harness, ``tests/deploy_processes.py``), with Flower's
+  defaults: every message starts a fresh ClientApp process that imports torch and loads
+  the model, which is what the per-stage times show;
+* ``deploy-3-worker``: the same with ``node-worker=true`` (each node's long-lived worker
+  answers) and the SuperExec polling every 0.2 s, as docs/deployment.md recommends.
 
 Round time is read from the server's ``results.json`` (``elapsed-s`` per round; round 1
 pays start-up and feature caching, so the figure is the median of the later rounds).
@@ -21,7 +24,7 @@ Secure rounds also report each stage's wall time as the server saw it.
 
 Usage::
 
-    python benchmarks/bench_rounds.py                    # all three; ~25 min on 2 idle cores
+    python benchmarks/bench_rounds.py                    # all four; ~30 min on 2 idle cores
     python benchmarks/bench_rounds.py --settings sim-10  # one setting
 Writes ``benchmarks/results/rounds.{json,md}``.
 """
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import tempfile
@@ -44,7 +48,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))  # the deployment tests' process harness
 
-from dpfpl_app.backbones.backbone_build import CACHE_ENV, ensure_backbone  # noqa: E402
+from dpfpl_app.backbones.backbone_build import ensure_backbone  # noqa: E402
+from dpfpl_app.cache import CACHE_ENV  # noqa: E402
 from dpfpl_app.federation.flwr_local import LocalFlower, toml_value  # noqa: E402
 from dpfpl_app.secagg import Stage  # noqa: E402
 
@@ -52,7 +57,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("plain", "secure")
 STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK)
 MESSAGES = {"plain": 2, "secure": len(STAGES) + 1}  # per client per round, with evaluate
-SETTINGS = {"sim-10": 10, "sim-100": 100, "deploy-3": 3}
+SETTINGS = {"sim-10": 10, "sim-100": 100, "deploy-3": 3, "deploy-3-worker": 3}
 
 
 def run_config(nodes: int, rounds: int, out: Path, name: str, mode: str) -> dict[str, Any]:
@@ -116,33 +121,70 @@ def simulate(nodes: int, rounds: int, work: Path) -> list[dict[str, Any]]:
     return out
 
 
-def deploy(rounds: int, work: Path) -> list[dict[str, Any]]:
+def deploy(rounds: int, work: Path, *, worker: bool) -> list[dict[str, Any]]:
+    """3 SuperNodes on loopback; ``worker``: node-worker=true and the SuperExec's 0.2 s poll
+    (docs/deployment.md), else Flower's defaults: a fresh process per message, 1 s poll.
+    """
     from deploy_processes import REPO, Federation, wait_until
 
     nodes = SETTINGS["deploy-3"]
-    fed = Federation(work / "deploy", nodes)
+    fed = Federation(work / ("deploy-worker" if worker else "deploy"), nodes)
+    if not worker:
+        fed.supernode_env = {}
     out = []
     try:
         fed.make_credentials(extra_keys=[])
         fed.start_superlink()
         for node in fed.nodes:
+            node.worker = worker
             fed.register(node)
             fed.start_supernode(node)
         expected = {node.node_id for node in fed.nodes}
         wait_until(lambda: fed.online_node_ids() == expected, 120, "3 SuperNodes online")
+        roots = [node.root for node in fed.nodes]
         for mode in MODES:
-            name = f"deploy-3-{mode}"
+            name = f"deploy-3{'-worker' if worker else ''}-{mode}"
             print(f"[{name}] 3 SuperNodes (TLS, node auth), {rounds} rounds ...", flush=True)
             config = run_config(nodes, rounds, fed.runs, name, mode)
             config.pop("state-dir")  # each SuperNode has its own (node config)
+            before = len(timing_lines(roots))
             run_id = fed.submit(REPO, " ".join(f"{k}={toml_value(v)}" for k, v in config.items()))
             info = fed.wait_finished(run_id, 3600)
             if info.get("status") != "finished:completed":
                 raise RuntimeError(f"run {run_id}: {info}")
-            out.append(summarise(fed.runs / name / "results.json", mode, nodes))
+            row = summarise(fed.runs / name / "results.json", mode, nodes)
+            row["message-parts"] = message_parts(timing_lines(roots)[before:])
+            out.append(row)
     finally:
         fed.close()
     return out
+
+
+TIMING = re.compile(r"message timing \(([^)]*)\): (.*)$")
+
+
+def timing_lines(node_roots: list[Path]) -> list[re.Match]:
+    """Every ``message timing`` line the SuperNodes logged so far (their ClientApps')."""
+    lines = []
+    for root in node_roots:
+        for log in sorted(root.glob("supernode-*.log")):
+            lines += [m for m in map(TIMING.search, log.read_text().splitlines()) if m]
+    return lines
+
+
+def message_parts(lines: list[re.Match]) -> dict[str, dict[str, float]]:
+    """Median seconds of each part of a message, per message kind.
+
+    One line per train/evaluate message (``federation/message_timing.py``), e.g.
+    ``message timing (train): process start and imports 5.91 s, compute 0.30 s``.
+    """
+    seen: dict[str, dict[str, list[float]]] = {}
+    for match in lines:
+        parts = seen.setdefault(match[1], {})
+        for part in match[2].split(", "):
+            name, value, _unit = part.rsplit(" ", 2)
+            parts.setdefault(name, []).append(float(value))
+    return {kind: {k: statistics.median(v) for k, v in ps.items()} for kind, ps in seen.items()}
 
 
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
@@ -179,12 +221,25 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         if r["mode"] == "secure":
             cells = " | ".join(f"{r['stage-s'][s]:.1f}" for s in STAGES)
             lines.append(f"| {r['setting']} | {cells} |")
+    lines += [
+        "",
+        "Deployment messages, where a node's time goes (median seconds per part over all "
+        "rounds, from the `message timing` line each ClientApp logs; with the node worker, "
+        "the ClientApp process's line and the worker's own):",
+        "",
+        "| setting | mode | message | parts (s) |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        for kind, parts in sorted(r.get("message-parts", {}).items()):
+            cell = "; ".join(f"{name} {seconds:.2f}" for name, seconds in parts.items())
+            lines.append(f"| {r['setting']} | {r['mode']} | {kind} | {cell} |")
     return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", default=",".join(SETTINGS), help="sim-10,sim-100,deploy-3")
+    parser.add_argument("--settings", default=",".join(SETTINGS), help=",".join(SETTINGS))
     parser.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 2)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of rounds.{md,json}")
     args = parser.parse_args()
@@ -203,8 +258,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rounds-") as tmp:
         for setting in chosen:
             run: Callable[[], list[dict[str, Any]]] = (
-                (lambda: deploy(args.rounds, Path(tmp)))
-                if setting == "deploy-3"
+                (lambda s=setting: deploy(args.rounds, Path(tmp), worker=s.endswith("worker")))
+                if setting.startswith("deploy")
                 else (lambda s=setting: simulate(SETTINGS[s], args.rounds, Path(tmp) / s))
             )
             rows += [{"setting": setting, **row} for row in run()]

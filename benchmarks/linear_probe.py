@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dpfpl_app.backbones.backbone import load_frozen_clip  # noqa: E402
-from dpfpl_app.backbones.backbone_build import cache_root  # noqa: E402
+from dpfpl_app.cache import cache_root  # noqa: E402
 from dpfpl_app.data.data_sources import SourceSpec  # noqa: E402
 from dpfpl_app.data.features import FeatureCache  # noqa: E402
 from dpfpl_app.data.federated_data import load_federated_data  # noqa: E402

@@ -25,7 +25,7 @@ from sklearn.metrics import adjusted_rand_score
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dpfpl_app.backbones.backbone_build import cache_root  # noqa: E402
+from dpfpl_app.cache import cache_root  # noqa: E402
 from dpfpl_app.config import RunConfig  # noqa: E402
 from dpfpl_app.data.features import FeatureCache  # noqa: E402
 from dpfpl_app.data.federated_data import client_data  # noqa: E402

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.backbones.backbone_build import CACHE_ENV, build_random_clip, ensure_backbone
+from dpfpl_app.backbones.backbone_build import build_random_clip, ensure_backbone
+from dpfpl_app.cache import CACHE_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

@@ -25,12 +25,12 @@ from dpfpl_app.backbones.backbone_build import (
     METADATA_FILE,
     build_pretrained_backbone,
     build_random_clip,
-    cache_root,
     ensure_backbone,
     weights_sha256,
 )
 from dpfpl_app.backbones.pretraining import zero_shot_accuracy
 from dpfpl_app.backbones.tokenizer_build import CONTEXT_LENGTH, build_tokenizer
+from dpfpl_app.cache import cache_root
 from dpfpl_app.data.image_processing import (
     GRAY_MEAN,
     GRAY_STD,

@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from cryptography import x509
+from flwr.common.config import parse_config_args
 
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
@@ -77,8 +78,10 @@ def _flag(service: dict[str, Any], flag: str) -> str:
 
 
 def _node_config(service: dict[str, Any]) -> dict[str, str]:
-    pairs = (item.split("=", 1) for item in _flag(service, "--node-config").split())
-    return {key: value.strip("'\"") for key, value in pairs}
+    """The node config as ``flower-supernode`` parses it (a bare word is refused there)."""
+    parsed = parse_config_args([_flag(service, "--node-config")])
+    return {key: str(value).lower() if isinstance(value, bool) else str(value)
+            for key, value in parsed.items()}  # fmt: skip
 
 
 def _mounts(service: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -160,6 +163,11 @@ def test_compose_has_three_organisations_each_with_own_key_state_and_data(certs:
         assert config["partition-id"] == str(i) and config["num-partitions"] == str(NUM_ORGS)
         # the organisation refuses plain rounds, whatever run config is submitted
         assert config["require-secure-aggregation"] == "true"
+        # messages go to the node's worker, which lives beside the state it writes (in
+        # the ClientApp's container: its socket is in the mounted state directory), and
+        # that container's SuperExec looks for messages every 0.2 s
+        assert config["node-worker"] == "true" and "worker-dir" not in config
+        assert app["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"
         assert _flag(app, "--runtime-api-address") == f"supernode-{i}:{_flag(node, '--port')}"
         mounts = _mounts(app)
         host_state, mode = mounts[config["state-dir"]]
@@ -211,7 +219,8 @@ def test_org_compose_connects_one_organisation_with_its_own_key(certs: Path) -> 
     assert secrets[_flag(node, "--root-certificates")] == "ca.crt"
     config = _node_config(node)
     assert (config["partition-id"], config["num-partitions"]) == ("1", "3")
-    assert config["require-secure-aggregation"] == "true"
+    assert config["require-secure-aggregation"] == "true" and config["node-worker"] == "true"
+    assert app["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"
     assert _mounts(app)[config["state-dir"]] == (f"./volumes/{ORG_ENV['ORG']}/state", "rw")
     assert doc["networks"]["org"]["internal"] is True and app["networks"] == ["org"]
     _check_secrets_exist_and_are_used(doc, certs)

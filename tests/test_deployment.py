@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import signal
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +50,8 @@ def federation(
 ) -> Iterator[Federation]:
     """SuperLink + 3 registered, connected SuperNodes; an extra key that is never registered."""
     fed = Federation(tmp_path_factory.mktemp("deploy"), NUM_NODES)
+    for node in fed.nodes[1:]:  # node 0 keeps Flower's process per message; 1 and 2 a worker
+        node.worker = True
     try:
         fed.make_credentials(extra_keys=["intruder"])
         fed.start_superlink()
@@ -196,6 +200,13 @@ def test_tls_and_node_auth_run_completes_with_results(
     for node in federation.nodes:
         meta = json.loads(_state_file(node, "honest", "meta.json").read_text())
         assert meta["rounds_done"] == 1 and meta["run_id"] == honest_run["run_id"]
+    # Nodes 1 and 2 answered through their workers: a 0600 socket in a 0700 directory
+    # (no port); node 0, without node-worker=true, started none.
+    for node in federation.nodes[1:]:
+        (sock,) = (node.state_dir / "workers").glob("*.sock")
+        assert stat.S_IMODE(sock.stat().st_mode) == 0o600, oct(sock.stat().st_mode)
+        assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
+    assert not (federation.nodes[0].state_dir / "workers").exists()
 
 
 def _crash_and_restart(federation: Federation, node: Node) -> None:
@@ -239,8 +250,10 @@ def test_no_key_material_or_local_prompt_in_logs_or_results(
     exposed = all_text(
         [federation.logs, federation.runs, *(n.root for n in federation.nodes if n.root.exists())]
     )
-    # State directories hold the local prompts by design; everything else must not.
-    exposed = {p: b for p, b in exposed.items() if "state" not in p.parts}
+    # State directories hold the local prompts by design; everything else must not,
+    # including the node workers' logs kept beside them.
+    exposed = {p: b for p, b in exposed.items() if "state" not in p.parts or "workers" in p.parts}
+    assert any("workers" in p.parts for p in exposed), "no node worker log was scanned"
 
     # Execute / Assert: no secret in any log, result or node log
     assert exposed, "nothing to scan"
@@ -355,6 +368,37 @@ def test_supernode_killed_mid_run_rejoins_and_resumes_its_local_prompt(
     assert meta["steps_taken"] == 1 + rejoined, meta
     for node in others:
         assert json.loads(_state_file(node, "fault", "meta.json").read_text())["rounds_done"] == 3
+
+
+def test_node_worker_killed_mid_run_is_replaced_and_loses_nothing(
+    federation: Federation,
+) -> None:
+    # Prepare: 3 plain rounds; node 1 answers through its worker
+    node = federation.nodes[1]
+    run_id = federation.submit(
+        REPO,
+        _overrides(federation, "worker-kill", num_server_rounds=3, aggregation="'plain'"),
+    )
+    saved = _state_file(node, "worker-kill", "meta.json")
+    wait_until(saved.exists, RUN_TIMEOUT_S, "node 1's round-1 state on its disk", every=0.5)
+    killed = node.worker_pid
+    assert killed is not None
+
+    # Execute: a crash of the worker alone (the SuperNode stays up)
+    os.kill(killed, signal.SIGKILL)
+    info = federation.wait_finished(run_id, RUN_TIMEOUT_S)
+
+    # Assert: the run completed; the next message started a new worker, and the node's
+    # local prompt went on from its state: it counts every round whose train reply the
+    # server accepted from it, plus at most the one whose reply the kill cut off after
+    # the state was saved (the state is saved before replying, so none is ever lost)
+    assert info["status"] == "finished:completed", info
+    assert node.worker_pid not in (None, killed)
+    rows = _results(federation, "worker-kill")["rounds"]
+    complete = sum(1 for row in rows if row["accepted"] == NUM_NODES)
+    assert complete >= 2, rows
+    rounds_done = json.loads(saved.read_text())["rounds_done"]
+    assert complete <= rounds_done <= complete + 1, (rounds_done, rows)
 
 
 # --- issue 12: secure aggregation across organisations, with a node lost mid-round -------

@@ -35,6 +35,7 @@ from dpfpl_app.backbones.pretraining import (
     zero_shot_accuracy,
 )
 from dpfpl_app.backbones.tokenizer_build import CONTEXT_LENGTH, build_tokenizer
+from dpfpl_app.cache import cache_root
 from dpfpl_app.data.image_processing import make_image_processor
 from dpfpl_app.data.offline_data import (
     federated_pool,
@@ -49,7 +50,6 @@ logger = logging.getLogger(__name__)
 METADATA_FILE = "dpfpl_backbone.json"
 """Written last into a backbone directory: its presence marks the directory complete."""
 
-CACHE_ENV = "DPFPL_CACHE"
 BUILD_THREADS = 2
 """Torch threads during a build; fixed so the arithmetic (and the weights) do not vary with it."""
 
@@ -99,12 +99,6 @@ BACKBONES: dict[str, BackboneSpec] = {
     )
 }
 """Every backbone :func:`ensure_backbone` can build, by name."""
-
-
-def cache_root() -> Path:
-    """Root of the dpfpl cache: ``$DPFPL_CACHE``, else ``~/.cache/dpfpl``."""
-    from_env = os.environ.get(CACHE_ENV)
-    return Path(from_env) if from_env else Path.home() / ".cache" / "dpfpl"
 
 
 def is_complete(model_dir: Path) -> bool:

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from safetensors.torch import load_file, save_file
 
 from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
-from dpfpl_app.backbones.backbone_build import cache_root
+from dpfpl_app.cache import cache_root
 from dpfpl_app.config import RunConfig
 from dpfpl_app.data.features import FeatureCache
 from dpfpl_app.data.federated_data import client_data, load_federated_data, source_spec

@@ -17,11 +17,13 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.superlink.grid import HttpGrid
 
-from dpfpl_app.backbones.backbone_build import BACKBONES, CACHE_ENV, cache_root
+from dpfpl_app.backbones.backbone_build import BACKBONES
+from dpfpl_app.cache import CACHE_ENV, cache_root
 from dpfpl_app.config import Aggregation, RunConfig
 from dpfpl_app.federation.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
 from dpfpl_app.federation.cluster_strategy import CLUSTERING_NOTE, SecFPPStrategy
 from dpfpl_app.federation.node_paths import run_state_name
+from dpfpl_app.federation.polling_grid import responsive
 from dpfpl_app.federation.results import RunRecorder
 from dpfpl_app.federation.strategy_build import build_strategy
 from dpfpl_app.privacy.dp_channel import Guarantee, plan_for
@@ -105,7 +107,7 @@ def run_server(grid: Grid, context: Context) -> Path:
     )
     log_locations(recorder.out_dir, cfg, context)
     with recorder.failure_recorded():
-        return _run(grid, context, cfg, recorder)
+        return _run(responsive(grid), context, cfg, recorder)
 
 
 def log_locations(out: Path, cfg: RunConfig, context: Context) -> None:

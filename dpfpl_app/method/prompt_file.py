@@ -31,7 +31,8 @@ from safetensors.torch import save_file
 from torch import Tensor
 
 from dpfpl_app.backbones.backbone import FrozenClip
-from dpfpl_app.backbones.backbone_build import cache_root, weights_sha256
+from dpfpl_app.backbones.backbone_build import weights_sha256
+from dpfpl_app.cache import cache_root
 from dpfpl_app.config import DPMode, Method
 from dpfpl_app.privacy.dp_channel import Guarantee
 

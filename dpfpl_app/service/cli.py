@@ -14,6 +14,7 @@ from pathlib import Path
 
 from dpfpl_app.audit.cli import add_parser as add_audit_command
 from dpfpl_app.config import Accountant
+from dpfpl_app.service.node_worker import add_node_worker_command
 from dpfpl_app.service.service_cli import add_service_commands
 from dpfpl_app.service.sweep_cli import add_sweep_command
 
@@ -130,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_service_commands(sub)
     add_sweep_command(sub)
     add_audit_command(sub)
+    add_node_worker_command(sub)
     return parser
 
 

@@ -1,0 +1,53 @@
+"""Where a message's time goes on a node: one log line per message.
+
+In a deployment a message's cost is mostly not its compute: Flower starts a process,
+which imports torch and transformers and loads the frozen model. The line makes that
+visible to an operator in the SuperNode's log (and to ``benchmarks/bench_rounds.py``,
+which reads it there), with and without the node worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+_short_lived = True  # False in the node worker, whose age says nothing about a message
+
+
+def serving_many_messages() -> None:
+    """Mark this process as long-lived (the node worker): its age is not a message's cost."""
+    global _short_lived
+    _short_lived = False
+
+
+def process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``); None elsewhere."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return uptime - ticks / os.sysconf("SC_CLK_TCK")
+
+
+class MessageTimes:
+    """The parts of one message's handling, in seconds, in the order they ran."""
+
+    def __init__(self) -> None:
+        age = process_age() if _short_lived else None
+        self.parts: dict[str, float] = {} if age is None else {"process start and imports": age}
+
+    @contextlib.contextmanager
+    def part(self, name: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.parts[name] = time.perf_counter() - started
+
+    def line(self, kind: str) -> str:
+        parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.parts.items())
+        return f"message timing ({kind}): {parts}"
