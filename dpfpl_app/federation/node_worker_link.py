@@ -70,15 +70,11 @@ def delegate_to_worker(msg: Message, context: Context, call_next: ClientAppCalla
     with times.part("handed to the worker and answered"), _connect(
         worker_dir(dict(context.node_config))
     ) as conn:
-        send_frames(
-            conn,
-            b"call",
-            message_to_proto(msg).SerializeToString(),
-            context_to_proto(context).SerializeToString(),
-        )
+        request = (message_to_proto(msg), context_to_proto(context))
         try:
+            send_frames(conn, b"call", *(part.SerializeToString() for part in request))
             status, first, second, logs = (recv_frame(conn) for _ in range(4))
-        except EOFError:
+        except (EOFError, ConnectionError):  # never retried: it may have trained already
             raise WorkerError(
                 "the node worker died while handling this message (see its log in the "
                 "worker directory); the next message starts a new one"
