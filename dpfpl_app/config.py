@@ -143,6 +143,9 @@ class RunConfig(BaseModel):
     min_nodes: int = Field(10, ge=1, description="nodes the server waits for each round")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of nodes trained per round")
     fraction_evaluate: float = Field(1.0, gt=0, le=1, description="share of nodes evaluated")
+    evaluate_every: int = Field(
+        1, ge=1, description="evaluate every k-th round and the last (k = 1: every round)"
+    )
     node_wait_timeout: float = Field(120.0, gt=0, description="seconds to wait for min-nodes")
     max_clusters: int = Field(
         4, ge=1, le=16, description="secfpp: largest number of domain clusters tried"

@@ -3,7 +3,7 @@
 The federation tests drive the real ServerApp and ClientApp in one process with the
 nodes' ``node-worker=true``: every message then crosses a real Unix socket to a real
 ``dpfpl node-worker`` process, started on first use. The deployment tests do the same
-across SuperNodes (``test_deployment.py``).
+across SuperNodes (``test_deployment.py``, ``test_deployment_faults.py``).
 """
 
 from __future__ import annotations

@@ -199,3 +199,28 @@ def test_domain_partitions_split_classes_within_each_domain() -> None:
         assert sorted(np.bincount(labels[share]).tolist()) == [10] * 10
     with pytest.raises(ValueError, match="3 domains need at least as many clients"):
         domain_partitions(labels, test, 2, domains=3, kind=Partitioner.PATHOLOGICAL, seed=0)
+
+
+def test_a_process_splits_the_pools_once_for_all_the_clients_it_serves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # issue 16: a simulated actor serving 100 clients re-split 49,000 labels per message
+    from dpfpl_app.config import RunConfig
+    from dpfpl_app.data import federated_data
+
+    calls = []
+    real = federated_data.client_partitions
+    monkeypatch.setattr(
+        federated_data, "client_partitions", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    federated_data._partitioning.cache_clear()
+    cfg = RunConfig.from_flower({"dataset": "digits", "partitioner": "iid"})
+
+    first = federated_data.partitions_for(cfg, 7)
+    again = federated_data.partitions_for(cfg, 7)
+    other = federated_data.partitions_for(cfg, 8)
+
+    assert again is first and len(calls) == 2 and len(other) == 8
+    # one client's view is built from the shared split, and is the same every time
+    assert np.array_equal(first[3].neighbour_test, again[3].neighbour_test)
+    federated_data._partitioning.cache_clear()

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from flower_harness import InProcessGrid, make_reply
+from flower_harness import InProcessGrid, make_reply, run_strategy
 from flwr.app import (
     Array,
     ArrayRecord,
@@ -462,6 +462,53 @@ def test_configure_train_samples_copies_config_and_broadcasts_the_prompt() -> No
         )
 
 
+_answering_app = ClientApp()
+
+
+@_answering_app.train()
+def _answer_train(msg: Message, context: object) -> Message:
+    return Message(_train_content(_grad(0.5)), reply_to=msg)
+
+
+@_answering_app.evaluate()
+def _answer_evaluate(msg: Message, context: object) -> Message:
+    content = _eval_reply(0, 0.75, 10, 0.25).content
+    return Message(content, reply_to=msg)
+
+
+def test_evaluate_every_k_evaluates_only_every_kth_and_the_final_round() -> None:
+    # Prepare: 5 rounds, every 2nd evaluated, and the last one (5) although 5 % 2 != 0
+    rows: dict[int, dict[str, object]] = {}
+    strategy = _strategy(
+        evaluate_every=2, final_round=5, on_round=lambda r, m: rows.__setitem__(r, dict(m))
+    )
+
+    # Execute
+    run = run_strategy(
+        strategy,
+        client_app=_answering_app,
+        num_nodes=2,
+        initial_arrays=strategy.global_arrays(),
+        num_rounds=5,
+    )
+
+    # Assert: evaluate messages went out in rounds 2, 4 and 5 only, 2 nodes each
+    evaluated = [
+        int(r.metadata.group_id)
+        for r in run.replies
+        if r.metadata.message_type == MessageType.EVALUATE
+    ]
+    assert sorted(evaluated) == [2, 2, 4, 4, 5, 5]
+    assert sorted(rows) == [1, 2, 3, 4, 5]  # every round is recorded, trained or not
+    for round_, row in rows.items():
+        assert row["accepted"] == 2  # training happened every round
+        if round_ in (2, 4, 5):
+            assert row[wire.LOCAL_ACC] == pytest.approx(0.75) and row[wire.EVAL_ACCEPTED] == 2
+        else:  # no accuracy and no "0 accepted" that would read as a failed evaluation
+            assert wire.LOCAL_ACC not in row and wire.EVAL_ACCEPTED not in row
+    assert set(run.result.evaluate_metrics_clientapp) == {2, 4, 5}
+
+
 def test_node_wait_timeout_raises_with_seen_needed_and_what_to_check() -> None:
     grid = InProcessGrid(client_app=_idle_app, num_nodes=1, run_config={})
     strategy = _strategy(min_nodes=2, node_wait_timeout=0.05)
@@ -544,6 +591,7 @@ def test_load_state_dict_refuses_another_privacy_plan() -> None:
         ("min_nodes", 0),
         ("fraction_train", 0.0),
         ("fraction_evaluate", 1.5),
+        ("evaluate_every", 0),
         ("node_wait_timeout", 0.0),
         ("channel", "off"),
         ("initial_prompt", torch.zeros(SHAPE, dtype=torch.float64)),

@@ -8,6 +8,7 @@ client empty. Dirichlet and IID use flwr-datasets' partitioners on the label col
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,6 +24,29 @@ class ClientPartition:
     local_test: np.ndarray  # indices into the test pool: the client's own test data
     neighbour_test: np.ndarray  # test images of classes this client does not hold
     classes: np.ndarray  # the classes present in this client's training data
+
+
+@dataclass(frozen=True, eq=False)
+class Partitioning:
+    """All clients' train and local-test indices; ``[i]`` is client i's whole view."""
+
+    train_labels: np.ndarray
+    test_labels: np.ndarray
+    train: list[np.ndarray]
+    local_test: list[np.ndarray]
+
+    def __len__(self) -> int:
+        return len(self.train)
+
+    def __getitem__(self, client: int) -> ClientPartition:
+        """Client ``client``'s share; neighbour data = test images of classes it lacks."""
+        train = self.train[client]
+        classes = np.unique(self.train_labels[train])
+        neighbour = np.flatnonzero(~np.isin(self.test_labels, classes))
+        return ClientPartition(train, self.local_test[client], neighbour, classes)
+
+    def __iter__(self) -> Iterator[ClientPartition]:
+        return (self[i] for i in range(len(self)))
 
 
 def pathological_classes(num_classes: int, num_clients: int, *, seed: int) -> list[np.ndarray]:
@@ -46,13 +70,12 @@ def pathological_classes(num_classes: int, num_clients: int, *, seed: int) -> li
 def _flwr_partition(labels: np.ndarray, partitioner: object) -> list[np.ndarray]:
     from datasets import Dataset
 
-    table = Dataset.from_dict({"label": labels.tolist(), "index": list(range(len(labels)))})
+    table = Dataset.from_dict({"label": labels, "index": np.arange(len(labels))})
     partitioner.dataset = table  # type: ignore[attr-defined]
     n = partitioner.num_partitions  # type: ignore[attr-defined]
-    return [
-        np.sort(np.asarray(partitioner.load_partition(i)["index"], dtype=np.int64))  # type: ignore[attr-defined]
-        for i in range(n)
-    ]
+    # the index column read as one numpy slice: row by row costs ~30 ms per 1000 rows
+    parts = (partitioner.load_partition(i) for i in range(n))  # type: ignore[attr-defined]
+    return [np.sort(p.with_format("numpy")[:]["index"].astype(np.int64)) for p in parts]
 
 
 def partition_train(
@@ -135,13 +158,13 @@ def client_partitions(
     kind: Partitioner,
     seed: int,
     dirichlet_alpha: float = 0.3,
-) -> list[ClientPartition]:
+) -> Partitioning:
     """All clients' partitions; neighbour data = test images of classes a client lacks."""
     train_parts = partition_train(
         train_labels, num_clients, kind=kind, seed=seed, dirichlet_alpha=dirichlet_alpha
     )
     test_parts = partition_test(train_labels, train_parts, test_labels, seed=seed)
-    return _with_neighbours(train_labels, test_labels, train_parts, test_parts)
+    return Partitioning(train_labels, test_labels, train_parts, test_parts)
 
 
 def domain_partitions(
@@ -153,7 +176,7 @@ def domain_partitions(
     kind: Partitioner,
     seed: int,
     dirichlet_alpha: float = 0.3,
-) -> list[ClientPartition]:
+) -> Partitioning:
     """Clients ``i`` with ``i % domains == d`` form domain d; classes split WITHIN it.
 
     Each domain gets a disjoint, class-stratified share of the train pool and splits it
@@ -179,18 +202,4 @@ def domain_partitions(
         for client, part in zip(clients, parts, strict=True):
             train_parts[client] = share[part]
     test_parts = partition_test(train_labels, train_parts, test_labels, seed=seed)
-    return _with_neighbours(train_labels, test_labels, train_parts, test_parts)
-
-
-def _with_neighbours(
-    train_labels: np.ndarray,
-    test_labels: np.ndarray,
-    train_parts: list[np.ndarray],
-    test_parts: list[np.ndarray],
-) -> list[ClientPartition]:
-    result = []
-    for train, local in zip(train_parts, test_parts, strict=True):
-        classes = np.unique(train_labels[train])
-        neighbour = np.flatnonzero(~np.isin(test_labels, classes))
-        result.append(ClientPartition(train, local, neighbour, classes))
-    return result
+    return Partitioning(train_labels, test_labels, train_parts, test_parts)

@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 FLWR = str(Path(sys.executable).with_name("flwr"))
-POLL_S = 3.0
+POLL_S = (3.0, 30.0)
+"""Status polls of a run: every 3 s at first, then a tenth of its age, at most 30 s. Each
+poll is a ``flwr`` process (~1 CPU-second), which a long run on 2 cores would feel."""
 
 
 def free_port() -> int:
@@ -81,12 +83,14 @@ class LocalFlower:
         if submitted.get("success") is not True:
             raise RuntimeError(f"flwr run refused the run: {submitted}")
         run_id = int(submitted["run-id"])
-        deadline, status = time.monotonic() + timeout_s, "pending"
+        started = time.monotonic()
+        deadline, status = started + timeout_s, "pending"
         while not status.startswith("finished"):
             if time.monotonic() > deadline:
                 self._json(["stop", str(run_id)])
                 return run_id, f"timeout after {timeout_s:.0f} s ({status})"
-            time.sleep(POLL_S)
+            shortest, longest = POLL_S
+            time.sleep(min(longest, max(shortest, (time.monotonic() - started) / 10)))
             listed = self._json(["list", "--run-id", str(run_id)])
             if listed.get("success") and listed.get("runs"):
                 status = str(listed["runs"][0]["status"])

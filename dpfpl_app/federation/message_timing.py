@@ -14,13 +14,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-_short_lived = True  # False in the node worker, whose age says nothing about a message
+# A process's age is a message's start-up cost only for the first message it handles:
+# a simulation's actors and the node worker serve many, and their later messages paid
+# nothing for it.
+_first_message = True
 
 
 def serving_many_messages() -> None:
     """Mark this process as long-lived (the node worker): its age is not a message's cost."""
-    global _short_lived
-    _short_lived = False
+    global _first_message
+    _first_message = False
 
 
 def process_age() -> float | None:
@@ -37,7 +40,8 @@ class MessageTimes:
     """The parts of one message's handling, in seconds, in the order they ran."""
 
     def __init__(self) -> None:
-        age = process_age() if _short_lived else None
+        age = process_age() if _first_message else None
+        serving_many_messages()
         self.parts: dict[str, float] = {} if age is None else {"process start and imports": age}
 
     @contextlib.contextmanager

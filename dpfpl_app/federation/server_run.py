@@ -20,6 +20,7 @@ from flwr.superlink.grid import HttpGrid
 from dpfpl_app.backbones.backbone_build import BACKBONES
 from dpfpl_app.cache import CACHE_ENV, cache_root
 from dpfpl_app.config import Aggregation, RunConfig
+from dpfpl_app.federation import wire
 from dpfpl_app.federation.checkpoint import earlier_rounds, load_checkpoint, save_checkpoint
 from dpfpl_app.federation.cluster_strategy import CLUSTERING_NOTE, SecFPPStrategy
 from dpfpl_app.federation.node_paths import run_state_name
@@ -124,6 +125,9 @@ def log_locations(out: Path, cfg: RunConfig, context: Context) -> None:
     log(INFO, "cache (%s): %s", CACHE_ENV, cache_root().resolve())
 
 
+EVALUATED = ("local-acc", "neighbour-acc", "zeroshot-local-acc", "zeroshot-neighbour-acc")
+
+
 def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) -> Path:
     out = recorder.out_dir
     notes = {"backbone": backbone_note(cfg), **privacy_notes(cfg)}
@@ -139,16 +143,19 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) ->
     def progress(server_round: int, metrics: dict[str, Any]) -> None:
         recorder.record(server_round, metrics)
         save_checkpoint(out, strategy.state_dict(), config=cfg)
+        accuracy = (
+            "local-acc {:.3f}  neighbour-acc {:.3f}  (zero-shot {:.3f} / {:.3f})".format(
+                *(metrics.get(k, math.nan) for k in EVALUATED)
+            )
+            if wire.EVAL_ACCEPTED in metrics
+            else f"not evaluated (evaluate-every {cfg.evaluate_every})"
+        )
         log(
             INFO,
-            "round %d/%d  local-acc %.3f  neighbour-acc %.3f  (zero-shot %.3f / %.3f)  "
-            "epsilon %.3g%s%s",
+            "round %d/%d  %s  epsilon %.3g%s%s",
             server_round,
             cfg.num_server_rounds,
-            metrics.get("local-acc", math.nan),
-            metrics.get("neighbour-acc", math.nan),
-            metrics.get("zeroshot-local-acc", math.nan),
-            metrics.get("zeroshot-neighbour-acc", math.nan),
+            accuracy,
             metrics.get("epsilon", math.nan),
             label,
             f"  loss {metrics['train-loss']:.4f}" if "train-loss" in metrics else "",

@@ -92,6 +92,8 @@ class DPFPLStrategy(Strategy):
         min_nodes: int = 2,
         fraction_train: float = 1.0,
         fraction_evaluate: float = 1.0,
+        evaluate_every: int = 1,
+        final_round: int | None = None,
         node_wait_timeout: float = 300.0,
         seed: int | None = None,
         on_round: RoundCallback | None = None,
@@ -102,6 +104,8 @@ class DPFPLStrategy(Strategy):
         self.min_nodes = int(min_nodes)
         self.fraction_train = float(fraction_train)
         self.fraction_evaluate = float(fraction_evaluate)
+        self.evaluate_every = int(evaluate_every)
+        self.final_round = final_round
         self.node_wait_timeout = float(node_wait_timeout)
         self.on_round = on_round
         self._prompt = initial_prompt.detach().clone()
@@ -165,10 +169,12 @@ class DPFPLStrategy(Strategy):
             log(INFO if plan.secure else WARNING, "%s", plan.server_view)
         log(
             INFO,
-            "\t└──> Sampling: min_nodes=%d fraction train=%.2f evaluate=%.2f wait<=%gs",
+            "\t└──> Sampling: min_nodes=%d fraction train=%.2f evaluate=%.2f every %d "
+            "round(s) wait<=%gs",
             self.min_nodes,
             self.fraction_train,
             self.fraction_evaluate,
+            self.evaluate_every,
             self.node_wait_timeout,
         )
 
@@ -187,8 +193,19 @@ class DPFPLStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Broadcast the global prompt to a sample of nodes for evaluation."""
+        """Broadcast the global prompt to a sample of nodes for evaluation.
+
+        Only every ``evaluate_every``-th round and the final one: with many clients an
+        evaluation costs about as much as the training it checks.
+        """
+        if not self.evaluates(self._round_offset + server_round):
+            self._sent = []
+            return []
         return self._configure(server_round, arrays, config, grid, MessageType.EVALUATE)
+
+    def evaluates(self, round_: int) -> bool:
+        """Whether round ``round_`` (counted across resumes) is evaluated."""
+        return round_ % self.evaluate_every == 0 or round_ == self.final_round
 
     def _configure(
         self,
@@ -414,6 +431,11 @@ class DPFPLStrategy(Strategy):
         """
         replies = list(replies)
         round_ = self._round_offset + server_round
+        if not self.evaluates(round_):  # the round's record holds its training only
+            if self.on_round is not None:
+                self.on_round(round_, self._train_metrics)
+            self._train_metrics = {}
+            return None
         accepted: list[wire.EvaluateReply] = []
         for msg in replies:
             try:
@@ -490,6 +512,7 @@ def _validate_arguments(args: dict[str, Any]) -> None:
         ("min_nodes", isinstance(args["min_nodes"], int) and args["min_nodes"] >= 1, "an int >= 1"),
         ("fraction_train", 0.0 < args["fraction_train"] <= 1.0, "in (0, 1]"),
         ("fraction_evaluate", 0.0 < args["fraction_evaluate"] <= 1.0, "in (0, 1]"),
+        ("evaluate_every", args["evaluate_every"] >= 1, ">= 1"),
         ("node_wait_timeout", args["node_wait_timeout"] > 0, "> 0"),
     )
     for name, ok, requirement in rules:

@@ -57,6 +57,8 @@ def build_strategy(
         min_nodes=cfg.min_nodes,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
+        evaluate_every=cfg.evaluate_every,
+        final_round=cfg.num_server_rounds,
         node_wait_timeout=cfg.node_wait_timeout,
         seed=cfg.seed if cfg.reproducible_noise else None,
         on_round=on_round,

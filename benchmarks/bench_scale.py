@@ -1,0 +1,255 @@
+"""Many simulated clients per round: framework overhead against compute, and memory.
+
+``flwr run`` on a private local SuperLink (``LocalFlower``, the sweep's runner) with N
+simulated SuperNodes, every one sampled every round: the main job's DP-FPL, per-sample
+DP at epsilon 4, plain aggregation, Fashion-MNIST split IID (1000 clients get ~49
+training images each, where digits' 754 images could not feed them), tiny offline
+backbone, Flower's default client resources.
+
+What is measured, per N:
+
+* **round time**: the server's ``elapsed-s`` per round from ``results.json``, the median
+  of rounds 2..T (round 1 also fills the feature cache and starts the actors);
+* **handler time**: every train and evaluate message logs its parts
+  (``federation/message_timing.py``: model and features, compute, state saved); the
+  parts of the messages of rounds 2..T are summed from the run's log;
+* **overhead** = round time / compute - 1: everything a round costs beyond the clients'
+  own training and evaluation (Flower's message passing, Ray, the ServerApp, our
+  restore and save). With Flower's default of 2 CPUs per client this machine runs one
+  actor, so the messages' compute adds up serially and the ratio is exact; with more
+  actors it would understate the overhead;
+* **memory**: the peak, sampled every second, of the summed RSS of the run's processes
+  (every process whose environment names this run's ``FLWR_HOME``: the SuperLink, the
+  ServerApp, Ray and its actors) and of the actors alone.
+
+Usage::
+
+    python benchmarks/bench_scale.py                       # 100 and 1000 clients, 3 rounds
+    python benchmarks/bench_scale.py --clients 100 --rounds 2
+Writes ``benchmarks/results/scale.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dpfpl_app.backbones.backbone_build import ensure_backbone  # noqa: E402
+from dpfpl_app.cache import CACHE_ENV  # noqa: E402
+from dpfpl_app.federation.flwr_local import LocalFlower  # noqa: E402
+
+RESULTS = ROOT / "benchmarks" / "results"
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICK = os.sysconf("SC_CLK_TCK")
+HANDLER_PARTS = ("model and features", "compute", "state saved")
+
+
+class MemorySampler:
+    """Peak summed RSS of the processes whose environment holds ``marker``, and the CPU
+    seconds each kind of process used (``cpu_by_kind``, last sample of each process).
+    """
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker.encode()
+        self.peak_total = self.peak_actors = 0
+        self._cpu: dict[int, tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0):
+            total = actors = 0
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                try:
+                    if self.marker not in (proc / "environ").read_bytes():
+                        continue
+                    rss = int((proc / "statm").read_text().split()[1]) * PAGE
+                    cmdline = (proc / "cmdline").read_bytes()
+                    ticks = (proc / "stat").read_text().rsplit(")", 1)[1].split()[11:13]
+                except (OSError, ValueError, IndexError):
+                    continue  # ended, or not ours to read
+                self._cpu[int(proc.name)] = (kind_of(cmdline), sum(map(int, ticks)) / TICK)
+                total += rss
+                actors += rss if b"ClientAppActor" in cmdline else 0
+            self.peak_total = max(self.peak_total, total)
+            self.peak_actors = max(self.peak_actors, actors)
+
+
+    @property
+    def cpu_by_kind(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for kind, seconds in self._cpu.values():
+            out[kind] = out.get(kind, 0.0) + seconds
+        return out
+
+
+def kind_of(cmdline: bytes) -> str:
+    """Which part of a simulation a process is, from its command line."""
+    for token, kind in (
+        (b"ClientAppActor", "actors"),
+        (b"flwr-simulation", "flower simulation engine + ServerApp"),
+        (b"flower-superlink", "superlink"),
+    ):
+        if token in cmdline:
+            return kind
+    return "other (ray, flwr cli)"
+
+
+def run_config(nodes: int, rounds: int, out: Path, dataset: str) -> dict[str, Any]:
+    return {
+        "aggregation": "plain",
+        "dataset": dataset,
+        "partitioner": "iid",
+        "num-server-rounds": rounds,
+        "min-nodes": nodes,
+        "node-wait-timeout": 600,
+        "output-dir": str(out),
+        "run-name": f"scale-{nodes}",
+        "state-dir": str(out / "state"),
+    }
+
+
+def handler_seconds(log: str, first_counted: int) -> dict[str, float]:
+    """Summed parts of the ``message timing`` lines after the first ``first_counted``."""
+    lines = [line for line in log.splitlines() if "message timing (" in line]
+    sums = dict.fromkeys(HANDLER_PARTS, 0.0)
+    for line in lines[first_counted:]:
+        for part in line.split("): ", 1)[1].split(", "):
+            name, value, _unit = part.rsplit(" ", 2)
+            if name in sums:
+                sums[name] += float(value)
+    sums["messages"] = float(len(lines) - first_counted)
+    return sums
+
+
+def measure(nodes: int, rounds: int, work: Path, dataset: str) -> dict[str, Any]:
+    with LocalFlower(ROOT, work / "flwr-home") as flower, MemorySampler(
+        f"FLWR_HOME={flower.flwr_home}"
+    ) as memory:
+        started = time.monotonic()
+        print(f"[{nodes} clients] {rounds} rounds ...", flush=True)
+        run_id, status = flower.run(
+            run_config(nodes, rounds, work / "runs", dataset), num_supernodes=nodes,
+            timeout_s=4 * 3600,
+        )
+        log = flower.log(run_id)
+    if status != "finished:completed":
+        raise RuntimeError(f"run {run_id} {status}:\n{log[-3000:]}")
+    doc = json.loads((work / "runs" / f"scale-{nodes}" / "results.json").read_text())
+    elapsed = [row["elapsed-s"] for row in doc["rounds"]]
+    later = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
+    parts = handler_seconds(log, first_counted=2 * nodes)  # round 1: train + evaluate
+    compute = parts["compute"]
+    row = {
+        "clients": nodes,
+        "rounds": rounds,
+        "round-1-s": elapsed[0],
+        "round-s": statistics.median(later),
+        "round-s-all": [round(t, 1) for t in later],
+        "messages-counted": int(parts["messages"]),
+        "compute-s-per-round": compute / (rounds - 1),
+        "restore-s-per-round": parts["model and features"] / (rounds - 1),
+        "save-s-per-round": parts["state saved"] / (rounds - 1),
+        "overhead": sum(later) / compute - 1,
+        "peak-rss-gib": memory.peak_total / 2**30,
+        "peak-actor-rss-gib": memory.peak_actors / 2**30,
+        "cpu-s": {k: round(v, 1) for k, v in memory.cpu_by_kind.items()},
+        "local-acc": doc["rounds"][-1].get("local-acc"),
+        "wall-s": time.monotonic() - started,
+    }
+    print(f"[{nodes} clients] {json.dumps(row)}", flush=True)
+    return row
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Many simulated clients per round",
+        "",
+        f"Written by `python benchmarks/bench_scale.py` on {meta['date']}, {meta['machine']}, "
+        f"load average {meta['load-before']:.1f} before / {meta['load-after']:.1f} after. "
+        f"DP-FPL, per-sample DP, epsilon 4, plain aggregation, {meta['dataset']} (iid), tiny "
+        "offline backbone, every client sampled every round, Flower's default client "
+        "resources (one actor on 2 cores). Rounds 2..T: round = train + evaluate; compute = "
+        "the clients' own training and evaluation, summed from their `message timing` lines; "
+        "overhead = round / compute - 1.",
+        "",
+        "| clients | round s | compute s | restore s | save s | overhead | s / client "
+        "| peak RSS, all (GiB) | peak RSS, actors (GiB) | round 1 s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['clients']} | {r['round-s']:.1f} | {r['compute-s-per-round']:.1f} | "
+            f"{r['restore-s-per-round']:.1f} | {r['save-s-per-round']:.1f} | "
+            f"{100 * r['overhead']:.1f}% | {r['round-s'] / r['clients']:.3f} | "
+            f"{r['peak-rss-gib']:.2f} | {r['peak-actor-rss-gib']:.2f} | {r['round-1-s']:.0f} |"
+        )
+    lines += [
+        "",
+        "CPU seconds of the whole run (round 1 included) by process:",
+        "",
+        "| clients | " + " | ".join(CPU_KINDS) + " |",
+        "|---:|" + "---:|" * len(CPU_KINDS),
+    ]
+    for r in rows:
+        cells = " | ".join(f"{r['cpu-s'].get(kind, 0.0):.0f}" for kind in CPU_KINDS)
+        lines.append(f"| {r['clients']} | {cells} |")
+    return "\n".join(lines) + "\n"
+
+
+CPU_KINDS = ("actors", "flower simulation engine + ServerApp", "superlink", "other (ray, flwr cli)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", default="100,1000", help="comma-separated client counts")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per run (>= 2)")
+    parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="directory of scale.{md,json}")
+    args = parser.parse_args()
+    counts = [int(c) for c in args.clients.split(",") if c.strip()]
+    if args.rounds < 2 or not counts or min(counts) < 1:
+        parser.error("--rounds must be >= 2 and --clients positive integers")
+    os.environ.setdefault(CACHE_ENV, str(ROOT / ".cache" / "dpfpl"))
+    ensure_backbone("dpfpl-tiny-digits")
+    meta = {
+        "date": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "load-before": os.getloadavg()[0],
+        "dataset": args.dataset,
+    }
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
+        for n in counts:
+            rows.append(measure(n, args.rounds, Path(tmp) / f"n{n}", args.dataset))
+    meta["load-after"] = os.getloadavg()[0]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (args.out / "scale.md").write_text(markdown(rows, meta))
+    print(markdown(rows, meta))
+
+
+if __name__ == "__main__":
+    main()
