@@ -16,8 +16,11 @@ What is measured, per N:
 * **overhead** = round time / compute - 1: everything a round costs beyond the clients'
   own training and evaluation (Flower's message passing, Ray, the ServerApp, our
   restore and save). With Flower's default of 2 CPUs per client this machine runs one
-  actor, so the messages' compute adds up serially and the ratio is exact; with more
-  actors it would understate the overhead;
+  actor, so the messages' compute adds up serially. Compute is wall time inside the
+  actor, so CPU that other processes take from it (Flower's engine, below) inflates
+  compute and hides from this ratio: compare compute per message across N too;
+* **CPU by process** over the whole run: the actors, Flower's simulation engine (which
+  also runs the ServerApp), the SuperLink, and the rest (Ray, the ``flwr`` CLI polls);
 * **memory**: the peak, sampled every second, of the summed RSS of the run's processes
   (every process whose environment names this run's ``FLWR_HOME``: the SuperLink, the
   ServerApp, Ray and its actors) and of the actors alone.
