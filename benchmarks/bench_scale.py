@@ -1,7 +1,8 @@
 """Many simulated clients per round: framework overhead against compute, and memory.
 
 ``flwr run`` on a private local SuperLink (``LocalFlower``, the sweep's runner) with N
-simulated SuperNodes, every one sampled every round: the main job's DP-FPL, per-sample
+simulated SuperNodes, all of them (or ``--fraction`` of them, with ``min-nodes`` set to
+that many) sampled every round: the main job's DP-FPL, per-sample
 DP at epsilon 4, plain aggregation, Fashion-MNIST split IID (1000 clients get ~49
 training images each, where digits' 754 images could not feed them), tiny offline
 backbone, Flower's default client resources.
@@ -29,7 +30,9 @@ Usage::
 
     python benchmarks/bench_scale.py                       # 100 and 1000 clients, 3 rounds
     python benchmarks/bench_scale.py --clients 100 --rounds 2
-Writes ``benchmarks/results/scale.{json,md}``.
+    python benchmarks/bench_scale.py --clients 1000 --fraction 0.1   # 100 sampled per round
+Writes ``benchmarks/results/scale.{json,md}`` (``scale-fraction-F.{json,md}`` with
+``--fraction F`` below 1).
 """
 
 from __future__ import annotations
@@ -120,13 +123,22 @@ def kind_of(cmdline: bytes) -> str:
     return "other (ray, flwr cli)"
 
 
-def run_config(nodes: int, rounds: int, out: Path, dataset: str) -> dict[str, Any]:
+def sampled(nodes: int, fraction: float) -> int:
+    """Clients per round: the strategy samples max(fraction x nodes, min-nodes) of them."""
+    return max(1, round(nodes * fraction))
+
+
+def run_config(
+    nodes: int, rounds: int, out: Path, dataset: str, fraction: float
+) -> dict[str, Any]:
     return {
         "aggregation": "plain",
         "dataset": dataset,
         "partitioner": "iid",
         "num-server-rounds": rounds,
-        "min-nodes": nodes,
+        "min-nodes": sampled(nodes, fraction),
+        "fraction-train": fraction,
+        "fraction-evaluate": fraction,
         "node-wait-timeout": 600,
         "output-dir": str(out),
         "run-name": f"scale-{nodes}",
@@ -147,14 +159,16 @@ def handler_seconds(log: str, first_counted: int) -> dict[str, float]:
     return sums
 
 
-def measure(nodes: int, rounds: int, work: Path, dataset: str) -> dict[str, Any]:
+def measure(
+    nodes: int, rounds: int, work: Path, dataset: str, fraction: float
+) -> dict[str, Any]:
     with LocalFlower(ROOT, work / "flwr-home") as flower, MemorySampler(
         f"FLWR_HOME={flower.flwr_home}"
     ) as memory:
         started = time.monotonic()
         print(f"[{nodes} clients] {rounds} rounds ...", flush=True)
         run_id, status = flower.run(
-            run_config(nodes, rounds, work / "runs", dataset), num_supernodes=nodes,
+            run_config(nodes, rounds, work / "runs", dataset, fraction), num_supernodes=nodes,
             timeout_s=4 * 3600,
         )
         log = flower.log(run_id)
@@ -163,10 +177,12 @@ def measure(nodes: int, rounds: int, work: Path, dataset: str) -> dict[str, Any]
     doc = json.loads((work / "runs" / f"scale-{nodes}" / "results.json").read_text())
     elapsed = [row["elapsed-s"] for row in doc["rounds"]]
     later = [b - a for a, b in zip(elapsed, elapsed[1:], strict=False)]
-    parts = handler_seconds(log, first_counted=2 * nodes)  # round 1: train + evaluate
+    per_round = sampled(nodes, fraction)
+    parts = handler_seconds(log, first_counted=2 * per_round)  # round 1: train + evaluate
     compute = parts["compute"]
     row = {
         "clients": nodes,
+        "sampled": per_round,
         "rounds": rounds,
         "round-1-s": elapsed[0],
         "round-s": statistics.median(later),
@@ -193,20 +209,22 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Written by `python benchmarks/bench_scale.py` on {meta['date']}, {meta['machine']}, "
         f"load average {meta['load-before']:.1f} before / {meta['load-after']:.1f} after. "
         f"DP-FPL, per-sample DP, epsilon 4, plain aggregation, {meta['dataset']} (iid), tiny "
-        "offline backbone, every client sampled every round, Flower's default client "
+        f"offline backbone, {meta.get('fraction', 1.0):g} of the clients sampled per round, "
+        "Flower's default client "
         "resources (one actor on 2 cores). Rounds 2..T: round = train + evaluate; compute = "
         "the clients' own training and evaluation, summed from their `message timing` lines; "
         "overhead = round / compute - 1.",
         "",
-        "| clients | round s | compute s | restore s | save s | overhead | s / client "
-        "| peak RSS, all (GiB) | peak RSS, actors (GiB) | round 1 s |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| clients | sampled / round | round s | compute s | restore s | save s | overhead "
+        "| s / sampled client | peak RSS, all (GiB) | peak RSS, actors (GiB) | round 1 s |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['clients']} | {r['round-s']:.1f} | {r['compute-s-per-round']:.1f} | "
+            f"| {r['clients']} | {r.get('sampled', r['clients'])} | {r['round-s']:.1f} | "
+            f"{r['compute-s-per-round']:.1f} | "
             f"{r['restore-s-per-round']:.1f} | {r['save-s-per-round']:.1f} | "
-            f"{100 * r['overhead']:.1f}% | {r['round-s'] / r['clients']:.3f} | "
+            f"{100 * r['overhead']:.1f}% | {r['round-s'] / r.get('sampled', r['clients']):.3f} | "
             f"{r['peak-rss-gib']:.2f} | {r['peak-actor-rss-gib']:.2f} | {r['round-1-s']:.0f} |"
         )
     lines += [
@@ -230,11 +248,14 @@ def main() -> None:
     parser.add_argument("--clients", default="100,1000", help="comma-separated client counts")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per run (>= 2)")
     parser.add_argument("--dataset", default="fashion-mnist")
+    parser.add_argument(
+        "--fraction", type=float, default=1.0, help="share of the clients sampled per round"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of scale.{md,json}")
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",") if c.strip()]
-    if args.rounds < 2 or not counts or min(counts) < 1:
-        parser.error("--rounds must be >= 2 and --clients positive integers")
+    if args.rounds < 2 or not counts or min(counts) < 1 or not 0 < args.fraction <= 1:
+        parser.error("--rounds must be >= 2, --clients positive integers, --fraction in (0, 1]")
     os.environ.setdefault(CACHE_ENV, str(ROOT / ".cache" / "dpfpl"))
     ensure_backbone("dpfpl-tiny-digits")
     meta = {
@@ -242,15 +263,19 @@ def main() -> None:
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "load-before": os.getloadavg()[0],
         "dataset": args.dataset,
+        "fraction": args.fraction,
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         for n in counts:
-            rows.append(measure(n, args.rounds, Path(tmp) / f"n{n}", args.dataset))
+            rows.append(
+                measure(n, args.rounds, Path(tmp) / f"n{n}", args.dataset, args.fraction)
+            )
     meta["load-after"] = os.getloadavg()[0]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "scale.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    (args.out / "scale.md").write_text(markdown(rows, meta))
+    name = "scale" if args.fraction == 1.0 else f"scale-fraction-{args.fraction:g}"
+    (args.out / f"{name}.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    (args.out / f"{name}.md").write_text(markdown(rows, meta))
     print(markdown(rows, meta))
 
 
