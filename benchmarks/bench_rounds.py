@@ -35,7 +35,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -51,6 +50,7 @@ sys.path.insert(1, str(ROOT / "tests"))  # the deployment tests' process harness
 from dpfpl_app.backbones.backbone_build import ensure_backbone  # noqa: E402
 from dpfpl_app.cache import CACHE_ENV  # noqa: E402
 from dpfpl_app.federation.flwr_local import LocalFlower, toml_value  # noqa: E402
+from dpfpl_app.federation.message_timing import read_line  # noqa: E402
 from dpfpl_app.secagg import Stage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -160,30 +160,25 @@ def deploy(rounds: int, work: Path, *, worker: bool) -> list[dict[str, Any]]:
     return out
 
 
-TIMING = re.compile(r"message timing \(([^)]*)\): (.*)$")
-
-
-def timing_lines(node_roots: list[Path]) -> list[re.Match]:
+def timing_lines(node_roots: list[Path]) -> list[tuple[str, dict[str, float]]]:
     """Every ``message timing`` line the SuperNodes logged so far (their ClientApps')."""
     lines = []
     for root in node_roots:
         for log in sorted(root.glob("supernode-*.log")):
-            lines += [m for m in map(TIMING.search, log.read_text().splitlines()) if m]
+            lines += [t for t in map(read_line, log.read_text().splitlines()) if t]
     return lines
 
 
-def message_parts(lines: list[re.Match]) -> dict[str, dict[str, float]]:
+def message_parts(lines: list[tuple[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     """Median seconds of each part of a message, per message kind.
 
     One line per train/evaluate message (``federation/message_timing.py``), e.g.
     ``message timing (train): process start and imports 5.91 s, compute 0.30 s``.
     """
     seen: dict[str, dict[str, list[float]]] = {}
-    for match in lines:
-        parts = seen.setdefault(match[1], {})
-        for part in match[2].split(", "):
-            name, value, _unit = part.rsplit(" ", 2)
-            parts.setdefault(name, []).append(float(value))
+    for kind, parts in lines:
+        for name, seconds in parts.items():
+            seen.setdefault(kind, {}).setdefault(name, []).append(seconds)
     return {kind: {k: statistics.median(v) for k, v in ps.items()} for kind, ps in seen.items()}
 
 

@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 from dpfpl_app.backbones.backbone_build import ensure_backbone  # noqa: E402
 from dpfpl_app.cache import CACHE_ENV  # noqa: E402
 from dpfpl_app.federation.flwr_local import LocalFlower  # noqa: E402
+from dpfpl_app.federation.message_timing import read_line  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 PAGE = os.sysconf("SC_PAGE_SIZE")
@@ -148,13 +149,11 @@ def run_config(
 
 def handler_seconds(log: str, first_counted: int) -> dict[str, float]:
     """Summed parts of the ``message timing`` lines after the first ``first_counted``."""
-    lines = [line for line in log.splitlines() if "message timing (" in line]
+    lines = [t for t in map(read_line, log.splitlines()) if t]
     sums = dict.fromkeys(HANDLER_PARTS, 0.0)
-    for line in lines[first_counted:]:
-        for part in line.split("): ", 1)[1].split(", "):
-            name, value, _unit = part.rsplit(" ", 2)
-            if name in sums:
-                sums[name] += float(value)
+    for _kind, parts in lines[first_counted:]:
+        for name in HANDLER_PARTS:
+            sums[name] += parts.get(name, 0.0)
     sums["messages"] = float(len(lines) - first_counted)
     return sums
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 # a simulation's actors and the node worker serve many, and their later messages paid
 # nothing for it.
 _first_message = True
+_LINE = re.compile(r"message timing \(([^)]*)\): (.*)$")
 
 
 def serving_many_messages() -> None:
@@ -55,3 +57,19 @@ class MessageTimes:
     def line(self, kind: str) -> str:
         parts = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in self.parts.items())
         return f"message timing ({kind}): {parts}"
+
+
+def read_line(text: str) -> tuple[str, dict[str, float]] | None:
+    """The message kind and its parts in seconds, from a log line that holds a ``line``.
+
+    The benchmarks read these from SuperNode and simulation logs, whatever prefix the
+    logger put before the line; None for any other line.
+    """
+    match = _LINE.search(text)
+    if match is None:
+        return None
+    parts = {}
+    for part in match[2].split(", "):
+        name, value, _unit = part.rsplit(" ", 2)
+        parts[name] = float(value)
+    return match[1], parts
