@@ -172,6 +172,12 @@ def test_a_seed_with_an_incomplete_run_does_not_count_and_the_table_says_why(
     assert sweep_module.cell_result(tmp_path, Cell(Method.PROMPTFL, 1.0, 1, 0), 10) is None
 
 
+def test_parallel_below_one_is_refused_before_any_run(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="parallel must be >= 1"):
+        run_sweep(SweepSpec(), tmp_path, app_dir=REPO, parallel=0)
+    assert not (tmp_path / sweep_module.SPEC_FILE).exists()
+
+
 def test_a_directory_holding_another_sweep_is_refused(tmp_path: Path) -> None:
     (tmp_path / sweep_module.SPEC_FILE).write_text(SweepSpec(seeds=(0,)).model_dump_json(indent=2))
 
@@ -180,26 +186,28 @@ def test_a_directory_holding_another_sweep_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_tiny_sweep_is_complete_resumable_and_byte_identical_on_rerun(
+def test_tiny_sweep_is_complete_resumable_and_the_same_run_side_by_side_or_serially(
     digits_backbone: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Prepare: one private DP-FPL cell on 2 clients, 2 rounds
+    # Prepare: two private DP-FPL cells (two seeds) on 2 clients, 2 rounds
     spec = SweepSpec(
         methods=(Method.DPFPL,),
         epsilons=(4.0,),
-        seeds=(0,),
+        seeds=(0, 1),
         references=False,
         clients=2,
         overrides={"num-server-rounds": 2},
     )
 
-    # Execute: the same grid twice, in two directories
-    assert run_sweep(spec, tmp_path / "a", app_dir=REPO, timeout_s=600) == []
+    # Execute: the same grid twice, both cells side by side, then one after the other
+    assert run_sweep(spec, tmp_path / "a", app_dir=REPO, timeout_s=600, parallel=2) == []
     assert run_sweep(spec, tmp_path / "b", app_dir=REPO, timeout_s=600) == []
 
-    # Assert: every cell has a number, and the reruns agree to the byte
+    # Assert: every cell has a number, each side-by-side cell had its own SuperLink,
+    # and the two sweeps agree to the byte
     md = (tmp_path / "a" / "table.md").read_text()
-    assert "| digits | 4 | " in md and " - " not in md
+    assert "| digits | 4 | " in md and " - " not in md and "(n=2)" in md
+    assert (tmp_path / "a" / ".flwr-1").is_dir() and not (tmp_path / "b" / ".flwr-1").exists()
     for name in ("table.md", "table.csv"):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
 

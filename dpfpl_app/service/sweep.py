@@ -10,13 +10,16 @@ byte-identical tables.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import io
 import json
 import logging
 import math
+import queue
 import shutil
 import statistics
+import threading
 import time
 import warnings
 from collections.abc import Iterable
@@ -179,56 +182,117 @@ def incomplete_reason(doc: dict[str, Any], clients: int) -> str | None:
 
 
 def run_sweep(
-    spec: SweepSpec, out_dir: Path, *, app_dir: Path, timeout_s: float = 3600.0
+    spec: SweepSpec,
+    out_dir: Path,
+    *,
+    app_dir: Path,
+    timeout_s: float = 3600.0,
+    parallel: int = 1,
 ) -> list[Cell]:
-    """Run every unfinished cell; returns the cells that failed.
+    """Run every unfinished cell, ``parallel`` at a time; returns the cells that failed.
 
     Both paths are made absolute first: the runs execute in a SuperLink whose working
     directory is ``app_dir``, so a relative ``output-dir`` would land (and be looked
-    for) somewhere else, and a relative ``app_dir`` would be resolved twice.
+    for) somewhere else, and a relative ``app_dir`` would be resolved twice. Cells run
+    side by side each get their own local SuperLink (``LocalFlower``): one simulated
+    cell keeps one Ray actor busy, so on a 2-core machine two cells use both cores.
+    A cell's results do not depend on what runs beside it: its noise and data are
+    seeded by the cell alone.
     """
+    if parallel < 1:
+        raise ValueError(f"parallel must be >= 1 cells at a time, got {parallel}")
     out_dir, app_dir = Path(out_dir).resolve(), Path(app_dir).resolve()
     cells = spec.cells()
     configs = {c.name: spec.run_config(c, out_dir) for c in cells}  # a bad grid stops here
     _claim(out_dir, spec)
     todo = [c for c in cells if cell_result(out_dir, c, spec.clients) is None]
     logger.info(
-        "sweep %s: %d cells, %d done, %d to run (DP noise seeded for reproducibility: "
-        "experiments only)", out_dir, len(cells), len(cells) - len(todo), len(todo),
+        "sweep %s: %d cells, %d done, %d to run, %d at a time (DP noise seeded for "
+        "reproducibility: experiments only)",
+        out_dir, len(cells), len(cells) - len(todo), len(todo), parallel,
     )
-    failed: list[Cell] = []
-    started = time.monotonic()
-    with LocalFlower(app_dir, out_dir / ".flwr") as flower:
-        for i, cell in enumerate(todo, 1):
-            # a failed earlier attempt left a run directory and private state behind:
-            # both belong to that attempt's run id and would be refused by the clients
-            shutil.rmtree(out_dir / "runs" / cell.name, ignore_errors=True)
-            shutil.rmtree(out_dir / "state" / cell.name, ignore_errors=True)
-            t0 = time.monotonic()
-            logger.info("[%d/%d] %s ...", i, len(todo), cell.name)
-            try:
-                run_id, status = flower.run(
-                    configs[cell.name], num_supernodes=spec.clients, timeout_s=timeout_s
-                )
-            except RuntimeError as err:  # refused or unreadable: this cell fails, not the sweep
-                run_id, status = -1, str(err)
-            doc = cell_result(out_dir, cell, spec.clients)
-            took = time.monotonic() - t0
-            if doc is None:
-                failed.append(cell)
-                logger.error("[%d/%d] %s: run %d ended %s; the cell does not count: %s",
-                             i, len(todo), cell.name, run_id, status,
-                             cell_failure(out_dir, cell, spec.clients))
-                continue
-            s = doc["summary"]
-            eta = (time.monotonic() - started) / i * (len(todo) - i)
-            logger.info(
-                "[%d/%d] %s: local %.3f neighbour %.3f in %.0f s (about %.0f min left)",
-                i, len(todo), cell.name, s.get(f"last{LAST_ROUNDS}-local-acc", math.nan),
-                s.get(f"last{LAST_ROUNDS}-neighbour-acc", math.nan), took, eta / 60,
-            )
+    pending: queue.SimpleQueue[Cell] = queue.SimpleQueue()
+    for cell in todo:
+        pending.put(cell)
+    progress = _Progress(len(todo))
+
+    def serve(slot: int) -> list[Cell]:
+        failed = []
+        home = out_dir / (".flwr" if slot == 0 else f".flwr-{slot}")
+        with LocalFlower(app_dir, home) as flower:
+            while True:
+                try:
+                    cell = pending.get_nowait()
+                except queue.Empty:
+                    return failed
+                if not _run_cell(flower, cell, configs[cell.name], spec, out_dir,
+                                 timeout_s, progress):
+                    failed.append(cell)
+
+    workers = min(parallel, len(todo)) or 1
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        failed = [c for part in pool.map(serve, range(workers)) for c in part]
     write_tables(spec, out_dir)
-    return failed
+    order = {c.name: i for i, c in enumerate(todo)}
+    return sorted(failed, key=lambda c: order[c.name])
+
+
+class _Progress:
+    """Numbers the cells as they start and estimates the time left (thread-safe)."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.started_at = time.monotonic()
+        self.started = self.finished = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> int:
+        with self._lock:
+            self.started += 1
+            return self.started
+
+    def finish(self) -> float:
+        """Minutes left at the pace so far."""
+        with self._lock:
+            self.finished += 1
+            per_cell = (time.monotonic() - self.started_at) / self.finished
+            return per_cell * (self.total - self.finished) / 60
+
+
+def _run_cell(
+    flower: LocalFlower,
+    cell: Cell,
+    config: dict[str, int | float | bool | str],
+    spec: SweepSpec,
+    out_dir: Path,
+    timeout_s: float,
+    progress: _Progress,
+) -> bool:
+    """One cell's Flower run; True when it counts."""
+    # a failed earlier attempt left a run directory and private state behind:
+    # both belong to that attempt's run id and would be refused by the clients
+    shutil.rmtree(out_dir / "runs" / cell.name, ignore_errors=True)
+    shutil.rmtree(out_dir / "state" / cell.name, ignore_errors=True)
+    i, n, t0 = progress.start(), progress.total, time.monotonic()
+    logger.info("[%d/%d] %s ...", i, n, cell.name)
+    try:
+        run_id, status = flower.run(config, num_supernodes=spec.clients, timeout_s=timeout_s)
+    except RuntimeError as err:  # refused or unreadable: this cell fails, not the sweep
+        run_id, status = -1, str(err)
+    doc = cell_result(out_dir, cell, spec.clients)
+    left = progress.finish()
+    if doc is None:
+        logger.error("[%d/%d] %s: run %d ended %s; the cell does not count: %s",
+                     i, n, cell.name, run_id, status,
+                     cell_failure(out_dir, cell, spec.clients))
+        return False
+    s = doc["summary"]
+    logger.info(
+        "[%d/%d] %s: local %.3f neighbour %.3f in %.0f s (about %.0f min left)",
+        i, n, cell.name, s.get(f"last{LAST_ROUNDS}-local-acc", math.nan),
+        s.get(f"last{LAST_ROUNDS}-neighbour-acc", math.nan), time.monotonic() - t0, left,
+    )
+    return True
 
 
 def cell_failure(out_dir: Path, cell: Cell, clients: int) -> str:

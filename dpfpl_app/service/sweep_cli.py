@@ -54,7 +54,9 @@ def _sweep(args: argparse.Namespace) -> int:
             f"{app_dir} holds no pyproject.toml: run `dpfpl sweep` from the dpfpl "
             "project directory (the Flower app) or pass --app-dir"
         )
-    failed = run_sweep(spec, out, app_dir=app_dir, timeout_s=args.timeout)
+    failed = run_sweep(
+        spec, out, app_dir=app_dir, timeout_s=args.timeout, parallel=args.parallel
+    )
     print((out / "table.md").read_text())
     if failed:
         logger.error("%d cells failed: %s (rerun the same command to retry them)",
@@ -87,6 +89,11 @@ def add_sweep_command(sub: Any) -> None:
     p.add_argument("--set", type=parse_override, action="append", metavar="KEY=VALUE",
                    help="any run-config key for every cell, e.g. --set num-server-rounds=20")
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell")
+    p.add_argument(
+        "--parallel", type=int, default=1, metavar="N",
+        help="cells run side by side, each on its own local SuperLink (2 uses both cores "
+        "of a 2-core machine)",
+    )
     p.add_argument("--app-dir", default=".",
                    help="the Flower app's directory (this project; relative to cwd)")
     p.set_defaults(func=_sweep)
