@@ -1,83 +1,146 @@
 """Equal-budget learning-rate search per method on a validation split (never the test set).
 
 Every method gets the same grid (``--lrs``; lr-local = lr-global = lr, the rest as in
-pyproject) and the same rounds; each run evaluates on ``holdout = "validation"``, a
-per-class split of the training pool (``federated_data.validation_data``). Runs use the
-in-process federation of the tests (``tests/flower_harness.py``: the real ServerApp and
-ClientApp, without a SuperLink), ~3 min each on 2 cores instead of ~8 with ``flwr run``.
+pyproject), the same rounds and the same seed; each run evaluates on
+``holdout = "validation"``, a per-class split of the training pool
+(``federated_data.validation_data``). The runs are ``dpfpl sweep`` cells, real ``flwr
+run`` simulations, one sweep directory per rate under ``--out`` (resumable, ``--parallel``
+cells side by side). The DP methods run at ``--epsilon`` (per-sample); local-only CoOp,
+a reference row without DP in the protocol's tables, is tuned without DP too.
 
-    python benchmarks/tune_lr.py --dataset styled-digits --methods dpfpl,promptfl,local \
-        --lrs 0.01,0.03,0.1 --out benchmarks/results/tune_styled_digits.json
+    python benchmarks/tune_lr.py --dataset styled-digits --lrs 0.003,0.01,0.03 \
+        --out benchmarks/results/tune-styled-digits --parallel 2
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import client_app  # noqa: E402
-import server_app  # noqa: E402
-from dpfpl_app.config import RunConfig  # noqa: E402
-from dpfpl_app.federation.results import LAST_ROUNDS, load_results  # noqa: E402
-from tests.flower_harness import run_server_app  # noqa: E402
+from dpfpl_app.config import Method  # noqa: E402
+from dpfpl_app.federation.results import LAST_ROUNDS  # noqa: E402
+from dpfpl_app.service.sweep import (  # noqa: E402
+    SHARED_METHODS,
+    SweepSpec,
+    cell_result,
+    run_sweep,
+)
+from dpfpl_app.service.sweep_cli import parse_override  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+LOCAL, ACC = f"val-last{LAST_ROUNDS}-local-acc", f"val-last{LAST_ROUNDS}-neighbour-acc"
 
 
-def validation_run(values: dict[str, int | float | bool | str]) -> dict[str, object]:
-    """One 10-client run on the validation split; its last-10-round means."""
-    with tempfile.TemporaryDirectory() as tmp:
-        config = RunConfig.from_flower(
-            {
-                **values,
-                "holdout": "validation",
-                "reproducible-noise": True,
-                "output-dir": f"{tmp}/runs",
-                "run-name": "tune",
-                "state-dir": f"{tmp}/state",
-            }
-        ).to_flower()
-        started = time.monotonic()
-        run_server_app(server_app.app, client_app=client_app.app, num_nodes=10, run_config=config)
-        doc = load_results(Path(tmp) / "runs" / "tune")
-    summary = doc["summary"]
-    return {
-        **values,
-        "status": doc["status"],
-        "seconds": round(time.monotonic() - started),
-        f"val-last{LAST_ROUNDS}-local-acc": summary.get(f"last{LAST_ROUNDS}-local-acc"),
-        f"val-last{LAST_ROUNDS}-neighbour-acc": summary.get(f"last{LAST_ROUNDS}-neighbour-acc"),
-        "val-zeroshot": doc.get("zeroshot"),
-    }
+def specs(args: argparse.Namespace, lr: float) -> dict[str, SweepSpec]:
+    """The sweeps of one rate, by directory name: the DP methods, and local CoOp."""
+    overrides = {**dict(args.set), "holdout": "validation", "num-server-rounds": args.rounds,
+                 "lr-local": lr, "lr-global": lr}
+    common = {"dataset": args.dataset, "seeds": (args.seed,), "clients": args.clients,
+              "references": False, "overrides": overrides}
+    shared = tuple(m for m in args.methods if m is not Method.LOCAL)
+    out = {}
+    if shared:
+        out[f"lr-{lr:g}"] = SweepSpec(methods=shared, epsilons=(args.epsilon,), **common)
+    if Method.LOCAL in args.methods:
+        out[f"lr-{lr:g}-local"] = SweepSpec(methods=(Method.LOCAL,), epsilons=(math.inf,),
+                                            **common)
+    return out
+
+
+def rows_of(spec: SweepSpec, out_dir: Path, lr: float) -> list[dict[str, object]]:
+    """One row per cell that counts (every round, every client): its validation figures."""
+    rows = []
+    for cell in spec.cells():
+        doc = cell_result(out_dir, cell, spec.clients)
+        if doc is None:
+            continue
+        summary = doc["summary"]
+        rows.append({
+            "method": cell.method.value, "lr": lr, "epsilon": str(cell.epsilon),
+            LOCAL: summary.get(f"last{LAST_ROUNDS}-local-acc"),
+            ACC: summary.get(f"last{LAST_ROUNDS}-neighbour-acc"),
+            "val-zeroshot": doc.get("zeroshot"),
+            "cell": f"{out_dir.name}/runs/{cell.name}",
+        })
+    return rows
+
+
+def best(rows: list[dict[str, object]]) -> dict[str, float]:
+    """Each method's rate with the highest validation local accuracy (ties: the lower)."""
+    chosen: dict[str, tuple[float, float]] = {}
+    for r in sorted(rows, key=lambda r: float(r["lr"])):  # type: ignore[arg-type]
+        score = float(r[LOCAL])  # type: ignore[arg-type]
+        method = str(r["method"])
+        if method not in chosen or score > chosen[method][1]:
+            chosen[method] = (float(r["lr"]), score)  # type: ignore[arg-type]
+    return {m: lr for m, (lr, _) in chosen.items()}
+
+
+def markdown(rows: list[dict[str, object]], lrs: list[float], meta: str) -> str:
+    chosen = best(rows)
+    index = {(r["method"], r["lr"]): r for r in rows}
+    lines = ["# Learning-rate search on a validation split", "", meta, "",
+             "| method | " + " | ".join(f"lr {lr:g}" for lr in lrs) + " | chosen |",
+             "|---|" + "---|" * (len(lrs) + 1)]
+    for method in dict.fromkeys(str(r["method"]) for r in rows):
+        cells = []
+        for lr in lrs:
+            r = index.get((method, lr))
+            cells.append("-" if r is None else
+                         f"{100 * float(r[LOCAL]):.1f} / {100 * float(r[ACC]):.1f}")  # type: ignore[arg-type]
+        lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen[method]:g} |")
+    zeroshot = next((r["val-zeroshot"] for r in rows if r.get("val-zeroshot")), None)
+    if isinstance(zeroshot, dict):
+        lines += ["", f"Zero-shot on the same validation images: "
+                  f"{100 * zeroshot['local-acc']:.1f} / {100 * zeroshot['neighbour-acc']:.1f}."]
+    return "\n".join(lines) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="styled-digits")
-    parser.add_argument("--methods", default="dpfpl,promptfl,local")
-    parser.add_argument("--lrs", default="0.01,0.03,0.1")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="a run-config value for every run (string values only)")
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--methods", type=lambda t: tuple(Method(m) for m in t.split(",")),
+                        default=(*SHARED_METHODS, Method.LOCAL))
+    parser.add_argument("--lrs", type=lambda t: [float(x) for x in t.split(",")],
+                        default=[0.003, 0.01, 0.03])
+    parser.add_argument("--epsilon", type=float, default=4.0,
+                        help="composed per-sample epsilon of the DP methods")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--clients", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", type=parse_override, action="append", default=[],
+                        metavar="KEY=VALUE", help="a run-config value for every run")
+    parser.add_argument("--parallel", type=int, default=1, help="cells side by side")
+    parser.add_argument("--out", type=Path, required=True, help="directory of the sweeps")
     args = parser.parse_args()
-    torch.set_num_threads(1)
-    fixed = dict(item.split("=", 1) for item in args.set)
-    rows = json.loads(args.out.read_text()) if args.out.is_file() else []
-    for method in args.methods.split(","):
-        for lr in (float(x) for x in args.lrs.split(",")):
-            values = {**fixed, "dataset": args.dataset, "method": method,
-                      "lr-local": lr, "lr-global": lr}
-            if any({k: r.get(k) for k in values} == values for r in rows):
-                continue  # resumable: this run is already in the file
-            rows.append(validation_run(values))
-            print(json.dumps(rows[-1]), flush=True)
-            args.out.write_text(json.dumps(rows, indent=1))
+    started, rows, failed = time.monotonic(), [], []
+    for lr in args.lrs:
+        for name, spec in specs(args, lr).items():
+            out_dir = args.out.resolve() / name
+            failed += run_sweep(spec, out_dir, app_dir=REPO, parallel=args.parallel)
+            rows += rows_of(spec, out_dir, lr)
+    meta = (
+        f"Written by `python benchmarks/tune_lr.py` on {time.strftime('%Y-%m-%d')}: "
+        f"{args.dataset}, {args.clients} clients, {args.rounds} rounds, seed {args.seed}, "
+        f"holdout = validation (a split of the training pool; no test image is seen). "
+        f"DP methods at per-sample epsilon {args.epsilon:g}; local CoOp without DP. "
+        f"Validation accuracy (%), mean over the last {LAST_ROUNDS} rounds, local / "
+        f"neighbour; chosen: the highest local accuracy. "
+        f"{len(rows)} runs; this invocation took {(time.monotonic() - started) / 60:.0f} min."
+    )
+    (args.out / "search.json").write_text(json.dumps(
+        {"meta": meta, "rows": rows, "chosen": best(rows), "failed": [c.name for c in failed]},
+        indent=1))
+    (args.out / "search.md").write_text(markdown(rows, args.lrs, meta))
+    print((args.out / "search.md").read_text())
+    if failed:
+        sys.exit(f"{len(failed)} runs failed: {', '.join(c.name for c in failed)}; rerun")
 
 
 if __name__ == "__main__":
