@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="cells side by side")
     parser.add_argument("--out", type=Path, required=True, help="directory of the sweeps")
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the sweeps' progress
     started, rows, failed = time.monotonic(), [], []
     for lr in args.lrs:
         for name, spec in specs(args, lr).items():

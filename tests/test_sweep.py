@@ -245,8 +245,11 @@ class _FlowerResolvingLikeASuperLink:
     and the ServerApp writes a relative ``output-dir`` against that cwd.
     """
 
-    def __init__(self, app_dir: Path, flwr_home: Path) -> None:
+    homes: dict[str, int | None] = {}  # FLWR_HOME name -> threads it was given
+
+    def __init__(self, app_dir: Path, flwr_home: Path, *, threads: int | None = None) -> None:
         self.app_dir = Path(app_dir)
+        self.homes[Path(flwr_home).name] = threads
 
     def __enter__(self) -> _FlowerResolvingLikeASuperLink:
         return self
@@ -286,3 +289,23 @@ def test_relative_out_and_app_dir_find_the_finished_runs(
     assert code == 0, capsys.readouterr().err
     table = (work / "sweeps" / "rel" / "table.md").read_text()
     assert "| digits | 1 | 90.0 (n=1) |" in table
+
+
+def test_side_by_side_cells_share_the_cores_and_all_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a 4-core machine, 3 cells, 2 at a time
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sweep_module, "LocalFlower", _FlowerResolvingLikeASuperLink)
+    monkeypatch.setattr(sweep_module.os, "cpu_count", lambda: 4)
+    _FlowerResolvingLikeASuperLink.homes.clear()
+    spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0,), seeds=(0, 1, 2),
+                     references=False)
+
+    # Execute
+    failed = run_sweep(spec, tmp_path / "s", app_dir=Path(os.path.relpath(REPO)), parallel=2)
+
+    # Assert: two SuperLinks of 2 threads each, and every cell counted once
+    assert failed == []
+    assert _FlowerResolvingLikeASuperLink.homes == {".flwr": 2, ".flwr-1": 2}
+    assert "| digits | 1 | 90.0 ± 0.0 (n=3) |" in (tmp_path / "s" / "table.md").read_text()

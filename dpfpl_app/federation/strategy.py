@@ -33,19 +33,16 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from dpfpl_app.config import DPMode
-from dpfpl_app.federation import wire
+from dpfpl_app.federation import reply_checks, wire
 from dpfpl_app.federation.evaluate_metrics import accuracy_means, per_client_metrics
 from dpfpl_app.federation.node_wait import wait_for_nodes
 from dpfpl_app.federation.secure_round import SecureRound, global_release, metrics_of
-from dpfpl_app.privacy import mechanics, secure_channel
+from dpfpl_app.privacy import secure_channel
 from dpfpl_app.privacy.dp_channel import ACCOUNTED_KINDS, ChannelPlan
 from dpfpl_app.privacy.noise import NoiseSource
 
 RoundCallback = Callable[[int, dict[str, float | int]], None]
 
-# A Poisson batch larger than B makes an honest client's clipped sum / B exceed C a
-# little; far beyond that a client skipped clipping (or is hostile).
-_SUSPICIOUS_FACTOR = 2.0
 SECURE_STAGE_TIMEOUT = 3600.0  # seconds per key-exchange stage (Flower's start() default)
 
 
@@ -76,10 +73,9 @@ class DPFPLStrategy(Strategy):
 
     Notes
     -----
-    The server re-clips every client gradient to C: a client that skips clipping moves
-    ``p_G`` by at most ``server_lr * C / N`` per round, but its own data keeps no
-    sample-level guarantee; per-sample clipping is the client's job. Each node counts
-    once per round (a duplicate reply would double its weight and its sensitivity).
+    What the server accepts from a client (shape, dtype, one reply per node, re-clipping
+    to C) is ``reply_checks``; per-sample clipping, which protects a client's own data,
+    is the client's job.
 
     """
 
@@ -306,7 +302,9 @@ class DPFPLStrategy(Strategy):
         round_ = self._last_round = self._round_offset + server_round
         if self._secure is not None:
             return self._aggregate_secure(round_, replies, self._secure)
-        accepted = self._accept_train_replies(round_, replies)
+        accepted = reply_checks.accept_train_replies(
+            replies, self._sent, round_, prompt=self._prompt, dp_on=self.dp_on
+        )
         metrics: dict[str, float | int] = {
             wire.ACCEPTED: len(accepted),
             wire.REJECTED: len(replies) - len(accepted),
@@ -318,7 +316,8 @@ class DPFPLStrategy(Strategy):
             log(WARNING, "train round %d: every reply refused: global prompt unchanged", round_)
             return None, MetricRecord(dict(metrics))
         std = self.channel.global_std(len(accepted))
-        noised = self._clipped_mean(round_, accepted) + self._source(
+        mean = reply_checks.clipped_mean(accepted, self.channel.clip_norm, round_)
+        noised = mean + self._source(
             "global-noise", round_, secret=self._secret_noise
         ).gaussian(self._prompt.shape, std=std, dtype=torch.float64)
         self._prompt = (self._prompt.double() - self.server_lr * noised).to(self._prompt.dtype)
@@ -360,65 +359,6 @@ class DPFPLStrategy(Strategy):
         mean = torch.from_numpy(result.total).reshape(self._prompt.shape) / survivors
         return mean, result.accounting().noise_std(survivors) / survivors
 
-    def _accept_train_replies(self, round_: int, replies: list[Message]) -> list[wire.TrainReply]:
-        """Keep the replies that pass the protocol checks; log every refusal with its node."""
-        accepted: list[wire.TrainReply] = []
-        seen: set[int] = set()
-        for msg in replies:
-            try:
-                reply = wire.parse_train_reply(
-                    msg,
-                    expected_shape=tuple(self._prompt.shape),
-                    expected_dtype=self._prompt.dtype,
-                    dp_on=self.dp_on,
-                )
-                if reply.node_id in seen:
-                    raise wire.InvalidReply("duplicate reply: a node counts once per round")
-            except wire.InvalidReply as err:
-                self._log_refusal("train", round_, msg, str(err))
-                continue
-            seen.add(reply.node_id)
-            accepted.append(reply)
-        return accepted
-
-    def _clipped_mean(self, round_: int, accepted: list[wire.TrainReply]) -> torch.Tensor:
-        """Unweighted mean of the replies, each re-clipped to C (float64).
-
-        Nothing about an individual norm is logged or counted (it is a statistic of the
-        client's batch before any noise), except a warning for a reply no clipped batch
-        could produce.
-        """
-        grads = torch.stack([r.grad.to(torch.float64) for r in accepted])  # (N, n_ctx, d)
-        clip = self.channel.clip_norm
-        hostile = grads.flatten(1).norm(dim=1) > _SUSPICIOUS_FACTOR * clip  # (N,)
-        for reply, flagged in zip(accepted, hostile.tolist(), strict=True):
-            if flagged:
-                log(
-                    WARNING,
-                    "train round %d: node %d sent a gradient no clipped batch can produce "
-                    "(norm > %g x clip-norm); re-clipped on the server",
-                    round_,
-                    reply.node_id,
-                    _SUSPICIOUS_FACTOR,
-                )
-        return mechanics.clipped_sum(grads, clip) / len(accepted)
-
-    def _log_refusal(self, phase: str, round_: int, msg: Message, reason: str) -> None:
-        node = self._node_of(msg)
-        log(WARNING, "%s round %d: refused reply from node %d: %s", phase, round_, node, reason)
-
-    def _node_of(self, reply: Message) -> int:
-        """The node a reply answers for: the destination of the message it replies to.
-
-        A reply's ``src_node_id`` is the SuperLink's (1) when Flower itself stands in for
-        a node that died or whose reply was lost, so the sent message decides.
-        """
-        asked = reply.metadata.reply_to_message_id
-        for sent in self._sent if asked else ():
-            if sent.metadata.message_id == asked:
-                return sent.metadata.dst_node_id
-        return reply.metadata.src_node_id
-
     # --- aggregate evaluate ----------------------------------------------------------
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
@@ -436,12 +376,7 @@ class DPFPLStrategy(Strategy):
                 self.on_round(round_, self._train_metrics)
             self._train_metrics = {}
             return None
-        accepted: list[wire.EvaluateReply] = []
-        for msg in replies:
-            try:
-                accepted.append(wire.parse_evaluate_reply(msg))
-            except wire.InvalidReply as err:
-                self._log_refusal("evaluate", round_, msg, str(err))
+        accepted = reply_checks.accept_evaluate_replies(replies, self._sent, round_)
         metrics: dict[str, float | int] = {
             wire.EVAL_ACCEPTED: len(accepted),
             wire.EVAL_REJECTED: len(replies) - len(accepted),

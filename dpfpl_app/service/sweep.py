@@ -16,6 +16,7 @@ import io
 import json
 import logging
 import math
+import os
 import queue
 import shutil
 import statistics
@@ -194,8 +195,8 @@ def run_sweep(
     Both paths are made absolute first: the runs execute in a SuperLink whose working
     directory is ``app_dir``, so a relative ``output-dir`` would land (and be looked
     for) somewhere else, and a relative ``app_dir`` would be resolved twice. Cells run
-    side by side each get their own local SuperLink (``LocalFlower``): one simulated
-    cell keeps one Ray actor busy, so on a 2-core machine two cells use both cores.
+    side by side each get their own local SuperLink (``LocalFlower``) and an equal share
+    of the cores for torch's threads.
     A cell's results do not depend on what runs beside it: its noise and data are
     seeded by the cell alone.
     """
@@ -215,11 +216,13 @@ def run_sweep(
     for cell in todo:
         pending.put(cell)
     progress = _Progress(len(todo))
+    # side by side, each run's torch gets its share of the cores (see LocalFlower)
+    threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
 
     def serve(slot: int) -> list[Cell]:
         failed = []
         home = out_dir / (".flwr" if slot == 0 else f".flwr-{slot}")
-        with LocalFlower(app_dir, home) as flower:
+        with LocalFlower(app_dir, home, threads=threads) as flower:
             while True:
                 try:
                     cell = pending.get_nowait()
