@@ -201,6 +201,10 @@ def measure(
     return row
 
 
+def _share(fraction: float) -> str:
+    return "all clients" if fraction >= 1 else f"a fraction {fraction:g} of the clients"
+
+
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     lines = [
         "# Many simulated clients per round",
@@ -208,7 +212,7 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         f"Written by `python benchmarks/bench_scale.py` on {meta['date']}, {meta['machine']}, "
         f"load average {meta['load-before']:.1f} before / {meta['load-after']:.1f} after. "
         f"DP-FPL, per-sample DP, epsilon 4, plain aggregation, {meta['dataset']} (iid), tiny "
-        f"offline backbone, {meta.get('fraction', 1.0):g} of the clients sampled per round, "
+        f"offline backbone, {_share(meta.get('fraction', 1.0))} sampled per round, "
         "Flower's default client "
         "resources (one actor on 2 cores). Rounds 2..T: round = train + evaluate; compute = "
         "the clients' own training and evaluation, summed from their `message timing` lines; "

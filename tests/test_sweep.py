@@ -12,7 +12,7 @@ import pytest
 from dpfpl_app.config import Method, RunConfig
 from dpfpl_app.federation.results import RESULTS_FILE
 from dpfpl_app.service import sweep as sweep_module
-from dpfpl_app.service.sweep import Cell, SweepSpec, run_sweep, write_tables
+from dpfpl_app.service.sweep import Cell, SweepSpec, markdown_table, run_sweep, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -200,7 +200,9 @@ def test_tiny_sweep_is_complete_resumable_and_the_same_run_side_by_side_or_seria
     )
 
     # Execute: the same grid twice, both cells side by side, then one after the other
+    # with torch's threads as side by side on 2 cores (float sums depend on the count)
     assert run_sweep(spec, tmp_path / "a", app_dir=REPO, timeout_s=600, parallel=2) == []
+    monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
     assert run_sweep(spec, tmp_path / "b", app_dir=REPO, timeout_s=600) == []
 
     # Assert: every cell has a number, each side-by-side cell had its own SuperLink,
@@ -309,3 +311,49 @@ def test_side_by_side_cells_share_the_cores_and_all_count(
     assert failed == []
     assert _FlowerResolvingLikeASuperLink.homes == {".flwr": 2, ".flwr-1": 2}
     assert "| digits | 1 | 90.0 ± 0.0 (n=3) |" in (tmp_path / "s" / "table.md").read_text()
+
+
+def test_a_method_config_sets_that_methods_cells_only(tmp_path: Path) -> None:
+    # Prepare: DP-FPL's tuned rate in a file, a global override for every cell
+    from dpfpl_app.service.sweep_cli import method_config
+
+    path = tmp_path / "lrs.toml"
+    path.write_text('[dpfpl]\nlr-local = 0.03\nlr-global = 0.03\n\n[promptfl]\nlr-global = 0.003\n')
+    spec = SweepSpec(methods=(Method.PROMPTFL, Method.DPFPL), epsilons=(1.0,),
+                     overrides={"lr-local": 0.01, "lr-global": 0.01},
+                     method_overrides=method_config(str(path)))
+
+    # Execute
+    configs = {c.method: spec.run_config(c, tmp_path) for c in spec.cells()}
+
+    # Assert: each method's values win over --set for its own cells, nowhere else
+    assert (configs[Method.DPFPL]["lr-local"], configs[Method.DPFPL]["lr-global"]) == (0.03, 0.03)
+    assert (configs[Method.PROMPTFL]["lr-local"], configs[Method.PROMPTFL]["lr-global"]) == (
+        0.01, 0.003)
+    assert configs[Method.LOCAL]["lr-local"] == 0.01
+    assert "DP-FPL only: lr-local=0.03, lr-global=0.03." in markdown_table(spec, [])
+
+
+@pytest.mark.parametrize(
+    ("text", "refusal"),
+    [("[dpfp]\nlr-local = 0.1\n", r"\[dpfp\] is no method"),
+     ("[dpfpl]\nlr-local = [0.1]\n", r"\[dpfpl\] must hold run-config keys with scalar")],
+)
+def test_a_method_config_that_names_no_method_or_holds_no_scalar_is_refused(
+    tmp_path: Path, text: str, refusal: str
+) -> None:
+    import argparse
+
+    from dpfpl_app.service.sweep_cli import method_config
+
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(argparse.ArgumentTypeError, match=refusal):
+        method_config(str(tmp_path / "bad.toml"))
+
+
+def test_a_method_config_key_the_run_config_does_not_know_fails_before_any_run(
+    tmp_path: Path,
+) -> None:
+    spec = SweepSpec(methods=(Method.DPFPL,), method_overrides={Method.DPFPL: {"lr-locl": 0.1}})
+    with pytest.raises(ValueError, match="lr-locl"):
+        run_sweep(spec, tmp_path, app_dir=REPO)

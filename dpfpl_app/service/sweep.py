@@ -67,6 +67,8 @@ class SweepSpec(BaseModel):
     dp_mode: DPMode = DPMode.PER_SAMPLE
     clients: int = Field(10, ge=1)
     overrides: dict[str, int | float | bool | str] = {}
+    # run-config values of one method's cells (e.g. its tuned learning rates), over ``overrides``
+    method_overrides: dict[Method, dict[str, int | float | bool | str]] = {}
 
     @field_validator("epsilons")
     @classmethod
@@ -107,6 +109,7 @@ class SweepSpec(BaseModel):
         """The cell's run config, validated here so a bad grid fails before any run."""
         values: dict[str, Any] = {
             **self.overrides,
+            **self.method_overrides.get(cell.method, {}),
             "dataset": self.dataset,
             "method": cell.method.value,
             "seed": cell.seed,
@@ -402,6 +405,9 @@ def markdown_table(
     if spec.overrides:
         given = ", ".join(f"{k}={v}" for k, v in spec.overrides.items())
         lines.append(f"Run-config overrides: {given}.")
+    for method, values in spec.method_overrides.items():
+        given = ", ".join(f"{k}={v}" for k, v in values.items())
+        lines.append(f"{LABELS[method]} only: {given}.")
     for short, title in (("local", "Local accuracy"), ("neighbour", "Neighbour accuracy")):
         header = ["dataset", "epsilon", *(LABELS[m] for m in spec.methods)]
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |"]

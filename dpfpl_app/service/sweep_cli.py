@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from dpfpl_app.config import DPMode, Method
 from dpfpl_app.service.sweep import SHARED_METHODS, SweepSpec, run_sweep
 
@@ -34,6 +36,34 @@ def parse_override(text: str) -> tuple[str, int | float | bool | str]:
     return key, value
 
 
+def method_config(path: str) -> dict[Method, dict[str, int | float | bool | str]]:
+    """Per-method run-config values from a TOML file of one table per method.
+
+    ``[dpfpl]`` then ``lr-local = 0.01`` sets DP-FPL's cells only (the file of a
+    per-method learning-rate search, for instance); a table that names no method, or a
+    value that is a table or a list, is refused with the file and the name.
+    """
+    with open(path, "rb") as f:
+        doc = tomllib.load(f)
+    out: dict[Method, dict[str, int | float | bool | str]] = {}
+    for name, table in doc.items():
+        try:
+            method = Method(name)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{path}: [{name}] is no method; tables are named after methods "
+                f"({', '.join(m.value for m in Method)})"
+            ) from None
+        if not isinstance(table, dict) or not all(
+            isinstance(v, (int, float, bool, str)) for v in table.values()
+        ):
+            raise argparse.ArgumentTypeError(
+                f"{path}: [{name}] must hold run-config keys with scalar values"
+            )
+        out[method] = dict(table)
+    return out
+
+
 def _sweep(args: argparse.Namespace) -> int:
     spec = SweepSpec(
         dataset=args.dataset,
@@ -46,6 +76,7 @@ def _sweep(args: argparse.Namespace) -> int:
         dp_mode=DPMode(args.dp_mode),
         clients=args.clients,
         overrides=dict(args.set or []),
+        method_overrides=args.method_config or {},
     )
     # resolved against the caller's cwd now: the runs execute with cwd=app_dir
     app_dir, out = Path(args.app_dir).resolve(), Path(args.out).resolve()
@@ -88,6 +119,11 @@ def add_sweep_command(sub: Any) -> None:
     p.add_argument("--clients", type=int, default=10, help="simulated SuperNodes per cell")
     p.add_argument("--set", type=parse_override, action="append", metavar="KEY=VALUE",
                    help="any run-config key for every cell, e.g. --set num-server-rounds=20")
+    p.add_argument(
+        "--method-config", type=method_config, default=None, metavar="TOML",
+        help="per-method run-config values: one table per method, e.g. [fedotp] lr-local = "
+        "0.03 (over --set)",
+    )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell")
     p.add_argument(
         "--parallel", type=int, default=1, metavar="N",
