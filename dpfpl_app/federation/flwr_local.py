@@ -124,13 +124,19 @@ class LocalFlower:
             raise RuntimeError(f"the local SuperLink of {self.flwr_home} survived SIGKILL")
 
     def superlink_pids(self) -> list[int]:
+        """The SuperLink processes whose files are under this FLWR_HOME, and no other's.
+
+        Matched on a whole path component: ``.flwr`` must not also end the SuperLink of
+        ``.flwr-1`` beside it (a sweep's side-by-side cells lost a run to that).
+        """
         listing = subprocess.run(
             ["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True, check=False
         ).stdout
+        inside = str(self.flwr_home) + os.sep
         pids = []
         for line in listing.splitlines():
             pid, _, args = line.strip().partition(" ")
-            if str(self.flwr_home) in args and "flower-superlink" in args:
+            if "flower-superlink" in args and any(a.startswith(inside) for a in args.split()):
                 pids.append(int(pid))
         return pids
 
