@@ -183,6 +183,23 @@ def test_a_directory_holding_another_sweep_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="holds another sweep"):
         run_sweep(SweepSpec(seeds=(0, 1)), tmp_path, app_dir=REPO)
+    (tmp_path / sweep_module.SPEC_FILE).write_text("{not json")
+    with pytest.raises(ValueError, match="holds another sweep"):
+        run_sweep(SweepSpec(seeds=(0, 1)), tmp_path, app_dir=REPO)
+
+
+def test_a_grid_saved_before_a_defaulted_field_existed_resumes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: the saved grid lacks method_overrides, as sweeps written before it did
+    monkeypatch.setattr(sweep_module, "LocalFlower", _FlowerResolvingLikeASuperLink)
+    spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0,), references=False)
+    saved = json.loads(spec.model_dump_json())
+    del saved["method_overrides"]
+    (tmp_path / sweep_module.SPEC_FILE).write_text(json.dumps(saved, indent=2))
+
+    # Execute / Assert: the same grid resumes
+    assert run_sweep(spec, tmp_path, app_dir=Path(os.path.relpath(REPO))) == []
 
 
 @pytest.mark.slow

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.federation.flwr_local import LocalFlower
@@ -310,16 +310,24 @@ def cell_failure(out_dir: Path, cell: Cell, clients: int) -> str:
 
 
 def _claim(out_dir: Path, spec: SweepSpec) -> None:
-    """Refuse to mix two different grids' cells in one directory."""
+    """Refuse to mix two different grids' cells in one directory.
+
+    The saved grid is compared as a grid, not as text, so a sweep written before a new
+    field with a default was added resumes as long as its grid is the same.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / SPEC_FILE
-    text = spec.model_dump_json(indent=2)
-    if path.is_file() and path.read_text() != text:
-        raise ValueError(
-            f"{out_dir} holds another sweep ({path}); resume it with the same arguments, "
-            "or choose another --out"
-        )
-    path.write_text(text)
+    if path.is_file():
+        try:
+            held: SweepSpec | None = SweepSpec.model_validate_json(path.read_text())
+        except ValidationError:
+            held = None
+        if held != spec:
+            raise ValueError(
+                f"{out_dir} holds another sweep ({path}); resume it with the same "
+                "arguments, or choose another --out"
+            )
+    path.write_text(spec.model_dump_json(indent=2))
 
 
 @dataclass(frozen=True)
