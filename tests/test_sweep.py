@@ -193,8 +193,9 @@ def test_a_grid_saved_before_a_defaulted_field_existed_resumes(
 ) -> None:
     # Prepare: the saved grid lacks method_overrides, as sweeps written before it did
     monkeypatch.setattr(sweep_module, "LocalFlower", _FlowerResolvingLikeASuperLink)
-    spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0,), references=False)
+    spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0, math.inf), references=False)
     saved = json.loads(spec.model_dump_json())
+    assert saved["epsilons"] == [1.0, None]  # no DP, as JSON can hold it
     del saved["method_overrides"]
     (tmp_path / sweep_module.SPEC_FILE).write_text(json.dumps(saved, indent=2))
 

@@ -70,6 +70,14 @@ class SweepSpec(BaseModel):
     # run-config values of one method's cells (e.g. its tuned learning rates), over ``overrides``
     method_overrides: dict[Method, dict[str, int | float | bool | str]] = {}
 
+    @field_validator("epsilons", mode="before")
+    @classmethod
+    def _null_is_no_dp(cls, values: Any) -> Any:
+        """JSON has no infinity: ``sweep.json`` stores "no DP" (inf) as null."""
+        if isinstance(values, (list, tuple)):
+            return tuple(math.inf if v is None else v for v in values)
+        return values
+
     @field_validator("epsilons")
     @classmethod
     def _positive(cls, values: tuple[float, ...]) -> tuple[float, ...]:
