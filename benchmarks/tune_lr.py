@@ -28,6 +28,7 @@ from dpfpl_app.config import Method  # noqa: E402
 from dpfpl_app.federation.results import LAST_ROUNDS  # noqa: E402
 from dpfpl_app.service.sweep import (  # noqa: E402
     SHARED_METHODS,
+    SPEC_FILE,
     SweepSpec,
     cell_result,
     run_sweep,
@@ -70,6 +71,28 @@ def rows_of(spec: SweepSpec, out_dir: Path, lr: float) -> list[dict[str, object]
             "cell": f"{out_dir.name}/runs/{cell.name}",
         })
     return rows
+
+
+def searched(args: argparse.Namespace) -> tuple[list[dict[str, object]], list[float]]:
+    """Every run under ``--out``, this invocation's and earlier ones', and their rates.
+
+    A grid is widened by a later invocation (another rate for some methods); a directory
+    whose settings other than its methods differ from these arguments is refused.
+    """
+    every_method = argparse.Namespace(**{**vars(args), "methods": tuple(Method)})
+    rows, lrs = [], set()
+    for path in sorted(args.out.resolve().glob("lr-*/" + SPEC_FILE)):
+        spec = SweepSpec.model_validate_json(path.read_text())
+        lr = float(spec.overrides["lr-local"])
+        expected = specs(every_method, lr).get(path.parent.name)
+        if expected is None or spec.model_dump(exclude={"methods"}) != expected.model_dump(
+            exclude={"methods"}
+        ):
+            raise SystemExit(f"{path.parent} holds a search with other settings than "
+                             "these arguments; use another --out")
+        rows += rows_of(spec, path.parent, lr)
+        lrs.add(lr)
+    return rows, sorted(lrs)
 
 
 def best(rows: list[dict[str, object]]) -> dict[str, float]:
@@ -121,12 +144,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory of the sweeps")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the sweeps' progress
-    started, rows, failed = time.monotonic(), [], []
+    started, failed = time.monotonic(), []
     for lr in args.lrs:
         for name, spec in specs(args, lr).items():
-            out_dir = args.out.resolve() / name
-            failed += run_sweep(spec, out_dir, app_dir=REPO, parallel=args.parallel)
-            rows += rows_of(spec, out_dir, lr)
+            failed += run_sweep(spec, args.out.resolve() / name, app_dir=REPO,
+                                parallel=args.parallel)
+    rows, lrs = searched(args)
     meta = (
         f"Written by `python benchmarks/tune_lr.py` on {time.strftime('%Y-%m-%d')}: "
         f"{args.dataset}, {args.clients} clients, {args.rounds} rounds, seed {args.seed}, "
@@ -139,7 +162,7 @@ def main() -> None:
     (args.out / "search.json").write_text(json.dumps(
         {"meta": meta, "rows": rows, "chosen": best(rows), "failed": [c.name for c in failed]},
         indent=1))
-    (args.out / "search.md").write_text(markdown(rows, args.lrs, meta))
+    (args.out / "search.md").write_text(markdown(rows, lrs, meta))
     print((args.out / "search.md").read_text())
     if failed:
         sys.exit(f"{len(failed)} runs failed: {', '.join(c.name for c in failed)}; rerun")
