@@ -43,6 +43,13 @@ def test_readme_documents_every_run_config_key(key: str) -> None:
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")))
 def test_shipped_run_config_files_validate(path: Path) -> None:
     overrides = tomllib.loads(path.read_text())
+    if overrides and all(isinstance(v, dict) for v in overrides.values()):
+        # one table per method: a `dpfpl sweep --method-config` file
+        from dpfpl_app.service.sweep_cli import method_config
+
+        for method, values in method_config(str(path)).items():
+            RunConfig.from_flower({**RunConfig().to_flower(), "method": method.value, **values})
+        return
 
     RunConfig.from_flower({**RunConfig().to_flower(), **overrides})
 
