@@ -209,7 +209,7 @@ def run_sweep(
     side by side each get their own local SuperLink (``LocalFlower``) and an equal share
     of the cores for torch's threads.
     A cell's results do not depend on what runs beside it: its noise and data are
-    seeded by the cell alone.
+    seeded by the cell alone (float sums do depend on torch's thread count).
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1 cells at a time, got {parallel}")
