@@ -355,7 +355,8 @@ def test_a_method_config_sets_that_methods_cells_only(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "refusal"),
     [("[dpfp]\nlr-local = 0.1\n", r"\[dpfp\] is no method"),
-     ("[dpfpl]\nlr-local = [0.1]\n", r"\[dpfpl\] must hold run-config keys with scalar")],
+     ("[dpfpl]\nlr-local = [0.1]\n", r"\[dpfpl\] must hold run-config keys with scalar"),
+     ("[dpfpl\n", r"cannot read .*bad.toml")],
 )
 def test_a_method_config_that_names_no_method_or_holds_no_scalar_is_refused(
     tmp_path: Path, text: str, refusal: str

@@ -43,8 +43,11 @@ def method_config(path: str) -> dict[Method, dict[str, int | float | bool | str]
     per-method learning-rate search, for instance); a table that names no method, or a
     value that is a table or a list, is refused with the file and the name.
     """
-    with open(path, "rb") as f:
-        doc = tomllib.load(f)
+    try:
+        with open(path, "rb") as f:
+            doc = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as err:
+        raise argparse.ArgumentTypeError(f"cannot read {path}: {err}") from None
     out: dict[Method, dict[str, int | float | bool | str]] = {}
     for name, table in doc.items():
         try:
