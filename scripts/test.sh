@@ -7,8 +7,9 @@ bash scripts/install.sh
 export DPFPL_CACHE="${DPFPL_CACHE:-$PWD/.cache/dpfpl}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 dpfpl build-backbone dpfpl-tiny-digits
-# Two test processes (DPFPL_TEST_PROCESSES=0: one): the deployment and `flwr run` tests
-# mostly wait on real processes and heartbeats while the other process computes.
+# Three test processes on two cores (DPFPL_TEST_PROCESSES=0: one): the two deployment
+# modules mostly wait on real processes and Flower's heartbeats while the third computes.
 # --dist loadfile keeps each file in one process, so a module's federation of real
-# processes is started once.
-python -m pytest -q -n "${DPFPL_TEST_PROCESSES:-2}" --dist loadfile "$@"
+# processes is started once; --no-loadscope-reorder keeps the order tests/conftest.py
+# gives (the long real-process modules first).
+python -m pytest -q -n "${DPFPL_TEST_PROCESSES:-3}" --dist loadfile --no-loadscope-reorder "$@"

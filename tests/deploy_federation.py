@@ -30,19 +30,23 @@ HEARTBEAT_GRACE_S = 120
 
 
 @contextmanager
-def three_organisations(root: Path) -> Iterator[Federation]:
-    """SuperLink + 3 registered, connected SuperNodes; an extra key that is never registered."""
+def three_organisations(root: Path, workers: tuple[int, ...]) -> Iterator[Federation]:
+    """SuperLink + 3 registered, connected SuperNodes; an extra key that is never registered.
+
+    The nodes in ``workers`` answer through a node worker; the others keep Flower's
+    process per message (importing torch and loading the model for every message, which
+    makes their rounds about three times longer).
+    """
     fed = Federation(root, NUM_NODES)
-    for node in fed.nodes[1:]:  # node 0 keeps Flower's process per message; 1 and 2 a worker
-        node.worker = True
+    for index in workers:
+        fed.nodes[index].worker = True
     try:
         fed.make_credentials(extra_keys=["intruder"])
         fed.start_superlink()
         for node, modes in zip(fed.nodes, HOSTILE_MODES, strict=True):
             fed.register(node)
             fed.start_supernode(node, extra=f"hostile-modes='{modes}'")
-        expected = {node.node_id for node in fed.nodes}
-        wait_until(lambda: fed.online_node_ids() == expected, 90, "3 SuperNodes online")
+        fed.wait_activated(fed.nodes, 90)
         yield fed
     finally:
         fed.close()
@@ -81,6 +85,7 @@ def crash_and_restart(federation: Federation, node: Node) -> None:
         lambda: node.node_id not in federation.online_node_ids(),
         HEARTBEAT_GRACE_S,
         "the SuperLink to mark the killed node offline",
+        every=10,  # nothing but the CLI tells, and it is slow to ask; Flower takes 37-60 s
     )
     modes = HOSTILE_MODES[federation.nodes.index(node)]
     federation.start_supernode(node, extra=f"hostile-modes='{modes}'")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -35,6 +36,8 @@ BIN = Path(sys.executable).parent
 MAKE_CERTS = REPO / "scripts" / "make-certs.sh"
 CONNECTION = "orgs"
 CLI_TIMEOUT_S = 90
+# How often ``wait_cli`` asks the CLI when no log line hints at the answer.
+CLI_FALLBACK_S = 15.0
 FINISHED = "finished:"
 # What docs/deployment.md recommends to operators: the SuperNode's SuperExec looks for a
 # pending message every 0.2 s instead of every 1 s.
@@ -59,6 +62,34 @@ def wait_until(check: Callable[[], T | None], timeout: float, what: str, every: 
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(every)
+
+
+def wait_cli(
+    hint: Callable[[], bool],
+    ask: Callable[[], T | None],
+    timeout: float,
+    what: str,
+    *,
+    every: float = 1.0,
+    fallback: float = CLI_FALLBACK_S,
+) -> T:
+    """Wait for ``ask`` (a ``flwr`` CLI call), asked only when ``hint`` says it may be true.
+
+    Each CLI call is a Python process of ~2.5 CPU-seconds, so polling it every few
+    seconds took a core from the tests beside. ``hint`` reads a log file (a few ms);
+    ``ask`` still decides, and is also asked every ``fallback`` seconds in case the
+    file never says (a SuperLink killed mid-run logs nothing).
+    """
+    last = -math.inf
+
+    def check() -> T | None:
+        nonlocal last
+        if not hint() and time.monotonic() - last < fallback:
+            return None
+        last = time.monotonic()
+        return ask()
+
+    return wait_until(check, timeout, what, every=every)
 
 
 # --- processes, by PID --------------------------------------------------------------
@@ -244,10 +275,23 @@ class Federation:
             log,
             self.env(self.root / "superlink" / "flwr-home"),
         )  # fmt: skip
-        wait_until(self._superlink_answers, 60, "the SuperLink to answer `flwr list`")
+        wait_cli(
+            lambda: "Application startup complete" in self.superlink_log(self.superlink_starts),
+            self._superlink_answers,
+            60,
+            "the SuperLink to answer `flwr list`",
+        )
 
     def _superlink_answers(self) -> bool:
-        return bool(self.cli_json(["list", CONNECTION], timeout=30).get("success"))
+        """Whether ``flwr list`` succeeds; a call that timed out (no JSON) is a "not yet"."""
+        out = self.cli(["list", CONNECTION, "--format", "json"], timeout=30)
+        return '"success": true' in out.stdout
+
+    def superlink_log(self, start: int | None = None) -> str:
+        """The SuperLink's own log: of its ``start``-th start, or of all of them."""
+        starts = [start] if start is not None else range(1, self.superlink_starts + 1)
+        paths = [self.logs / f"superlink-{n}.log" for n in starts]
+        return "".join(_strip_ansi(p.read_text()) for p in paths if p.exists())
 
     def kill_superlink(self) -> None:
         """A host crash: SIGKILL the SuperLink and everything it started."""
@@ -293,6 +337,21 @@ class Federation:
         listed = self.cli_json(["supernode", "list", CONNECTION])
         return {int(n["node-id"]) for n in listed.get("nodes", []) if n["status"] == "online"}
 
+    def wait_activated(self, nodes: list[Node], timeout: float) -> None:
+        """Until ``nodes`` are online, asking the CLI once the SuperLink logged their activation."""
+        expected = {node.node_id for node in nodes}
+
+        def logged() -> bool:
+            text = self.superlink_log(self.superlink_starts)
+            return all(f"Activated node_id={node_id}" in text for node_id in expected)
+
+        wait_cli(
+            logged,
+            lambda: expected <= self.online_node_ids(),
+            timeout,
+            f"SuperNodes {sorted(map(str, expected))} online",
+        )
+
     # runs ------------------------------------------------------------------------------
     def submit(self, app: Path, run_config: str) -> int:
         reply = self.cli_json(["run", str(app), CONNECTION, "--run-config", run_config])
@@ -310,8 +369,14 @@ class Federation:
             info = self.run_info(run_id)
             return info if str(info.get("status", "")).startswith(FINISHED) else None
 
+        ended = re.compile(rf"Finished task \d+ of run {run_id}\b")
         try:
-            return wait_until(finished, timeout, f"run {run_id} to finish", every=5)
+            return wait_cli(
+                lambda: bool(ended.search(self.superlink_log())),
+                finished,
+                timeout,
+                f"run {run_id} to finish",
+            )
         except AssertionError as err:
             tail = "\n".join(self.server_log(run_id).splitlines()[-40:])
             raise AssertionError(f"{err}; last ServerApp log lines:\n{tail}") from None

@@ -29,6 +29,7 @@ from deploy_processes import (
     Node,
     all_text,
     hostile_app_copy,
+    wait_cli,
     wait_until,
 )
 from safetensors.numpy import load_file
@@ -40,7 +41,8 @@ pytestmark = pytest.mark.slow
 def federation(
     tmp_path_factory: pytest.TempPathFactory, digits_backbone: Path
 ) -> Iterator[Federation]:
-    with three_organisations(tmp_path_factory.mktemp("deploy")) as fed:
+    # node 0 keeps Flower's process per message (the default), nodes 1 and 2 a worker
+    with three_organisations(tmp_path_factory.mktemp("deploy"), workers=(1, 2)) as fed:
         yield fed
 
 
@@ -115,10 +117,13 @@ def test_superlink_restart_with_database_keeps_nodes_and_history(
             node_wait_timeout=900,
         ),
     )
-    wait_until(
+    started = re.compile(rf"Started task \d+ of run {interrupted}\b")
+    wait_cli(
+        lambda: bool(started.search(federation.superlink_log())),
         lambda: "waiting for nodes" in federation.server_log(interrupted),
         180,
         "a running ServerApp",
+        every=2,
     )
 
     # Execute: crash the SuperLink (and its ServerApp), restart it on the same database
@@ -127,7 +132,7 @@ def test_superlink_restart_with_database_keeps_nodes_and_history(
 
     # Assert: the same registered nodes come back online without re-registering
     expected = {node.node_id for node in federation.nodes}
-    wait_until(lambda: federation.online_node_ids() == expected, 120, "nodes to reconnect")
+    wait_until(lambda: federation.online_node_ids() == expected, 120, "nodes to reconnect", every=5)
     listed = {r["run-id"]: r for r in federation.cli_json(["list", CONNECTION])["runs"]}
     for run_id, status in history.items():
         if status.startswith("finished:"):
