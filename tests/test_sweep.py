@@ -12,7 +12,9 @@ import pytest
 from dpfpl_app.config import Method, RunConfig
 from dpfpl_app.federation.results import RESULTS_FILE
 from dpfpl_app.service import sweep as sweep_module
-from dpfpl_app.service.sweep import Cell, SweepSpec, markdown_table, run_sweep, write_tables
+from dpfpl_app.service.sweep import run_sweep
+from dpfpl_app.service.sweep_grid import Cell, SweepSpec
+from dpfpl_app.service.sweep_tables import markdown_table, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
 

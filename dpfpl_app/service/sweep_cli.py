@@ -10,7 +10,8 @@ from typing import Any
 import tomllib
 
 from dpfpl_app.config import DPMode, Method
-from dpfpl_app.service.sweep import SHARED_METHODS, SweepSpec, run_sweep
+from dpfpl_app.service.sweep import run_sweep
+from dpfpl_app.service.sweep_grid import SHARED_METHODS, SweepSpec
 
 logger = logging.getLogger(__name__)
 
