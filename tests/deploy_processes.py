@@ -151,6 +151,12 @@ def _alive(pid: int) -> bool:
     return False
 
 
+def worker_pid(directory: Path) -> int | None:
+    """The pid a node worker wrote in its ``directory`` (``service/node_worker.py``), if any."""
+    pid_files = list(directory.glob("*.pid"))
+    return int(pid_files[0].read_text()) if pid_files else None
+
+
 # --- the federation -----------------------------------------------------------------
 @dataclass
 class Node:
@@ -176,8 +182,7 @@ class Node:
     @property
     def worker_pid(self) -> int | None:
         """The pid of this node's worker (``state-dir/workers``), if one is running."""
-        pid_files = list((self.state_dir / "workers").glob("*.pid"))
-        return int(pid_files[0].read_text()) if pid_files else None
+        return worker_pid(self.state_dir / "workers")
 
 
 class Federation:

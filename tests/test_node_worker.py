@@ -40,16 +40,12 @@ from dpfpl_app.federation.worker_protocol import (
     send_frames,
     socket_path,
 )
+from tests.deploy_processes import worker_pid
 from tests.flower_harness import federation_config, make_instruction, run_server_app
 
 REPO = Path(__file__).resolve().parents[1]
 NOBODY = 65534
 as_root = pytest.mark.skipif(os.getuid() != 0, reason="acting as another user needs root")
-
-
-def _worker_pid(directory: Path) -> int | None:
-    pid_files = list(directory.glob("*.pid"))
-    return int(pid_files[0].read_text()) if pid_files else None
 
 
 def _kill_worker(directory: Path) -> int | None:
@@ -59,7 +55,7 @@ def _kill_worker(directory: Path) -> int | None:
     turns zombie before its other threads have exited and released its socket, so wait
     for the reaping, which waits for the whole thread group.
     """
-    pid = _worker_pid(directory)
+    pid = worker_pid(directory)
     if pid is not None:
         with contextlib.suppress(ProcessLookupError, ChildProcessError):
             os.kill(pid, signal.SIGKILL)
@@ -123,7 +119,7 @@ def test_federation_through_workers_equals_in_process_and_survives_a_worker_cras
     # next message), and the run is metric for metric the in-process run: same handlers,
     # same private state carried through the context and the disk.
     (killed,) = on["killed"]
-    assert killed is not None and _worker_pid(on["workers"]) not in (None, killed)
+    assert killed is not None and worker_pid(on["workers"]) not in (None, killed)
     worker_logs = "\n".join(f.read_text()[-3000:] for f in on["workers"].glob("*.log"))
     assert _rounds(on["root"]) == _rounds(off["root"]), worker_logs
     assert not off["workers"].exists()  # node-worker=false starts nothing
