@@ -27,13 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from dpfpl_app.config import Method  # noqa: E402
 from dpfpl_app.federation.results import LAST_ROUNDS  # noqa: E402
 from dpfpl_app.service.sweep import run_sweep  # noqa: E402
+from dpfpl_app.service.sweep_cli import parse_override  # noqa: E402
 from dpfpl_app.service.sweep_grid import (  # noqa: E402
     SHARED_METHODS,
     SPEC_FILE,
     SweepSpec,
     cell_result,
 )
-from dpfpl_app.service.sweep_cli import parse_override  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL, ACC = f"val-last{LAST_ROUNDS}-local-acc", f"val-last{LAST_ROUNDS}-neighbour-acc"

@@ -381,6 +381,7 @@ class Federation:
                 finished,
                 timeout,
                 f"run {run_id} to finish",
+                fallback=60,  # only a run whose SuperLink was killed ends without the line
             )
         except AssertionError as err:
             tail = "\n".join(self.server_log(run_id).splitlines()[-40:])
