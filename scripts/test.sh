@@ -12,4 +12,5 @@ dpfpl build-backbone dpfpl-tiny-digits
 # --dist loadfile keeps each file in one process, so a module's federation of real
 # processes is started once; --no-loadscope-reorder keeps the order tests/conftest.py
 # gives (the long real-process modules first).
-python -m pytest -q -n "${DPFPL_TEST_PROCESSES:-3}" --dist loadfile --no-loadscope-reorder "$@"
+python -m pytest -q -n "${DPFPL_TEST_PROCESSES:-3}" --dist loadfile --no-loadscope-reorder \
+    --durations=25 "$@"
