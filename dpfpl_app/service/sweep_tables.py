@@ -34,6 +34,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Aggregate:
+    """One entry of the tables: a (method, epsilon, rank) over the seeds that count."""
+
     method: Method
     epsilon: float
     rank: int
