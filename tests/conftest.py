@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -37,6 +38,23 @@ def plumbing_clip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def clip(plumbing_clip: Path) -> FrozenClip:
     """The plumbing CLIP loaded frozen on the CPU, shared by the unit tests."""
     return load_frozen_clip(str(plumbing_clip), device="cpu")
+
+
+@pytest.fixture(autouse=True)
+def loggers_restored() -> Iterator[None]:
+    """Each test leaves the root and app loggers' handlers as it found them.
+
+    ``dpfpl``'s ``main`` rebinds the root logger to the ``sys.stderr`` of the moment,
+    which inside a test is pytest's capture stream, closed when the test ends. Every
+    later test in the same process then lost its log lines to "I/O operation on closed
+    file", among them the reason a sweep cell failed in CI.
+    """
+    loggers = [logging.getLogger(), logging.getLogger("dpfpl_app")]
+    saved = [(list(lg.handlers), lg.level) for lg in loggers]
+    yield
+    for lg, (handlers, level) in zip(loggers, saved, strict=True):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""LocalFlower's environment: what every process of its runs inherits."""
+"""LocalFlower: the environment its runs inherit, and waiting out a loaded machine."""
 
 from __future__ import annotations
 
@@ -45,3 +45,64 @@ def test_a_superlink_is_found_by_its_own_home_not_by_a_longer_one_beside_it(
     # Execute / Assert: each home finds its own SuperLink only
     assert LocalFlower(tmp_path, tmp_path / ".flwr").superlink_pids() == [101]
     assert LocalFlower(tmp_path, tmp_path / ".flwr-1").superlink_pids() == [202]
+
+
+class _Answers:
+    """``flwr`` answers in order, as ``LocalFlower._json`` would return or raise them."""
+
+    def __init__(self, *answers: dict | Exception) -> None:
+        self.answers, self.asked = list(answers), []
+
+    def __call__(self, args: list[str]) -> dict:
+        self.asked.append(args[0])
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+def _quiet(monkeypatch: pytest.MonkeyPatch, flower: LocalFlower, answers: _Answers) -> None:
+    from dpfpl_app.federation import flwr_local
+
+    monkeypatch.setattr(flwr_local.time, "sleep", lambda s: None)
+    monkeypatch.setattr(flower, "superlink_pids", lambda: [])
+    monkeypatch.setattr(flower, "_json", answers)
+
+
+def test_a_superlink_slow_to_start_and_a_failed_poll_do_not_fail_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: flwr's 15-s start fails once, then a status poll's CLI call breaks once
+    import subprocess
+
+    flower = LocalFlower(tmp_path, tmp_path / "home")
+    slow = {"success": False, "error-message": "Failed to start local SuperLink within 15s."}
+    answers = _Answers(
+        slow,
+        {"success": True, "runs": []},
+        {"success": True, "run-id": "7"},
+        subprocess.TimeoutExpired("flwr", 180),
+        {"success": True, "runs": [{"status": "running"}]},
+        {"success": True, "runs": [{"status": "finished:completed"}]},
+    )
+    _quiet(monkeypatch, flower, answers)
+
+    # Execute
+    outcome = flower.run({"seed": 0}, num_supernodes=2, timeout_s=600)
+
+    # Assert: the start was asked for again and the run was waited for to its end
+    assert outcome == (7, "finished:completed")
+    assert answers.asked == ["list", "list", "run", "list", "list", "list"]
+
+
+def test_a_superlink_that_never_starts_fails_with_where_to_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dpfpl_app.federation import flwr_local
+
+    flower = LocalFlower(tmp_path, tmp_path / "home")
+    _quiet(monkeypatch, flower, _Answers(*[RuntimeError("flwr list printed no JSON")] * 3))
+    monkeypatch.setattr(flwr_local, "STARTUP_S", 0.0)
+
+    with pytest.raises(RuntimeError, match=r"did not start .*local-superlink/superlink\.log"):
+        flower.run({"seed": 0}, num_supernodes=2, timeout_s=600)

@@ -13,7 +13,7 @@ from dpfpl_app.config import Method, RunConfig
 from dpfpl_app.federation.results import RESULTS_FILE
 from dpfpl_app.service import sweep as sweep_module
 from dpfpl_app.service.sweep import run_sweep
-from dpfpl_app.service.sweep_grid import Cell, SweepSpec
+from dpfpl_app.service.sweep_grid import FAILED_DIR, Cell, SweepSpec, read_cell
 from dpfpl_app.service.sweep_tables import markdown_table, write_tables
 
 REPO = Path(__file__).resolve().parents[1]
@@ -221,9 +221,11 @@ def test_tiny_sweep_is_complete_resumable_and_the_same_run_side_by_side_or_seria
 
     # Execute: the same grid twice, both cells side by side, then one after the other
     # with torch's threads as side by side on 2 cores (float sums depend on the count)
-    assert run_sweep(spec, tmp_path / "a", app_dir=REPO, timeout_s=600, parallel=2) == []
+    failed = run_sweep(spec, tmp_path / "a", app_dir=REPO, timeout_s=600, parallel=2)
+    assert failed == [], _why(tmp_path / "a", failed, spec.clients)
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
-    assert run_sweep(spec, tmp_path / "b", app_dir=REPO, timeout_s=600) == []
+    failed = run_sweep(spec, tmp_path / "b", app_dir=REPO, timeout_s=600)
+    assert failed == [], _why(tmp_path / "b", failed, spec.clients)
 
     # Assert: every cell has a number, each side-by-side cell had its own SuperLink,
     # and the two sweeps agree to the byte
@@ -239,6 +241,16 @@ def test_tiny_sweep_is_complete_resumable_and_the_same_run_side_by_side_or_seria
 
     monkeypatch.setattr(sweep_module.LocalFlower, "run", no_runs)
     assert run_sweep(spec, tmp_path / "a", app_dir=REPO) == []
+
+
+def _why(out: Path, failed: list[Cell], clients: int) -> str:
+    """Each failed cell's reason and the end of its Flower log, for the test report."""
+    parts = []
+    for cell in failed:
+        log = out / FAILED_DIR / f"{cell.name}.log"
+        tail = log.read_text()[-4000:] if log.is_file() else "(no Flower log kept)"
+        parts.append(f"{cell.name}: {read_cell(out, cell, clients)[1]}\n{tail}")
+    return "\n".join(parts)
 
 
 def test_cli_parses_the_grid_and_refuses_a_directory_that_is_no_app(
@@ -331,6 +343,39 @@ def test_side_by_side_cells_share_the_cores_and_all_count(
     assert failed == []
     assert _FlowerResolvingLikeASuperLink.homes == {".flwr": 2, ".flwr-1": 2}
     assert "| digits | 1 | 90.0 ± 0.0 (n=3) |" in (tmp_path / "s" / "table.md").read_text()
+
+
+class _FlowerFailingOnce(_FlowerResolvingLikeASuperLink):
+    """The first run of the grid fails and writes nothing; every later one completes."""
+
+    runs = 0
+
+    def run(self, run_config: dict, *, num_supernodes: int, timeout_s: float) -> tuple[int, str]:
+        type(self).runs += 1
+        if type(self).runs == 1:
+            return 7, "finished:failed"
+        return super().run(run_config, num_supernodes=num_supernodes, timeout_s=timeout_s)
+
+    def log(self, run_id: int) -> str:
+        return f"run {run_id}: ClientApp raised ValueError\n"
+
+
+def test_a_failed_cell_keeps_its_flower_log_until_a_retry_counts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare
+    monkeypatch.setattr(sweep_module, "LocalFlower", _FlowerFailingOnce)
+    spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0,), references=False)
+    (cell,) = spec.cells()
+    kept = tmp_path / FAILED_DIR / f"{cell.name}.log"
+
+    # Execute / Assert: the failure names its cell and its log survives the sweep
+    assert run_sweep(spec, tmp_path, app_dir=Path(os.path.relpath(REPO))) == [cell]
+    assert kept.read_text() == "run 7: ClientApp raised ValueError\n"
+
+    # the retry counts, and no stale log says otherwise
+    assert run_sweep(spec, tmp_path, app_dir=Path(os.path.relpath(REPO))) == []
+    assert not kept.exists()
 
 
 def test_a_method_config_sets_that_methods_cells_only(tmp_path: Path) -> None:

@@ -4,8 +4,10 @@ The sweep runner submits many runs; each must be a real Flower simulation, exact
 a user gets from ``flwr run .``. Three Flower behaviours shape this module: ``flwr run``
 returns once the run is submitted (``--stream`` even exits 0 when the ServerApp
 crashed), so completion is read from the run's JSON status; the local SuperLink it
-starts keeps running in the background, so it is ended by PID; and it listens on fixed
-default ports, so each ``LocalFlower`` gets its own ``FLWR_HOME`` and free ports.
+starts keeps running in the background, so it is ended by PID; it listens on fixed
+default ports, so each ``LocalFlower`` gets its own ``FLWR_HOME`` and free ports; and
+``flwr`` gives that SuperLink a fixed 15 s to come up, which a loaded 2-core machine can
+exceed, so its start is retried here with our own patience.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ FLWR = str(Path(sys.executable).with_name("flwr"))
 POLL_S = (3.0, 30.0)
 """Status polls of a run: every 3 s at first, then a tenth of its age, at most 30 s. Each
 poll is a ``flwr`` process (~1 CPU-second), which a long run on 2 cores would feel."""
+STARTUP_S = 300.0
+"""How long to keep asking for the local SuperLink to come up before giving up."""
 
 
 def free_port() -> int:
@@ -81,6 +85,7 @@ class LocalFlower:
     ) -> tuple[int, str]:
         """Submit one run, wait until it finishes; returns (run id, final status)."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        self._start_superlink()
         submitted = self._json(
             [
                 "run",
@@ -102,10 +107,41 @@ class LocalFlower:
                 return run_id, f"timeout after {timeout_s:.0f} s ({status})"
             shortest, longest = POLL_S
             time.sleep(min(longest, max(shortest, (time.monotonic() - started) / 10)))
-            listed = self._json(["list", "--run-id", str(run_id)])
+            try:
+                listed = self._json(["list", "--run-id", str(run_id)])
+            except (RuntimeError, subprocess.TimeoutExpired):
+                continue  # one CLI call failing on a loaded machine is "not yet", not an end
             if listed.get("success") and listed.get("runs"):
                 status = str(listed["runs"][0]["status"])
         return run_id, status
+
+    def _start_superlink(self) -> None:
+        """Make sure this home's SuperLink is up before a run is submitted to it.
+
+        ``flwr`` starts it on first use and kills it if it is not answering within 15 s
+        (a constant of Flower's); at the start of CI, while two federations of real
+        processes were importing Flower beside it, that failed a sweep cell. Listing the
+        (empty) runs starts it the same way, and a failed start is asked for again.
+        """
+        if self.superlink_pids():
+            return
+        deadline, attempts = time.monotonic() + STARTUP_S, 0
+        while True:
+            attempts += 1
+            try:
+                answer = self._json(["list"])
+                if answer.get("success") is True:
+                    return
+                why = str(answer)
+            except (RuntimeError, subprocess.TimeoutExpired) as err:
+                why = str(err)
+            if time.monotonic() > deadline:
+                raise RuntimeError(
+                    f"the local SuperLink of {self.flwr_home} did not start in "
+                    f"{attempts} attempts over {STARTUP_S:.0f} s (last: {why}); see "
+                    f"{self.flwr_home / 'local-superlink' / 'superlink.log'}"
+                )
+            time.sleep(5)
 
     def log(self, run_id: int) -> str:
         """The run's log as ``flwr log --show`` prints it (ServerApp and simulation output)."""

@@ -14,6 +14,7 @@ import math
 import os
 import queue
 import shutil
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -22,7 +23,14 @@ from pydantic import ValidationError
 
 from dpfpl_app.federation.flwr_local import LocalFlower
 from dpfpl_app.federation.results import LAST_ROUNDS
-from dpfpl_app.service.sweep_grid import SPEC_FILE, Cell, SweepSpec, cell_result, read_cell
+from dpfpl_app.service.sweep_grid import (
+    FAILED_DIR,
+    SPEC_FILE,
+    Cell,
+    SweepSpec,
+    cell_result,
+    read_cell,
+)
 from dpfpl_app.service.sweep_tables import write_tables
 
 logger = logging.getLogger(__name__)
@@ -122,6 +130,7 @@ def _run_cell(
     # both belong to that attempt's run id and would be refused by the clients
     shutil.rmtree(out_dir / "runs" / cell.name, ignore_errors=True)
     shutil.rmtree(out_dir / "state" / cell.name, ignore_errors=True)
+    (out_dir / FAILED_DIR / f"{cell.name}.log").unlink(missing_ok=True)
     i, n, t0 = progress.start(), progress.total, time.monotonic()
     logger.info("[%d/%d] %s ...", i, n, cell.name)
     try:
@@ -131,8 +140,9 @@ def _run_cell(
     doc, reason = read_cell(out_dir, cell, spec.clients)
     left = progress.finish()
     if doc is None:
-        logger.error("[%d/%d] %s: run %d ended %s; the cell does not count: %s",
-                     i, n, cell.name, run_id, status, reason)
+        logger.error("[%d/%d] %s: run %d ended %s; the cell does not count: %s%s",
+                     i, n, cell.name, run_id, status, reason,
+                     _keep_log(flower, run_id, out_dir / FAILED_DIR / f"{cell.name}.log"))
         return False
     s = doc["summary"]
     logger.info(
@@ -141,6 +151,23 @@ def _run_cell(
         s.get(f"last{LAST_ROUNDS}-neighbour-acc", math.nan), time.monotonic() - t0, left,
     )
     return True
+
+
+def _keep_log(flower: LocalFlower, run_id: int, path: Path) -> str:
+    """Save a failed run's Flower log where the next attempt will not delete it.
+
+    The run's own directory is cleared when the cell is retried, and the log is the
+    only record of why it failed (a client's traceback, a refused reply, a timeout).
+    """
+    if run_id < 0:
+        return ""
+    try:
+        text = flower.log(run_id)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f" (its Flower log could not be read: {err})"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return f" (its Flower log: {path})"
 
 
 def _claim(out_dir: Path, spec: SweepSpec) -> None:

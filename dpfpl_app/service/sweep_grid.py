@@ -34,6 +34,7 @@ LABELS = {
 }
 MEASURES = (("local", "local-acc"), ("neighbour", "neighbour-acc"))
 SPEC_FILE = "sweep.json"
+FAILED_DIR = "failed"  # the Flower log of each cell whose last attempt failed
 
 
 class SweepSpec(BaseModel):
