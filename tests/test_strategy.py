@@ -582,6 +582,28 @@ def test_load_state_dict_refuses_another_privacy_plan() -> None:
         other.load_state_dict({**state, "extra": 1})
 
 
+def test_a_plain_checkpoint_that_still_lists_no_secure_rounds_resumes() -> None:
+    # Prepare: the state as one class for both exchanges wrote it, and one that is not
+    state = _strategy().state_dict()
+    legacy, forged = {**state, "secure_rounds": []}, {**state, "secure_rounds": [1.0]}
+
+    # Execute / Assert: an empty list is that old format; a release is never dropped
+    resumed = _strategy(initial_prompt=torch.zeros(SHAPE))
+    resumed.load_state_dict(legacy)
+    torch.testing.assert_close(resumed.global_prompt, state["global_prompt"])
+    with pytest.raises(ValueError, match="state keys"):
+        _strategy().load_state_dict(forged)
+
+
+def test_the_strategy_class_must_fit_the_channels_aggregation() -> None:
+    from dpfpl_app.federation.secure_strategy import SecureDPFPLStrategy
+
+    with pytest.raises(ValueError, match="needs SecureDPFPLStrategy"):
+        _strategy(channel=_plan(aggregation="secure"))
+    with pytest.raises(ValueError, match="needs DPFPLStrategy"):
+        SecureDPFPLStrategy(initial_prompt=_prompt(), server_lr=LR, channel=_plan())
+
+
 # --- validation -------------------------------------------------------------------------
 @pytest.mark.parametrize(
     ("name", "value"),

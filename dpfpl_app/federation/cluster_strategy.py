@@ -1,4 +1,4 @@
-"""SecFPP's server: DP-FPL's strategy with one shared prompt per secure cluster.
+"""SecFPP's server: DP-FPL's secure strategy with one shared prompt per secure cluster.
 
 Before its first training round (and again whenever the sampled nodes change) the
 strategy clusters the nodes by their domain summaries under secure aggregation
@@ -28,7 +28,7 @@ from flwr.serverapp import Grid
 from dpfpl_app.config import RunConfig
 from dpfpl_app.federation import domain_wire
 from dpfpl_app.federation.secure_clustering import Clusters, SecureClustering
-from dpfpl_app.federation.strategy import SECURE_STAGE_TIMEOUT, DPFPLStrategy
+from dpfpl_app.federation.secure_strategy import SECURE_STAGE_TIMEOUT, SecureDPFPLStrategy
 
 CLUSTERING_NOTE = (
     "SecFPP clustering: the server learns, per secure sum over all sampled clients, the "
@@ -41,8 +41,8 @@ CLUSTERING_NOTE = (
 )
 
 
-class SecFPPStrategy(DPFPLStrategy):
-    """``DPFPLStrategy`` whose shared prompt is one per secure cluster (module docstring).
+class SecFPPStrategy(SecureDPFPLStrategy):
+    """``SecureDPFPLStrategy`` whose shared prompt is one per secure cluster (module docstring).
 
     ``cfg`` supplies the clustering's settings; every other argument is the parent's.
     """

@@ -7,11 +7,8 @@ global prompt ever travels; replies that carry anything else are refused (``wire
 How much noise, and what epsilon it buys, is the channel plan's business
 (``dp_channel.py``): this class is the Flower plumbing around it.
 
-With ``aggregation = "secure"`` the training exchange is a SecAgg+ round
-(``secure_round``): the server receives masked vectors and learns only the sum of the
-survivors' clipped gradients with the clients' Skellam noise in it; it divides that sum
-by the number of survivors m (public; the accounting covers the SUM, whose sensitivity
-does not depend on m, so the division is post-processing) and takes the same step.
+With ``aggregation = "secure"`` the training exchange is a SecAgg+ round instead
+(``secure_strategy``, a subclass; ``strategy_build`` picks the class from the config).
 
 Per-round metrics reach the ServerApp two ways: ``strategy.start(...)`` returns a Flower
 ``Result`` with this strategy's train and evaluate ``MetricRecord`` of each round; and
@@ -36,14 +33,10 @@ from dpfpl_app.config import DPMode
 from dpfpl_app.federation import reply_checks, wire
 from dpfpl_app.federation.evaluate_metrics import accuracy_means, per_client_metrics
 from dpfpl_app.federation.node_wait import wait_for_nodes
-from dpfpl_app.federation.secure_round import SecureRound, global_release, metrics_of
-from dpfpl_app.privacy import secure_channel
-from dpfpl_app.privacy.dp_channel import ACCOUNTED_KINDS, ChannelPlan
+from dpfpl_app.privacy.dp_channel import ChannelPlan
 from dpfpl_app.privacy.noise import NoiseSource
 
 RoundCallback = Callable[[int, dict[str, float | int]], None]
-
-SECURE_STAGE_TIMEOUT = 3600.0  # seconds per key-exchange stage (Flower's start() default)
 
 
 class DPFPLStrategy(Strategy):
@@ -79,6 +72,8 @@ class DPFPLStrategy(Strategy):
 
     """
 
+    secure_training = False  # the training exchange is a plain one (see secure_strategy)
+
     def __init__(
         self,
         *,
@@ -95,6 +90,12 @@ class DPFPLStrategy(Strategy):
         on_round: RoundCallback | None = None,
     ) -> None:
         _validate_arguments(locals())
+        if channel.secure is not self.secure_training:
+            raise ValueError(
+                f"a channel with aggregation {channel.aggregation.value!r} needs "
+                f"{'SecureDPFPLStrategy' if channel.secure else 'DPFPLStrategy'}; "
+                "build_strategy(cfg) picks the class from the run config"
+            )
         self.server_lr = float(server_lr)
         self.channel = channel
         self.min_nodes = int(min_nodes)
@@ -113,10 +114,6 @@ class DPFPLStrategy(Strategy):
         # The messages of the current phase: Flower's own error replies (e.g. for a node
         # that died) come from the SuperLink, so only these say which node was asked.
         self._sent: list[Message] = []
-        self._secure: SecureRound | None = None  # the current secure round
-        # per trained secure round: survivors / min-survivors of the sum the server may
-        # hold, or None when none could be rebuilt (``secure_round.global_release``)
-        self._secure_rounds: list[float | None] = []
 
     # --- public views ----------------------------------------------------------------
     @property
@@ -141,10 +138,8 @@ class DPFPLStrategy(Strategy):
         """Composed epsilon after the rounds trained so far (``dp_channel`` says what it means).
 
         Every round that sent training messages counts, accepted or not: the clients took
-        their local steps either way. Secure rounds count with their actual survivors.
+        their local steps either way.
         """
-        if self.channel.secure and self.channel.guarantee in ACCOUNTED_KINDS:
-            return self.channel.secure_epsilon(self._secure_rounds)
         return self.channel.epsilon(self._last_round * self.channel.local_steps)
 
     def summary(self) -> None:
@@ -178,12 +173,7 @@ class DPFPLStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        """Broadcast the global prompt to a sample of nodes for one training step.
-
-        Secure: first the key exchange; the training messages then carry the masked stage.
-        """
-        if self.channel.secure:
-            return self._configure_secure(server_round, arrays, config, grid)
+        """Broadcast the global prompt to a sample of nodes for one training step."""
         return self._configure(server_round, arrays, config, grid, MessageType.TRAIN)
 
     def configure_evaluate(
@@ -221,53 +211,25 @@ class DPFPLStrategy(Strategy):
         train = message_type == MessageType.TRAIN
         fraction = self.fraction_train if train else self.fraction_evaluate
         node_ids = self._sample_nodes(grid, fraction, message_type, round_)
-        payload = ConfigRecord({**dict(config), **self._round_config(round_)})
-        content = RecordDict(
-            {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
-        )
+        content = self._content(config, round_)
         log(INFO, "%s round %d: sampled %d node(s)", message_type, round_, len(node_ids))
         self._sent = [
             Message(content, node, message_type, group_id=str(round_)) for node in node_ids
         ]
         return self._sent
 
-    def _configure_secure(
-        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> list[Message]:
-        """Key exchange with a sample of nodes; the masked-input messages (none if aborted)."""
-        round_ = self._round_offset + server_round
-        self._adopt(arrays)
-        nodes = self._sample_nodes(grid, self.fraction_train, MessageType.TRAIN, round_)
-        self._before_secure_round(grid, nodes, round_)
-        plan = self.channel
-        secagg = secure_channel.secagg_config(
-            dim=self._prompt.numel(),
-            clip_norm=plan.clip_norm,
-            batch_size=plan.batch_size,
-            z_global=plan.z_global,
-            clustered=plan.method.clustered,
-        )
-        self._secure = SecureRound(
-            secagg, nodes, grid=grid, round_=round_, timeout=SECURE_STAGE_TIMEOUT
-        )
-        payloads = self._secure.key_exchange()
-        if payloads is None:
-            return []
-        payload = ConfigRecord({**dict(config), **self._round_config(round_)})
-        content = RecordDict(
-            {wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload}
-        )
-        self._sent = self._secure.masked_messages(payloads, content)
-        return self._sent
-
-    def _before_secure_round(self, grid: Grid, nodes: list[int], round_: int) -> None:
-        """Work a subclass does with the round's sample before its key exchange (SecFPP
-        clusters the nodes here); nothing for one global prompt.
+    def _content(self, config: ConfigRecord, round_: int) -> RecordDict:
+        """What every message of a round carries: ``p_G``, the caller's config, the round
+        and the aggregation mode.
         """
-
-    def _round_config(self, round_: int) -> dict[str, int | str]:
-        """What every message of a round says besides ``p_G``: the round and the mode."""
-        return {wire.SERVER_ROUND: round_, wire.AGGREGATION: self.channel.aggregation.value}
+        payload = ConfigRecord(
+            {
+                **dict(config),
+                wire.SERVER_ROUND: round_,
+                wire.AGGREGATION: self.channel.aggregation.value,
+            }
+        )
+        return RecordDict({wire.ARRAYS_RECORD: self.global_arrays(), wire.CONFIG_RECORD: payload})
 
     def _adopt(self, arrays: ArrayRecord) -> None:
         prompt = wire.read_global_prompt(arrays)
@@ -300,8 +262,6 @@ class DPFPLStrategy(Strategy):
         """
         replies = list(replies)
         round_ = self._last_round = self._round_offset + server_round
-        if self._secure is not None:
-            return self._aggregate_secure(round_, replies, self._secure)
         accepted = reply_checks.accept_train_replies(
             replies, self._sent, round_, prompt=self._prompt, dp_on=self.dp_on
         )
@@ -327,37 +287,6 @@ class DPFPLStrategy(Strategy):
             losses = [r.train_loss for r in accepted if r.train_loss is not None]
             metrics[wire.TRAIN_LOSS] = sum(losses) / max(1, len(losses))
         return self.global_arrays(), MetricRecord(dict(metrics))
-
-    def _aggregate_secure(
-        self, round_: int, replies: list[Message], secure: SecureRound
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """Unmask the sum, charge the round, step with the survivors' noised mean."""
-        result = secure.aggregate(replies) if secure.record.trained else None
-        record, self._secure = secure.record, None
-        if record.trained:  # the clients trained and released masked vectors
-            self._secure_rounds.append(global_release(record))
-        survivors = len(result.survivors) if result else 0
-        metrics: dict[str, float | int] = {
-            wire.ACCEPTED: survivors,
-            wire.REJECTED: record.sampled - survivors,
-            wire.BYTES_RECEIVED: sum(wire.reply_array_bytes(msg) for msg in replies),
-            wire.EPSILON: self.epsilon(),
-            **metrics_of(record),
-        }
-        self._train_metrics = metrics
-        if result is None:
-            log(WARNING, "train round %d: no sum released: global prompt unchanged", round_)
-            return None, MetricRecord(dict(metrics))
-        mean, noise_std = self._secure_mean(result, survivors)
-        self._prompt = (self._prompt.double() - self.server_lr * mean).to(self._prompt.dtype)
-        metrics[wire.NOISE_STD] = noise_std
-        metrics[wire.UPDATE_NORM] = float(mean.norm())
-        return self.global_arrays(), MetricRecord(dict(metrics))
-
-    def _secure_mean(self, result: Any, survivors: int) -> tuple[torch.Tensor, float]:
-        """The survivors' mean gradient from the released sum, and the std of its noise."""
-        mean = torch.from_numpy(result.total).reshape(self._prompt.shape) / survivors
-        return mean, result.accounting().noise_std(survivors) / survivors
 
     # --- aggregate evaluate ----------------------------------------------------------
     def aggregate_evaluate(
@@ -399,7 +328,6 @@ class DPFPLStrategy(Strategy):
             "global_prompt": self._prompt.clone(),
             "round": self._last_round,
             "channel": self.channel.describe(),
-            "secure_rounds": list(self._secure_rounds),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -412,6 +340,9 @@ class DPFPLStrategy(Strategy):
 
         """
         expected = set(self.state_dict())
+        if state.get("secure_rounds") == [] and "secure_rounds" not in expected:
+            # a plain run's checkpoint written when one class held both exchanges
+            state = {k: v for k, v in state.items() if k != "secure_rounds"}
         if set(state) != expected:
             raise ValueError(f"state keys {sorted(state)} differ from {sorted(expected)}")
         if state["channel"] != self.channel.describe():
@@ -427,7 +358,6 @@ class DPFPLStrategy(Strategy):
             )
         self._prompt = prompt.detach().clone()
         self._last_round = self._round_offset = int(state["round"])
-        self._secure_rounds = list(state["secure_rounds"])
 
 
 def _validate_arguments(args: dict[str, Any]) -> None:

@@ -15,6 +15,7 @@ from transformers import AutoConfig
 from dpfpl_app.backbones.backbone import load_frozen_clip, resolve_model_source
 from dpfpl_app.config import RunConfig
 from dpfpl_app.federation.cluster_strategy import SecFPPStrategy
+from dpfpl_app.federation.secure_strategy import SecureDPFPLStrategy
 from dpfpl_app.federation.strategy import DPFPLStrategy, RoundCallback
 from dpfpl_app.method.prompt_learner import ctx_init_words, initial_local_prompt
 from dpfpl_app.privacy.dp_channel import plan_for
@@ -43,9 +44,11 @@ def build_strategy(
 ) -> DPFPLStrategy:
     """The run's strategy; ``prompt`` overrides the initial global prompt (tests, audits).
 
-    SecFPP's is the same strategy with one shared prompt per secure cluster.
+    Secure aggregation makes the training exchange a SecAgg+ round; SecFPP's is that
+    strategy with one shared prompt per secure cluster.
     """
-    kind: Any = DPFPLStrategy
+    channel = plan_for(cfg)
+    kind: Any = SecureDPFPLStrategy if channel.secure else DPFPLStrategy
     extra: dict[str, Any] = {}
     if cfg.method.clustered:
         kind, extra = SecFPPStrategy, {"cfg": cfg}
@@ -53,7 +56,7 @@ def build_strategy(
         **extra,
         initial_prompt=initial_prompt(cfg) if prompt is None else prompt,
         server_lr=cfg.lr_global,
-        channel=plan_for(cfg),
+        channel=channel,
         min_nodes=cfg.min_nodes,
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
