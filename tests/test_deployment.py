@@ -240,11 +240,13 @@ def test_hostile_replies_are_excluded_logged_and_clipped(
     ids = {node.partition_id: node.node_id for node in federation.nodes}
 
     # Execute
-    # plain aggregation: the per-reply checks under test need each reply in clear
+    # plain aggregation: the per-reply checks under test need each reply in clear; the
+    # evaluation (honest in this app) runs once, after the last round, to save 3 messages
     run_id = federation.submit(
         app,
         overrides(
-            federation, "hostile", num_server_rounds=2, clip_norm=clip_norm, aggregation="'plain'"
+            federation, "hostile", num_server_rounds=2, clip_norm=clip_norm,
+            aggregation="'plain'", evaluate_every=2,
         ),
     )
     info = federation.wait_finished(run_id, RUN_TIMEOUT_S)
@@ -265,9 +267,10 @@ def test_hostile_replies_are_excluded_logged_and_clipped(
     assert doc["status"] == "completed"
     for row in doc["rounds"]:
         assert (row["accepted"], row["rejected"]) == (1, 2), row
-        # p_G stayed finite: round 2's accuracies are computed with it.
-        for key in ("update-norm", "local-acc", "neighbour-acc"):
-            assert math.isfinite(row[key]), (row["round"], key, row[key])
+        assert math.isfinite(row["update-norm"]), row
+    # p_G stayed finite through both hostile rounds: the accuracies are computed with it
+    last = doc["rounds"][-1]
+    assert all(math.isfinite(last[key]) for key in ("local-acc", "neighbour-acc")), last
     # Round 1's only accepted reply had norm ~1e6 * C: the server's re-clip bounds the
     # update by C plus the noise (whose norm is ~sqrt(d) std; 2x leaves a wide margin)
     first = doc["rounds"][0]
