@@ -106,10 +106,7 @@ class SecureDPFPLStrategy(DPFPLStrategy):
         if result is None:
             log(WARNING, "train round %d: no sum released: global prompt unchanged", round_)
             return None, MetricRecord(dict(metrics))
-        mean, noise_std = self._secure_mean(result, survivors)
-        self._prompt = (self._prompt.double() - self.server_lr * mean).to(self._prompt.dtype)
-        metrics[wire.NOISE_STD] = noise_std
-        metrics[wire.UPDATE_NORM] = float(mean.norm())
+        metrics |= self._step(*self._secure_mean(result, survivors))
         return self.global_arrays(), MetricRecord(dict(metrics))
 
     def _secure_mean(self, result: Any, survivors: int) -> tuple[torch.Tensor, float]:

@@ -280,13 +280,18 @@ class DPFPLStrategy(Strategy):
         noised = mean + self._source(
             "global-noise", round_, secret=self._secret_noise
         ).gaussian(self._prompt.shape, std=std, dtype=torch.float64)
-        self._prompt = (self._prompt.double() - self.server_lr * noised).to(self._prompt.dtype)
-        metrics[wire.NOISE_STD] = std
-        metrics[wire.UPDATE_NORM] = float(noised.norm())  # after the noise: post-processing
+        metrics |= self._step(noised, std)
         if not self.dp_on:  # without DP nothing is protected, so the loss may be shown
             losses = [r.train_loss for r in accepted if r.train_loss is not None]
             metrics[wire.TRAIN_LOSS] = sum(losses) / max(1, len(losses))
         return self.global_arrays(), MetricRecord(dict(metrics))
+
+    def _step(self, noised: torch.Tensor, noise_std: float) -> dict[str, float]:
+        """``p_G <- p_G - server_lr * noised`` (float64); the step's metrics, its norm taken
+        after the noise (post-processing).
+        """
+        self._prompt = (self._prompt.double() - self.server_lr * noised).to(self._prompt.dtype)
+        return {wire.NOISE_STD: noise_std, wire.UPDATE_NORM: float(noised.norm())}
 
     # --- aggregate evaluate ----------------------------------------------------------
     def aggregate_evaluate(
