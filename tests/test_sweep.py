@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from pathlib import Path
@@ -345,37 +346,79 @@ def test_side_by_side_cells_share_the_cores_and_all_count(
     assert "| digits | 1 | 90.0 ± 0.0 (n=3) |" in (tmp_path / "s" / "table.md").read_text()
 
 
-class _FlowerFailingOnce(_FlowerResolvingLikeASuperLink):
-    """The first run of the grid fails and writes nothing; every later one completes."""
+def _flower_failing(times: int, cell: str | None = None) -> type[_FlowerResolvingLikeASuperLink]:
+    """A stand-in whose first ``times`` runs of ``cell`` (None: of every cell) fail and
+    write nothing; later ones complete.
+    """
 
-    runs = 0
+    class FlowerFailing(_FlowerResolvingLikeASuperLink):
+        runs: dict[str, int] = {}
 
-    def run(self, run_config: dict, *, num_supernodes: int, timeout_s: float) -> tuple[int, str]:
-        type(self).runs += 1
-        if type(self).runs == 1:
-            return 7, "finished:failed"
-        return super().run(run_config, num_supernodes=num_supernodes, timeout_s=timeout_s)
+        def run(self, run_config: dict, *, num_supernodes: int,
+                timeout_s: float) -> tuple[int, str]:
+            name = run_config["run-name"]
+            self.runs[name] = self.runs.get(name, 0) + 1
+            if cell in (None, name) and self.runs[name] <= times:
+                return 7, "finished:failed"
+            return super().run(run_config, num_supernodes=num_supernodes, timeout_s=timeout_s)
 
-    def log(self, run_id: int) -> str:
-        return f"run {run_id}: ClientApp raised ValueError\n"
+        def log(self, run_id: int) -> str:
+            return f"run {run_id}: ClientApp raised ValueError\n"
+
+    return FlowerFailing
 
 
 def test_a_failed_cell_keeps_its_flower_log_until_a_retry_counts(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Prepare
-    monkeypatch.setattr(sweep_module, "LocalFlower", _FlowerFailingOnce)
+    monkeypatch.setattr(sweep_module, "LocalFlower", _flower_failing(times=1))
     spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0,), references=False)
     (cell,) = spec.cells()
     kept = tmp_path / FAILED_DIR / f"{cell.name}.log"
 
-    # Execute / Assert: the failure names its cell and its log survives the sweep
-    assert run_sweep(spec, tmp_path, app_dir=Path(os.path.relpath(REPO))) == [cell]
+    # Execute / Assert: without retries the failure names its cell and its log survives
+    assert run_sweep(spec, tmp_path, app_dir=Path(os.path.relpath(REPO)), retries=0) == [cell]
     assert kept.read_text() == "run 7: ClientApp raised ValueError\n"
 
-    # the retry counts, and no stale log says otherwise
+    # the next invocation's run counts, and no stale log says otherwise
     assert run_sweep(spec, tmp_path, app_dir=Path(os.path.relpath(REPO))) == []
     assert not kept.exists()
+
+
+@pytest.mark.parametrize(("fails", "retries", "runs", "failed"),
+                         [(1, 1, 2, False), (2, 1, 2, True), (2, 2, 3, False)])
+def test_a_failed_cell_is_run_again_up_to_retries_more_times_in_the_same_sweep(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    fails: int, retries: int, runs: int, failed: bool,
+) -> None:
+    # Prepare: a cell whose first `fails` runs die before writing anything (as a
+    # simulation whose Ray never started does), beside one that completes
+    spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0,), seeds=(0, 1),
+                     references=False)
+    first, second = spec.cells()
+    flower = _flower_failing(times=fails, cell=first.name)
+    monkeypatch.setattr(sweep_module, "LocalFlower", flower)
+
+    # Execute
+    with caplog.at_level(logging.INFO, logger="dpfpl_app.service.sweep"):
+        left = run_sweep(spec, tmp_path, app_dir=Path(os.path.relpath(REPO)), retries=retries)
+
+    # Assert: runs stop at the first that counts or after 1 + retries attempts; the
+    # attempt is named, and the progress count grows with each retry
+    assert flower.runs == {first.name: runs, second.name: 1}
+    assert left == ([first] if failed else [])
+    attempts = [r.getMessage() for r in caplog.records if "attempt" in r.getMessage()]
+    assert attempts == [f"{first.name}: running it again after the cells still waiting "
+                        f"(attempt {a} of {retries + 1})" for a in range(2, runs + 1)]
+    assert f"[{runs + 1}/{runs + 1}]" in caplog.text
+
+
+def test_negative_retries_are_refused_before_any_run(tmp_path: Path) -> None:
+    spec = SweepSpec(methods=(Method.PROMPTFL,), epsilons=(1.0,), references=False)
+    with pytest.raises(ValueError, match="retries must be >= 0"):
+        run_sweep(spec, tmp_path, app_dir=REPO, retries=-1)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_method_config_sets_that_methods_cells_only(tmp_path: Path) -> None:

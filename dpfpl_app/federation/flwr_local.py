@@ -119,10 +119,9 @@ class LocalFlower:
         """Make sure this home's SuperLink is up before a run is submitted to it.
 
         ``flwr`` starts it on first use and kills it if it is not answering within 15 s
-        (a constant of Flower's), which a loaded 2-core machine can exceed: the likeliest
-        reason CI once lost a sweep cell, started while two federations of real processes
-        were importing Flower beside it. Listing the (empty) runs starts it the same way,
-        and a failed start is asked for again.
+        (a constant of Flower's), which a loaded 2-core machine can exceed (measured: 17 s
+        beside 14 busy loops). Listing the (empty) runs starts it the same way, and a
+        failed start is asked for again.
         """
         if self.superlink_pids():
             return

@@ -43,8 +43,15 @@ def run_sweep(
     app_dir: Path,
     timeout_s: float = 3600.0,
     parallel: int = 1,
+    retries: int = 1,
 ) -> list[Cell]:
     """Run every unfinished cell, ``parallel`` at a time; returns the cells that failed.
+
+    A failed cell is run again, up to ``retries`` more times, after the cells still
+    waiting: on a loaded machine a simulation can die before its first round (Ray gives
+    its raylet a fixed 30 s to register, which is how CI lost a cell), and a seeded cell's
+    rerun is the same experiment, so an hours-long grid should not end with a hole a
+    second attempt fills. A cell that fails every time costs ``retries`` extra runs.
 
     Both paths are made absolute first: the runs execute in a SuperLink whose working
     directory is ``app_dir``, so a relative ``output-dir`` would land (and be looked
@@ -56,6 +63,8 @@ def run_sweep(
     """
     if parallel < 1:
         raise ValueError(f"parallel must be >= 1 cells at a time, got {parallel}")
+    if retries < 0:
+        raise ValueError(f"retries must be >= 0 extra attempts per failed cell, got {retries}")
     out_dir, app_dir = Path(out_dir).resolve(), Path(app_dir).resolve()
     cells = spec.cells()
     configs = {c.name: spec.run_config(c, out_dir) for c in cells}  # a bad grid stops here
@@ -66,9 +75,9 @@ def run_sweep(
         "reproducibility: experiments only)",
         out_dir, len(cells), len(cells) - len(todo), len(todo), parallel,
     )
-    pending: queue.SimpleQueue[Cell] = queue.SimpleQueue()
+    pending: queue.SimpleQueue[tuple[Cell, int]] = queue.SimpleQueue()  # (cell, attempt)
     for cell in todo:
-        pending.put(cell)
+        pending.put((cell, 1))
     progress = _Progress(len(todo))
     # side by side, each run's torch gets its share of the cores (see LocalFlower)
     threads = max(1, (os.cpu_count() or 1) // parallel) if parallel > 1 else None
@@ -79,12 +88,19 @@ def run_sweep(
         with LocalFlower(app_dir, home, threads=threads) as flower:
             while True:
                 try:
-                    cell = pending.get_nowait()
+                    cell, attempt = pending.get_nowait()
                 except queue.Empty:
                     return failed
-                if not _run_cell(flower, cell, configs[cell.name], spec, out_dir,
-                                 timeout_s, progress):
+                if _run_cell(flower, cell, configs[cell.name], spec, out_dir,
+                             timeout_s, progress):
+                    continue
+                if attempt > retries:
                     failed.append(cell)
+                    continue
+                logger.warning("%s: running it again after the cells still waiting "
+                               "(attempt %d of %d)", cell.name, attempt + 1, retries + 1)
+                progress.add()
+                pending.put((cell, attempt + 1))
 
     workers = min(parallel, len(todo)) or 1
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -103,10 +119,16 @@ class _Progress:
         self.started = self.finished = 0
         self._lock = threading.Lock()
 
-    def start(self) -> int:
+    def start(self) -> tuple[int, int]:
+        """The number of the run starting and how many runs there are so far."""
         with self._lock:
             self.started += 1
-            return self.started
+            return self.started, self.total
+
+    def add(self) -> None:
+        """One more run to wait for: a failed cell's next attempt."""
+        with self._lock:
+            self.total += 1
 
     def finish(self) -> float:
         """Minutes left at the pace so far."""
@@ -131,7 +153,7 @@ def _run_cell(
     shutil.rmtree(out_dir / "runs" / cell.name, ignore_errors=True)
     shutil.rmtree(out_dir / "state" / cell.name, ignore_errors=True)
     (out_dir / FAILED_DIR / f"{cell.name}.log").unlink(missing_ok=True)
-    i, n, t0 = progress.start(), progress.total, time.monotonic()
+    (i, n), t0 = progress.start(), time.monotonic()
     logger.info("[%d/%d] %s ...", i, n, cell.name)
     try:
         run_id, status = flower.run(config, num_supernodes=spec.clients, timeout_s=timeout_s)

@@ -89,9 +89,8 @@ def _sweep(args: argparse.Namespace) -> int:
             f"{app_dir} holds no pyproject.toml: run `dpfpl sweep` from the dpfpl "
             "project directory (the Flower app) or pass --app-dir"
         )
-    failed = run_sweep(
-        spec, out, app_dir=app_dir, timeout_s=args.timeout, parallel=args.parallel
-    )
+    failed = run_sweep(spec, out, app_dir=app_dir, timeout_s=args.timeout,
+                       parallel=args.parallel, retries=args.retries)
     print((out / "table.md").read_text())
     if failed:
         logger.error("%d cells failed: %s (rerun the same command to retry them)",
@@ -129,6 +128,8 @@ def add_sweep_command(sub: Any) -> None:
         "0.03 (over --set)",
     )
     p.add_argument("--timeout", type=float, default=3600.0, help="seconds per cell")
+    p.add_argument("--retries", type=int, default=1, metavar="N",
+                   help="extra attempts of a failed cell within this invocation (0: none)")
     p.add_argument(
         "--parallel", type=int, default=1, metavar="N",
         help="cells run side by side, each on its own local SuperLink (2 uses both cores "
