@@ -106,3 +106,34 @@ def test_a_superlink_that_never_starts_fails_with_where_to_look(
 
     with pytest.raises(RuntimeError, match=r"did not start .*local-superlink/superlink\.log"):
         flower.run({"seed": 0}, num_supernodes=2, timeout_s=600)
+
+
+def test_a_port_taken_before_the_superlink_binds_it_is_replaced(tmp_path: Path) -> None:
+    # Prepare: another process listens on the port this home picked for its SuperLink
+    import socket
+
+    flower = LocalFlower(tmp_path, tmp_path / "home")
+    taken = int(flower.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", taken))
+        squatter.listen()
+        try:
+            # Execute: a real `flwr` starts the real SuperLink
+            flower.start_superlink()
+
+            # Assert: it came up, on another port, and `flwr` finds it there
+            port = int(flower.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"])
+            assert port != taken and flower.superlink_pids()
+            assert any(f"--port {port}" in a for a in _superlink_args(flower))
+            assert flower._json(["list"]).get("success") is True
+        finally:
+            flower.stop()
+    assert not flower.superlink_pids()
+
+
+def _superlink_args(flower: LocalFlower) -> list[str]:
+    import subprocess
+
+    ps = subprocess.run(["ps", "-ww", "-eo", "pid=,args="], capture_output=True, text=True)
+    return [line for line in ps.stdout.splitlines()
+            if any(line.lstrip().startswith(f"{pid} ") for pid in flower.superlink_pids())]

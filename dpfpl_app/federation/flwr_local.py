@@ -7,7 +7,7 @@ crashed), so completion is read from the run's JSON status; the local SuperLink 
 starts keeps running in the background, so it is ended by PID; it listens on fixed
 default ports, so each ``LocalFlower`` gets its own ``FLWR_HOME`` and free ports; and
 ``flwr`` gives that SuperLink a fixed 15 s to come up, which a loaded 2-core machine can
-exceed, so its start is retried here with our own patience.
+exceed, so its start is retried here with our own patience, on fresh ports each time.
 """
 
 from __future__ import annotations
@@ -62,11 +62,10 @@ class LocalFlower:
         self.env = {
             **os.environ,
             "FLWR_HOME": str(self.flwr_home),
-            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-            "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()),
             # offline machines: never build a runtime environment per run
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         }
+        self._pick_ports()
         if threads is not None:
             if threads < 1:
                 raise ValueError(f"threads must be >= 1, got {threads}")
@@ -85,7 +84,7 @@ class LocalFlower:
     ) -> tuple[int, str]:
         """Submit one run, wait until it finishes; returns (run id, final status)."""
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        self._start_superlink()
+        self.start_superlink()
         submitted = self._json(
             [
                 "run",
@@ -115,13 +114,16 @@ class LocalFlower:
                 status = str(listed["runs"][0]["status"])
         return run_id, status
 
-    def _start_superlink(self) -> None:
+    def start_superlink(self) -> None:
         """Make sure this home's SuperLink is up before a run is submitted to it.
 
         ``flwr`` starts it on first use and kills it if it is not answering within 15 s
         (a constant of Flower's), which a loaded 2-core machine can exceed (measured: 17 s
         beside 14 busy loops). Listing the (empty) runs starts it the same way, and a
-        failed start is asked for again.
+        failed start is asked for again on new ports: a port found free when it was
+        picked can be bound by another process before the SuperLink binds it (Ray binds
+        dozens), and then every start on it fails (CI lost a sweep cell to 24 such
+        starts over 10 min).
         """
         if self.superlink_pids():
             return
@@ -136,12 +138,21 @@ class LocalFlower:
             except (RuntimeError, subprocess.TimeoutExpired) as err:
                 why = str(err)
             if time.monotonic() > deadline:
+                log = self.flwr_home / "local-superlink" / "superlink.log"
+                tail = log.read_text().splitlines()[-5:] if log.is_file() else []
                 raise RuntimeError(
                     f"the local SuperLink of {self.flwr_home} did not start in "
                     f"{attempts} attempts over {STARTUP_S:.0f} s (last: {why}); see "
-                    f"{self.flwr_home / 'local-superlink' / 'superlink.log'}"
+                    f"{log}, which ends:\n" + "\n".join(tail)
                 )
+            self.stop()  # one still coming up would hold the old ports and this home
+            self._pick_ports()
             time.sleep(5)
+
+    def _pick_ports(self) -> None:
+        """Free ports for the SuperLink's HTTP API and the ``flwr`` calls that find it."""
+        self.env["FLWR_LOCAL_SUPERLINK_HTTP_API_PORT"] = str(free_port())
+        self.env["FLWR_LOCAL_CONTROL_API_PORT"] = str(free_port())
 
     def log(self, run_id: int) -> str:
         """The run's log as ``flwr log --show`` prints it (ServerApp and simulation output)."""
