@@ -122,8 +122,8 @@ class LocalFlower:
         beside 14 busy loops). Listing the (empty) runs starts it the same way, and a
         failed start is asked for again on new ports: a port found free when it was
         picked can be bound by another process before the SuperLink binds it (Ray binds
-        dozens), and then every start on it fails (CI lost a sweep cell to 24 such
-        starts over 10 min).
+        dozens), and then every start on it fails (most likely how CI lost a sweep cell:
+        24 starts over 10 min, all on one port, all ending with exit code 1).
         """
         if self.superlink_pids():
             return
@@ -139,7 +139,7 @@ class LocalFlower:
                 why = str(err)
             if time.monotonic() > deadline:
                 log = self.flwr_home / "local-superlink" / "superlink.log"
-                tail = log.read_text().splitlines()[-5:] if log.is_file() else []
+                tail = log.read_text(errors="replace").splitlines()[-5:] if log.is_file() else []
                 raise RuntimeError(
                     f"the local SuperLink of {self.flwr_home} did not start in "
                     f"{attempts} attempts over {STARTUP_S:.0f} s (last: {why}); see "
