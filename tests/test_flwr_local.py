@@ -109,7 +109,7 @@ def test_a_superlink_that_never_starts_fails_with_where_to_look(
 
 
 def test_a_port_taken_before_the_superlink_binds_it_is_replaced(tmp_path: Path) -> None:
-    # Prepare: another process listens on the port this home picked for its SuperLink
+    # Prepare: something else listens on the port this home picked for its SuperLink
     import socket
 
     flower = LocalFlower(tmp_path, tmp_path / "home")
