@@ -131,3 +131,29 @@ def test_a_port_taken_before_the_superlink_binds_it_is_replaced(tmp_path: Path) 
         finally:
             flower.stop()
     assert not flower.superlink_pids()
+
+
+def test_a_state_database_left_broken_by_a_killed_start_cannot_stop_the_superlink(
+    tmp_path: Path,
+) -> None:
+    # Prepare: the home holds what a SuperLink killed while creating its schema leaves
+    # behind (a table, no migration record); Flower refuses to start on such a file
+    import sqlite3
+
+    flower = LocalFlower(tmp_path, tmp_path / "home")
+    broken = tmp_path / "home" / "local-superlink" / "state.db"
+    broken.parent.mkdir(parents=True)
+    with sqlite3.connect(broken) as db:
+        db.execute("CREATE TABLE node (node_id INTEGER)")
+    try:
+        # Execute: a real `flwr` starts the real SuperLink of this home
+        flower.start_superlink()
+
+        # Assert: it is up and keeps its state in memory, so no file can break a start
+        assert flower._json(["list"]).get("success") is True
+        pids = flower.superlink_pids()
+        assert len(pids) == 1
+        assert "--database" not in Path(f"/proc/{pids[0]}/cmdline").read_text()
+    finally:
+        flower.stop()
+    assert not flower.superlink_pids()

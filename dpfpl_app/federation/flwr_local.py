@@ -8,6 +8,9 @@ starts keeps running in the background, so it is ended by PID; it listens on fix
 default ports, so each ``LocalFlower`` gets its own ``FLWR_HOME`` and free ports; and
 ``flwr`` gives that SuperLink a fixed 15 s to come up, which a loaded 2-core machine can
 exceed, so its start is retried here with our own patience, on fresh ports each time.
+That SuperLink keeps its state in memory, never in a file: Flower creates its SQLite
+schema in steps that are not atomic, and a start killed halfway (by ``flwr``'s 15 s, or
+by us) leaves a ``state.db`` on which every later start exits with code 1.
 """
 
 from __future__ import annotations
@@ -27,6 +30,13 @@ FLWR = str(Path(sys.executable).with_name("flwr"))
 POLL_S = (3.0, 30.0)
 """Status polls of a run: every 3 s at first, then a tenth of its age, at most 30 s. Each
 poll is a ``flwr`` process (~1 CPU-second), which a long run on 2 cores would feel."""
+IN_MEMORY_CONNECTION = """[superlink]
+default = "local"
+
+[superlink.local]
+address = ":local-in-memory:"
+"""
+"""This home's ``config.toml``: ``flwr`` starts the local SuperLink without a database."""
 STARTUP_S = 300.0
 """How long to keep asking for the local SuperLink to come up before giving up."""
 
@@ -122,11 +132,14 @@ class LocalFlower:
         beside 14 busy loops). Listing the (empty) runs starts it the same way, and a
         failed start is asked for again on new ports: a port found free when it was
         picked can be bound by another process before the SuperLink binds it (Ray binds
-        dozens), and then every start on it fails (most likely how CI lost a sweep cell:
-        24 starts over 10 min, all on one port, all ending with exit code 1).
+        dozens), and then every start on it fails. CI lost sweep cells to starts that
+        all exited with code 1 over 5 min, on one port and then on fresh ones; the cause
+        was a ``state.db`` half-created by a killed start, hence the in-memory state.
         """
         if self.superlink_pids():
             return
+        self.flwr_home.mkdir(parents=True, exist_ok=True)
+        (self.flwr_home / "config.toml").write_text(IN_MEMORY_CONNECTION)
         deadline, attempts = time.monotonic() + STARTUP_S, 0
         while True:
             attempts += 1
