@@ -136,14 +136,16 @@ def test_a_port_taken_before_the_superlink_binds_it_is_replaced(tmp_path: Path) 
 def test_a_state_database_left_broken_by_a_killed_start_cannot_stop_the_superlink(
     tmp_path: Path,
 ) -> None:
-    # Prepare: the home holds what a SuperLink killed while creating its schema leaves
-    # behind (a table, no migration record); Flower refuses to start on such a file
+    # Prepare: the home holds what a SuperLink SIGKILLed while creating its schema left
+    # (measured: an empty migration record and the first table); Flower then fails every
+    # start with "table node already exists"
     import sqlite3
 
     flower = LocalFlower(tmp_path, tmp_path / "home")
     broken = tmp_path / "home" / "local-superlink" / "state.db"
     broken.parent.mkdir(parents=True)
     with sqlite3.connect(broken) as db:
+        db.execute("CREATE TABLE alembic_version (version_num VARCHAR(32) PRIMARY KEY)")
         db.execute("CREATE TABLE node (node_id INTEGER)")
     try:
         # Execute: a real `flwr` starts the real SuperLink of this home
