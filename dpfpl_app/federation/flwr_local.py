@@ -83,8 +83,7 @@ class LocalFlower:
             self.env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
     def __enter__(self) -> LocalFlower:
-        self.flwr_home.mkdir(parents=True, exist_ok=True)
-        return self
+        return self  # the home is made by the first start, the one thing that needs it
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
