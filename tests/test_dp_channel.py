@@ -18,7 +18,7 @@ from dp_accounting import pld
 from dpfpl_app.config import RunConfig
 from dpfpl_app.privacy import accounting, mechanics
 from dpfpl_app.privacy.accounting import AccountantKind
-from dpfpl_app.privacy.dp_channel import Guarantee, plan_for
+from dpfpl_app.privacy.dp_channel import Guarantee, SampleRateError, plan_for
 
 DELTA = 1e-5
 
@@ -161,7 +161,21 @@ def test_global_noise_is_the_multiplier_times_the_measured_sensitivity() -> None
     assert plan.global_std(clients) / (clip / (batch * clients)) == pytest.approx(plan.z_global)
 
 
-def test_a_client_never_samples_above_the_public_bound() -> None:
+def test_a_declared_rate_above_the_public_bound_is_refused_naming_both_keys() -> None:
     plan = _plan(**{"max-sample-rate": 0.2, "batch-size": 32})
-    assert plan.client_sample_rate(50) == 0.2  # would be 0.64
-    assert plan.client_sample_rate(1000) == 0.032
+    with pytest.raises(SampleRateError, match=r"sample-rate.*max-sample-rate=0\.2"):
+        plan.check_rate(0.64)
+    assert plan.check_rate(0.032) == 0.032
+
+
+def test_a_node_is_accounted_at_its_declared_rate_never_above_the_bound() -> None:
+    # the bound's epsilon covers every node; a node declaring less has a smaller one,
+    # computed from the same RDP curve the budget ledger composes
+    plan = _plan(**{"max-sample-rate": 0.2, "batch-size": 32, "num-server-rounds": 20})
+    at_bound, low = plan.epsilon(20), plan.epsilon(20, 0.05)
+    assert low < at_bound == plan.epsilon(20, 0.2)
+    assert plan.rdp_curve(0.05, 20)[0] < plan.rdp_curve(0.2, 20)[0]
+    ours = plan.epsilon(20)
+    assert ours == pytest.approx(
+        accounting.epsilon_for(noise_multiplier=plan.z_step, sample_rate=0.2, steps=20,
+                               delta=plan.delta), rel=1e-9)

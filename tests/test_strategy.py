@@ -66,12 +66,19 @@ def _strategy(**overrides: object) -> DPFPLStrategy:
     return DPFPLStrategy(**kwargs)  # type: ignore[arg-type]
 
 
-def _train_content(grad: torch.Tensor, *, dp_on: bool = False, loss: float = 1.0) -> RecordDict:
-    return wire.train_reply_content(grad=grad, train_loss=loss, dp_on=dp_on)
+RATE = 0.5  # the default max-sample-rate: a node declaring the bound
 
 
-def _reply(node: int, grad: torch.Tensor, *, dp_on: bool = False, loss: float = 1.0) -> Message:
-    return make_reply(_train_content(grad, dp_on=dp_on, loss=loss), src_node_id=node)
+def _train_content(
+    grad: torch.Tensor, *, dp_on: bool = False, loss: float = 1.0, rate: float = RATE
+) -> RecordDict:
+    return wire.train_reply_content(grad=grad, train_loss=loss, dp_on=dp_on, sample_rate=rate)
+
+
+def _reply(
+    node: int, grad: torch.Tensor, *, dp_on: bool = False, loss: float = 1.0, rate: float = RATE
+) -> Message:
+    return make_reply(_train_content(grad, dp_on=dp_on, loss=loss, rate=rate), src_node_id=node)
 
 
 def _prompt_of(arrays: ArrayRecord | None) -> torch.Tensor:
@@ -224,16 +231,21 @@ def test_duplicate_reply_from_one_node_counts_once(caplog: pytest.LogCaptureFixt
 
 @pytest.mark.parametrize(
     "metrics",
-    [{wire.TRAIN_LOSS: 0.5}, {"sample-rate": 0.01}, {wire.NUM_EXAMPLES: 1000}, {"eps-local": 0.1}],
+    [
+        {wire.TRAIN_LOSS: 0.5}, {wire.NUM_EXAMPLES: 1000}, {"eps-local": 0.1},
+        {wire.SAMPLE_RATE: None},
+    ],
 )
 def test_with_dp_a_reply_carrying_any_statistic_is_refused(
     metrics: dict[str, float], caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Prepare: a client claiming a small sample rate (or leaking its loss or size) must
-    # neither be used nor move the accounting, which rests on public bounds only
+    # Prepare: a client leaking its loss or size (or stating no rate) must neither be
+    # used nor move the accounting, which then covers it at the public bound
     plan = _plan(**{"dp-mode": "per-sample", "epsilon": 2.0, "num-server-rounds": 5})
     strategy = _strategy(channel=plan)
-    leaking = _content_with({G: _grad(0.1)}, **{wire.TRAIN_LOSS: None, **metrics})
+    leaking = _content_with(
+        {G: _grad(0.1)}, **{wire.TRAIN_LOSS: None, wire.SAMPLE_RATE: RATE, **metrics}
+    )
 
     # Execute
     with caplog.at_level(logging.WARNING, logger="flwr"):
@@ -247,6 +259,47 @@ def test_with_dp_a_reply_carrying_any_statistic_is_refused(
     assert wire.TRAIN_LOSS not in out
     assert any(f"node {BAD}" in r.getMessage() and "nothing but" in r.getMessage()
                for r in caplog.records)
+
+
+def test_each_node_is_accounted_at_its_declared_rate_and_the_run_at_the_largest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # Prepare: node A declares a low rate, node B the bound, node BAD more than the bound
+    plan = _plan(**{"dp-mode": "per-sample", "epsilon": 2.0, "num-server-rounds": 5})
+    strategy = _strategy(channel=plan)
+    replies = [
+        _reply(GOOD_A, _grad(0.3), dp_on=True, rate=0.05),
+        _reply(GOOD_B, _grad(0.3), dp_on=True, rate=RATE),
+        _reply(BAD, _grad(0.3), dp_on=True, rate=0.9),
+    ]
+
+    # Execute
+    with caplog.at_level(logging.WARNING, logger="flwr"):
+        _, out = strategy.aggregate_train(1, replies)
+
+    # Assert: BAD is refused (its rate is not covered), A's epsilon is its own, the run's
+    # is the largest node's (BAD trained without an accepted rate: the bound covers it)
+    assert out is not None and (out[wire.ACCEPTED], out[wire.REJECTED]) == (2, 1)
+    assert any(f"node {BAD}" in r.getMessage() and "max-sample-rate=0.5" in r.getMessage()
+               for r in caplog.records)
+    nodes = strategy.node_epsilons()
+    assert nodes[str(GOOD_A)] == {"sample-rate": 0.05, "epsilon": plan.epsilon(1, 0.05)}
+    assert nodes[str(GOOD_B)]["epsilon"] == plan.epsilon(1) > plan.epsilon(1, 0.05)
+    assert str(BAD) not in nodes
+    assert out[wire.EPSILON] == strategy.epsilon() == plan.epsilon(1)
+
+
+def test_run_epsilon_is_the_largest_declared_rate_when_every_node_reported() -> None:
+    plan = _plan(**{"dp-mode": "per-sample", "epsilon": 2.0, "num-server-rounds": 5})
+    strategy = _strategy(channel=plan)
+    replies = [_reply(GOOD_A, _grad(0.3), dp_on=True, rate=r) for r in (0.05,)]
+    replies.append(_reply(GOOD_B, _grad(0.3), dp_on=True, rate=0.1))
+    _, out = strategy.aggregate_train(1, replies)
+    assert out is not None and out[wire.EPSILON] == plan.epsilon(1, 0.1) < plan.epsilon(1)
+    restored = _strategy(channel=plan)
+    restored.load_state_dict(strategy.state_dict())
+    assert restored.epsilon() == strategy.epsilon()
+    assert restored.node_epsilons() == strategy.node_epsilons()
 
 
 def test_all_replies_bad_leaves_prompt_unchanged_but_the_round_still_counts(

@@ -51,7 +51,10 @@ def answer_train(trainer: ClientTrainer, msg: Message) -> RecordDict:
     server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
     outcome = trainer.train_round(prompt, server_round)
     return wire.train_reply_content(
-        grad=outcome.global_grad, train_loss=outcome.loss, dp_on=trainer.cfg.dp_on
+        grad=outcome.global_grad,
+        train_loss=outcome.loss,
+        dp_on=trainer.cfg.dp_on,
+        sample_rate=trainer.sample_rate,
     )
 
 

@@ -27,8 +27,10 @@ from dpfpl_app.config import RunConfig
 from dpfpl_app.data.features import FeatureCache
 from dpfpl_app.data.federated_data import client_data, load_federated_data, source_spec
 from dpfpl_app.federation.node_paths import partition_subdir
+from dpfpl_app.federation.node_rate import node_rate
 from dpfpl_app.federation.prompt_export import export_path, personalised_prompt_file
 from dpfpl_app.method.client_trainer import ClientTrainer
+from dpfpl_app.privacy.dp_channel import plan_for
 
 logger = logging.getLogger(__name__)
 
@@ -90,10 +92,15 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
     """A trainer for this node, with its private state restored if any was kept."""
     cfg = with_node_data(cfg, context)
     pid, num = node_partition(context)
+    # the Poisson rate is fixed before the data is read (``node_rate``)
+    rate = node_rate(cfg, plan_for(cfg), context.node_config, partition_id=pid, num_partitions=num)
+    logger.info("partition %d samples at %s", pid, rate.describe())
     clip = cached_clip(cfg.model)
     features = FeatureCache(cache_root() / "features")
     data = client_data(cfg, clip, features, partition_id=pid, num_partitions=num)
-    trainer = ClientTrainer(cfg, clip, class_names(cfg), data, partition_id=pid)
+    trainer = ClientTrainer(
+        cfg, clip, class_names(cfg), data, partition_id=pid, sample_rate=rate.rate
+    )
     directory = state_directory(cfg, context, pid)
     restored = _from_context(context) or _from_disk(directory)
     if restored is not None:

@@ -48,8 +48,13 @@ def accept_train_replies(
     *,
     prompt: torch.Tensor,
     dp_on: bool,
+    rate_bound: float = 1.0,
 ) -> list[wire.TrainReply]:
-    """The replies that pass the protocol checks; every refusal is logged with its node."""
+    """The replies that pass the protocol checks; every refusal is logged with its node.
+
+    A DP reply whose declared rate exceeds ``rate_bound`` (the run's ``max-sample-rate``)
+    is refused: that node sampled more often than the noise is sized for.
+    """
     accepted: list[wire.TrainReply] = []
     seen: set[int] = set()
     for msg in replies:
@@ -60,6 +65,11 @@ def accept_train_replies(
             )
             if reply.node_id in seen:
                 raise wire.InvalidReply("duplicate reply: a node counts once per round")
+            if reply.sample_rate is not None and reply.sample_rate > rate_bound:
+                raise wire.InvalidReply(
+                    f"declared sample rate {reply.sample_rate:g} is above the run's bound "
+                    f"max-sample-rate={rate_bound:g}: the noise does not cover that node"
+                )
         except wire.InvalidReply as err:
             refuse("train", round_, msg, sent, str(err))
             continue

@@ -235,10 +235,28 @@ def summary_table(doc: dict[str, Any]) -> str:
                 f"clusters: k={len(value['counts'])} sizes {value['counts']} "
                 f"({value['secure_sums']} secure sums, {value['seconds']:.1f} s)"
             )
+        elif key == "privacy" and isinstance(value, dict) and "node-epsilons" in value:
+            lines.extend(privacy_lines(value))
         else:
             lines.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
     lines.extend(f"zeroshot-{k}: {v:.4g}" for k, v in doc.get("zeroshot", {}).items())
     return "\n".join(lines)
+
+
+def privacy_lines(privacy: dict[str, Any]) -> list[str]:
+    """The run's epsilon (the largest node's) and every node's, at its declared rate."""
+    nodes = privacy["node-epsilons"]
+    lines = [
+        f"epsilon: {privacy['epsilon']:.4g} (the largest node's; delta {privacy['delta']:g}, "
+        f"{privacy['guarantee']}, rate bound {privacy['sample-rate-bound']:g})"
+    ]
+    lines.extend(
+        f"  node {node}: sample-rate {entry['sample-rate']:.4g}  epsilon {entry['epsilon']:.4g}"
+        for node, entry in nodes.items()
+    )
+    if not nodes:
+        lines.append("  (no node stated a rate: every node accounted at the bound)")
+    return lines
 
 
 CURVE_STYLES = {

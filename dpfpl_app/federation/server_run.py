@@ -170,7 +170,13 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) ->
         strategy.start(grid, strategy.global_arrays(), remaining)
     plan = strategy.channel
     steps = strategy.rounds_done * plan.local_steps
-    privacy = {**plan.describe(), "steps": steps, "epsilon": strategy.epsilon()}
+    # "epsilon" is the run's: the largest node's (each node's at its declared rate)
+    privacy = {
+        **plan.describe(),
+        "steps": steps,
+        "epsilon": strategy.epsilon(),
+        "node-epsilons": strategy.node_epsilons(),
+    }
     extra: dict[str, Any] = {"privacy": {**privacy, **plan.components(steps)}}
     if isinstance(strategy, SecFPPStrategy) and strategy.clusters is not None:
         extra["clusters"] = strategy.clusters.to_state()  # all of it known to the server

@@ -111,6 +111,10 @@ class DPFPLStrategy(Strategy):
         self._round_offset = 0
         self._last_round = 0
         self._train_metrics: dict[str, float | int] = {}
+        # Each node's declared Poisson rate (public: stated in its DP replies), and whether
+        # some node trained without a rate reaching us (then the bound covers it).
+        self._node_rates: dict[int, float] = {}
+        self._unreported_rates = False
         # The messages of the current phase: Flower's own error replies (e.g. for a node
         # that died) come from the SuperLink, so only these say which node was asked.
         self._sent: list[Message] = []
@@ -135,12 +139,27 @@ class DPFPLStrategy(Strategy):
         return wire.global_prompt_record(self._prompt)
 
     def epsilon(self) -> float:
-        """Composed epsilon after the rounds trained so far (``dp_channel`` says what it means).
+        """The run's epsilon: the largest of the nodes' composed epsilons after the rounds
+        trained so far (``dp_channel`` says what it means).
 
-        Every round that sent training messages counts, accepted or not: the clients took
-        their local steps either way.
+        Every round that sent training messages counts for every node, accepted or not:
+        the clients took their local steps either way. A node is accounted at its
+        declared rate; a node that trained but whose rate never reached the server (a
+        refused or failed reply) at the bound, which covers every node.
         """
-        return self.channel.epsilon(self._last_round * self.channel.local_steps)
+        steps = self._last_round * self.channel.local_steps
+        rates = set(self._node_rates.values())
+        if self._unreported_rates or not rates:
+            rates.add(self.channel.sample_rate)
+        return max(self.channel.epsilon(steps, rate) for rate in sorted(rates))
+
+    def node_epsilons(self) -> dict[str, dict[str, float]]:
+        """Per node id: its declared rate and its composed epsilon (results.json)."""
+        steps = self._last_round * self.channel.local_steps
+        return {
+            str(node): {"sample-rate": rate, "epsilon": self.channel.epsilon(steps, rate)}
+            for node, rate in sorted(self._node_rates.items())
+        }
 
     def summary(self) -> None:
         """Log the configuration and what the printed epsilon means."""
@@ -263,8 +282,10 @@ class DPFPLStrategy(Strategy):
         replies = list(replies)
         round_ = self._last_round = self._round_offset + server_round
         accepted = reply_checks.accept_train_replies(
-            replies, self._sent, round_, prompt=self._prompt, dp_on=self.dp_on
+            replies, self._sent, round_, prompt=self._prompt, dp_on=self.dp_on,
+            rate_bound=self.channel.sample_rate,
         )
+        self._note_rates(accepted, asked=max(len(replies), len(self._sent)))
         metrics: dict[str, float | int] = {
             wire.ACCEPTED: len(accepted),
             wire.REJECTED: len(replies) - len(accepted),
@@ -285,6 +306,15 @@ class DPFPLStrategy(Strategy):
             losses = [r.train_loss for r in accepted if r.train_loss is not None]
             metrics[wire.TRAIN_LOSS] = sum(losses) / max(1, len(losses))
         return self.global_arrays(), MetricRecord(dict(metrics))
+
+    def _note_rates(self, accepted: list[wire.TrainReply], asked: int) -> None:
+        """Keep each node's declared rate (the largest it ever stated)."""
+        for reply in accepted:
+            if reply.sample_rate is not None:
+                known = self._node_rates.get(reply.node_id, 0.0)
+                self._node_rates[reply.node_id] = max(known, reply.sample_rate)
+        if self.dp_on and len(accepted) < asked:
+            self._unreported_rates = True
 
     def _step(self, noised: torch.Tensor, noise_std: float) -> dict[str, float]:
         """``p_G <- p_G - server_lr * noised`` (float64); the step's metrics, its norm taken
@@ -333,6 +363,8 @@ class DPFPLStrategy(Strategy):
             "global_prompt": self._prompt.clone(),
             "round": self._last_round,
             "channel": self.channel.describe(),
+            "node_rates": {str(node): rate for node, rate in self._node_rates.items()},
+            "unreported_rates": self._unreported_rates,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -348,6 +380,8 @@ class DPFPLStrategy(Strategy):
         if state.get("secure_rounds") == [] and "secure_rounds" not in expected:
             # a plain run's checkpoint written when one class held both exchanges
             state = {k: v for k, v in state.items() if k != "secure_rounds"}
+        if "node_rates" not in state:  # written before nodes declared rates: the bound
+            state = {**state, "node_rates": {}, "unreported_rates": state["round"] > 0}
         if set(state) != expected:
             raise ValueError(f"state keys {sorted(state)} differ from {sorted(expected)}")
         if state["channel"] != self.channel.describe():
@@ -363,6 +397,8 @@ class DPFPLStrategy(Strategy):
             )
         self._prompt = prompt.detach().clone()
         self._last_round = self._round_offset = int(state["round"])
+        self._node_rates = {int(node): float(rate) for node, rate in state["node_rates"].items()}
+        self._unreported_rates = bool(state["unreported_rates"])
 
 
 def _validate_arguments(args: dict[str, Any]) -> None:

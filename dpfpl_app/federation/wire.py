@@ -13,7 +13,8 @@ Protocol (all tensors float32, ``n_ctx x d``)::
         "config":  ConfigRecord {"server-round": int}
     client -> server, train
         "arrays":  ArrayRecord {"global-prompt-grad"}
-        "metrics": MetricRecord {} with DP; {"train-loss"} without DP (``train_metric_keys``)
+        "metrics": MetricRecord {"sample-rate"} with DP; {"train-loss"} without DP
+                   (``train_metric_keys``)
     client -> server, evaluate
         "metrics": MetricRecord {"num-examples", "local-acc", "neighbour-acc",
                                  "zeroshot-local-acc", "zeroshot-neighbour-acc",
@@ -23,8 +24,11 @@ Protocol (all tensors float32, ``n_ctx x d``)::
 
 Why so strict: the private local prompt must never leave a client, and with DP nothing
 about its training data may leave but the clipped gradient the noise is sized for: no
-loss, no example count, no sampling rate (the accounting uses public bounds only). A
-train reply's metric keys must be exactly those of its DP mode. A reply with any
+loss, no example count. The one number a DP reply carries is the node's declared
+Poisson rate: public by declaration and fixed before the node read its data (never its
+dataset size), so the server can state each node's epsilon; a rate above the run's bound
+is refused (``reply_checks``). A train reply's metric keys must be exactly those of its
+DP mode. A reply with any
 array key other than the global-prompt gradient, any record other than the two above,
 or a list-valued metric (a list can carry a whole tensor) is refused, so that a client
 bug that leaks it fails loudly instead of silently being averaged.
@@ -58,6 +62,7 @@ AGGREGATION = "aggregation"  # the run's resolved mode: both sides must plan the
 # --- metric keys (client -> server) ---------------------------------------------------
 NUM_EXAMPLES = "num-examples"
 TRAIN_LOSS = "train-loss"
+SAMPLE_RATE = "sample-rate"  # the node's declared Poisson rate (public; DP replies only)
 LOCAL_ACC = "local-acc"
 NEIGHBOUR_ACC = "neighbour-acc"
 LOCAL_EXAMPLES = "local-examples"
@@ -100,6 +105,7 @@ class TrainReply:
     node_id: int
     grad: torch.Tensor
     train_loss: float | None  # only without DP
+    sample_rate: float | None  # the node's declared rate: only with DP
 
 
 @dataclass(frozen=True)
@@ -157,13 +163,24 @@ def read_global_prompt(arrays: ArrayRecord) -> torch.Tensor:
 
 
 def train_metric_keys(dp_on: bool) -> frozenset[str]:
-    """The exact metric keys of a train reply: none with DP, the batch loss without."""
-    return frozenset() if dp_on else frozenset({TRAIN_LOSS})
+    """The exact metric keys of a train reply: the declared rate with DP, the batch loss
+    without.
+    """
+    return frozenset({SAMPLE_RATE}) if dp_on else frozenset({TRAIN_LOSS})
 
 
-def train_reply_content(*, grad: torch.Tensor, train_loss: float, dp_on: bool) -> RecordDict:
-    """Build a client's train reply content, exactly as the server expects it."""
-    metrics = MetricRecord({} if dp_on else {TRAIN_LOSS: float(train_loss)})
+def train_reply_content(
+    *, grad: torch.Tensor, train_loss: float, dp_on: bool, sample_rate: float | None
+) -> RecordDict:
+    """Build a client's train reply content, exactly as the server expects it.
+
+    ``sample_rate`` is the node's declared rate, required with DP (``privacy.dp_channel``).
+    """
+    if dp_on and sample_rate is None:
+        raise ValueError("a DP train reply states the node's declared sample rate")
+    metrics = MetricRecord(
+        {SAMPLE_RATE: float(sample_rate)} if dp_on else {TRAIN_LOSS: float(train_loss)}  # type: ignore[arg-type]
+    )
     return RecordDict(
         {
             ARRAYS_RECORD: ArrayRecord(
@@ -269,11 +286,16 @@ def parse_train_reply(
     if set(metrics.keys()) != expected:
         raise InvalidReply(
             f"train metrics {sorted(metrics.keys())}, expected exactly {sorted(expected)}: "
-            "with DP a reply carries nothing but the clipped gradient"
+            "with DP a reply carries nothing but the clipped gradient and the declared rate"
         )
     _check_scalar_metrics(metrics)
     loss = None if dp_on else _float_metric(metrics, TRAIN_LOSS, low=-math.inf, high=math.inf)
-    return TrainReply(node_id=msg.metadata.src_node_id, grad=grad, train_loss=loss)
+    rate = _float_metric(metrics, SAMPLE_RATE, low=0.0, high=1.0) if dp_on else None
+    if rate is not None and rate <= 0.0:
+        raise InvalidReply(f"metric '{SAMPLE_RATE}' must be in (0, 1], got {rate!r}")
+    return TrainReply(
+        node_id=msg.metadata.src_node_id, grad=grad, train_loss=loss, sample_rate=rate
+    )
 
 
 def parse_evaluate_reply(msg: Message) -> EvaluateReply:

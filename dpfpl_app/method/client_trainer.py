@@ -4,11 +4,13 @@ The noise sizes and the epsilon come from the run's channel plan (``dp_channel.p
 which the server derives from the same public config, so nothing about this client's
 data (its size, its sampling rate, its loss) has to be reported for the accounting.
 
-Sampling: in per-sample mode minibatches are Poisson samples with rate
-``q_i = min(max-sample-rate, B/|D_i|)`` drawn from a secret stream (amplification by
-subsampling needs the batch to be unpredictable), and sums are divided by the expected
-size B. With ``local-steps`` K > 1 the global gradient sent is the mean of the K step
-gradients; ``dp_channel`` accounts it as K pieces, one per step.
+Sampling: in per-sample mode minibatches are Poisson samples at the node's declared
+rate q_i (fixed before its data is read, at most ``max-sample-rate``; ``dp_channel``)
+drawn from a secret stream (amplification by subsampling needs the batch to be
+unpredictable), and sums are divided by the public B, never by the drawn size. A
+declared rate far from B/|D_i| costs utility or privacy but never breaks the accounting:
+it is logged here, on the node only. With ``local-steps`` K > 1 the global gradient
+sent is the mean of the K step gradients; ``dp_channel`` accounts it as K pieces.
 
 Budget: a client never takes more than the ``T K`` steps its plan covers, and never
 trains the same server round twice (a server resumed from an older checkpoint would
@@ -36,6 +38,7 @@ from dpfpl_app.method.prompt_learner import LearnerSettings, PromptLearner, ctx_
 from dpfpl_app.method.text_encoder import CoOpTextEncoder, template_context
 from dpfpl_app.privacy.dp_channel import plan_for
 from dpfpl_app.privacy.noise import NoiseSource
+from dpfpl_app.privacy.sample_rate import rate_mismatch
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +67,20 @@ class ClientTrainer:
         data: ClientData,
         *,
         partition_id: int,
+        sample_rate: float | None = None,
     ) -> None:
         if data.num_train == 0 and cfg.method is not Method.ZEROSHOT:
             raise ValueError(f"partition {partition_id} has no training images")
         self.cfg, self.data, self.partition_id = cfg, data, partition_id
         self.plan = plan_for(cfg)
-        self.sample_rate = (
-            self.plan.client_sample_rate(data.num_train) if self._poisson else 1.0
+        # the node's declared rate (None: the run's bound); refused above the bound
+        self.sample_rate = self.plan.check_rate(
+            self.plan.sample_rate if sample_rate is None else sample_rate
         )
+        if self._poisson:
+            mismatch = rate_mismatch(self.sample_rate, cfg.batch_size, data.num_train)
+            if mismatch:
+                logger.warning("partition %d: %s", partition_id, mismatch)
         template = (
             template_context(clip, cfg.zeroshot_template) if cfg.method is Method.ZEROSHOT else None
         )
@@ -173,8 +182,8 @@ class ClientTrainer:
         return self.cfg.dp_mode is DPMode.PER_SAMPLE and self.cfg.dp_on
 
     def _expected_batch(self) -> float:
-        """Per-sample sums are divided by B even when q_i < B/|D_i|: the noise of both
-        channels assumes every client's sensitivity is at most C/B.
+        """Per-sample sums are divided by the public B whatever the declared rate: the
+        noise of both channels assumes every client's sensitivity is at most C/B.
         """
         if self._poisson:
             return float(self.cfg.batch_size)
@@ -203,8 +212,10 @@ class ClientTrainer:
 
     # ----- privacy and evaluation ----------------------------------------------------
     def epsilon(self) -> float:
-        """Composed epsilon of everything this client released so far (its plan's meaning)."""
-        return self.plan.epsilon(self.steps_taken)
+        """Composed epsilon of everything this client released so far (its plan's meaning),
+        at its own declared rate.
+        """
+        return self.plan.epsilon(self.steps_taken, self.sample_rate)
 
     def _receive(self, global_prompt: Tensor) -> None:
         """Take the broadcast global prompt; methods without one ignore it (a constant)."""

@@ -31,9 +31,16 @@ Secure aggregation (``aggregation = "secure"``) replaces the server's Gaussian o
 global channel with Skellam noise the clients add under SecAgg+ masking: the same
 split of z_step, accounted with a generic subsampled-RDP bound (``secure_channel``).
 
-The sampling rate accounted is the public bound ``max-sample-rate``; a client draws with
-``q_i = min(bound, B / |D_i|)`` <= bound and still divides by B, and epsilon only grows
-with q, so the bound covers every client without trusting any client's word.
+Sampling rates (``sample_rate``). Each node draws its Poisson batches at a rate fixed
+before its data is read: the rate its organisation declares (node config
+``sample-rate``), else the rate of its share of the public simulation partition plan,
+else the run's bound ``max-sample-rate`` itself (``federation.node_rate``). A rate
+derived from the private dataset size (``min(bound, B/|D_i|)``, the rule before) is
+not a fixed q: adding one record lowers every other record's inclusion probability,
+and the accountant's bound no longer holds (``tests/test_sample_rate.py``). The noise
+is calibrated at the bound; every sum is divided by the public B; a node's own epsilon
+is accounted at its own declared rate (``epsilon(steps, rate)``), which is never above
+the bound: a higher one is refused before training (``check_rate``).
 """
 
 from __future__ import annotations
@@ -43,10 +50,25 @@ from dataclasses import dataclass
 from enum import Enum
 from functools import lru_cache
 
+import numpy as np
+from opacus.accountants.analysis import rdp as rdp_analysis
+
 from dpfpl_app.config import Aggregation, DPMode, Method, RunConfig
 from dpfpl_app.privacy import accounting, secure_channel
 from dpfpl_app.privacy.accounting import AccountantKind
+from dpfpl_app.privacy.calibration import PrivacyBudgetError
+from dpfpl_app.privacy.secure_channel import ORDERS as RDP_CURVE_ORDERS
 from dpfpl_app.privacy.secure_channel import SecureSetting
+from dpfpl_app.secagg import rdp_to_epsilon
+
+NODE_RATE_KEY = "sample-rate"
+"""Node config key of the Poisson rate an organisation declares for its node."""
+BOUND_KEY = "max-sample-rate"
+"""Run config key of the public bound on every node's rate (the noise is sized for it)."""
+
+
+class SampleRateError(PrivacyBudgetError):
+    """A node's declared rate is not one the run's accounting covers."""
 
 
 class Guarantee(str, Enum):
@@ -107,7 +129,7 @@ class ChannelPlan:
     guarantee: Guarantee
     delta: float
     accountant: AccountantKind
-    sample_rate: float  # the public bound q the accountant uses
+    sample_rate: float  # the public bound q the noise is calibrated for
     local_steps: int  # K
     rounds: int  # T
     clip_norm: float
@@ -138,8 +160,28 @@ class ChannelPlan:
 
     @property
     def secure_setting(self) -> SecureSetting:
-        """The secure channel's per-step mechanism (``secure_channel``)."""
-        return SecureSetting(self.sample_rate, self.z_local, self.z_global)
+        """The secure channel's per-step mechanism at the bound (``secure_channel``)."""
+        return self.secure_setting_at(self.sample_rate)
+
+    def secure_setting_at(self, rate: float) -> SecureSetting:
+        """The secure channel's per-step mechanism for a node sampling at ``rate``."""
+        return SecureSetting(self.check_rate(rate), self.z_local, self.z_global)
+
+    def check_rate(self, rate: float) -> float:
+        """``rate`` if the accounting covers a node sampling at it, else SampleRateError."""
+        if not 0.0 < rate <= 1.0:
+            raise SampleRateError(
+                f"sample rate {rate!r} is not in (0, 1]: set node config {NODE_RATE_KEY} "
+                "to the Poisson rate this node samples at (`dpfpl sample-rate` suggests one)"
+            )
+        if rate > self.sample_rate:
+            raise SampleRateError(
+                f"declared sample rate {rate:g} (node config {NODE_RATE_KEY}) is above the "
+                f"run's bound {BOUND_KEY}={self.sample_rate:g}, for which the noise is sized: "
+                f"lower the node's {NODE_RATE_KEY} to at most {self.sample_rate:g}, or run "
+                f"with {BOUND_KEY} >= {rate:g}"
+            )
+        return rate
 
     # --- noise ------------------------------------------------------------------------
     def global_std(self, accepted: int) -> float:
@@ -151,32 +193,58 @@ class ChannelPlan:
             accepted=accepted,
         )
 
-    def client_sample_rate(self, num_train: int) -> float:
-        """A client's Poisson rate ``min(bound, B / |D_i|)``: never above the accounted bound."""
-        return min(self.sample_rate, self.batch_size / max(1, num_train))
-
     # --- epsilon --------------------------------------------------------------------------
-    def epsilon(self, steps_done: int) -> float:
-        """The composed epsilon after ``steps_done`` local steps (see the module docstring)."""
+    def epsilon(self, steps_done: int, rate: float | None = None) -> float:
+        """The composed epsilon after ``steps_done`` local steps of a node sampling at
+        ``rate`` (default: the bound, which covers every node; see the module docstring).
+        """
         if self.guarantee is Guarantee.NOTHING_RELEASED:
             return 0.0
         if self.guarantee is Guarantee.NO_DP:
             return math.inf
         if self.guarantee is Guarantee.NOMINAL_PAPER:
             return self.target_epsilon
+        q = self.sample_rate if rate is None else self.check_rate(rate)
         if self.secure:  # every step at the minimum survivors: the client's upper bound
-            return self.secure_setting.epsilon([1.0] * steps_done, self.delta)
-        return _epsilon(self.z_step, self.sample_rate, steps_done, self.delta, self.accountant)
+            return self.secure_setting_at(q).epsilon([1.0] * steps_done, self.delta)
+        if self.accountant is AccountantKind.RDP:
+            return rdp_epsilon(self.rdp_curve(q, steps_done, accounting.RDP_ORDERS),
+                               accounting.RDP_ORDERS, self.delta)
+        return _epsilon(self.z_step, q, steps_done, self.delta, self.accountant)
 
-    def secure_epsilon(self, rounds: list[float | None]) -> float:
+    def rdp_curve(
+        self, rate: float, steps: int, orders: tuple[float, ...] | list[float] = RDP_CURVE_ORDERS
+    ) -> np.ndarray:
+        """RDP of ``steps`` composed steps of a node sampling at ``rate``, at ``orders``.
+
+        The one curve both the printed RDP epsilon and a node's budget ledger
+        (``privacy.budget``) are computed from; curves of different runs add up (RDP
+        composition). Secure plans: every step at the minimum survivors (the node's
+        own upper bound), at the secure channel's integer orders only. A plan without
+        an accounted guarantee has an infinite curve, one that releases nothing a zero one.
+        """
+        if steps <= 0 or self.guarantee is Guarantee.NOTHING_RELEASED:
+            return np.zeros(len(orders))
+        if self.guarantee not in ACCOUNTED_KINDS:
+            return np.full(len(orders), math.inf)
+        q = self.check_rate(rate)
+        if self.secure:
+            if tuple(orders) != RDP_CURVE_ORDERS:
+                raise ValueError("the secure channel's RDP is computed at its own ORDERS only")
+            return steps * self.secure_setting_at(q).step_rdp(1.0)
+        return _plain_rdp(self.z_step, q, steps, tuple(orders)).copy()
+
+    def secure_epsilon(self, rounds: list[float | None], rate: float | None = None) -> float:
         """The secure run's epsilon from each round's survivors / min-survivors ratio.
 
         ``None`` marks a round whose sum was never released but whose clients trained
-        (their local carriers were released). Only for accounted secure plans.
+        (their local carriers were released). Only for accounted secure plans. ``rate``:
+        a node's declared rate (default: the bound).
         """
         if not self.secure or self.guarantee not in ACCOUNTED_KINDS:
             raise ValueError(f"secure_epsilon needs an accounted secure plan, not {self}")
-        return self.secure_setting.epsilon(rounds, self.delta)
+        q = self.sample_rate if rate is None else self.check_rate(rate)
+        return self.secure_setting_at(q).epsilon(rounds, self.delta)
 
     def components(self, steps_done: int) -> dict[str, float]:
         """Each channel's epsilon as if it were the only one (a component, not a bound)."""
@@ -350,6 +418,26 @@ def _plan(
 
 
 ACCOUNTED_KINDS = frozenset({Guarantee.ACCOUNTED, Guarantee.NOMINAL_PUBLIC_SEED})
+
+
+def rdp_epsilon(curve: np.ndarray, orders: tuple[float, ...] | list[float], delta: float) -> float:
+    """Epsilon at ``delta`` of an RDP curve (Balle et al. 2020, as opacus converts);
+    inf for an infinite curve, 0 for a zero one.
+    """
+    if not np.isfinite(curve).any():
+        return math.inf
+    if not curve.any():
+        return 0.0
+    return rdp_to_epsilon(orders, curve, delta)[0]
+
+
+@lru_cache(maxsize=256)
+def _plain_rdp(z: float, rate: float, steps: int, orders: tuple[float, ...]) -> np.ndarray:
+    """Opacus's RDP of ``steps`` Poisson-subsampled Gaussian steps (cached per rate)."""
+    return np.asarray(
+        rdp_analysis.compute_rdp(q=rate, noise_multiplier=z, steps=steps, orders=list(orders)),
+        dtype=np.float64,
+    )
 
 
 @lru_cache(maxsize=4096)
