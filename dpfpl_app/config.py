@@ -111,7 +111,7 @@ class RunConfig(BaseModel):
         0.5, gt=0, lt=1, description="share of the per-step noise precision for the global channel"
     )
     max_sample_rate: float = Field(
-        0.5, gt=0, le=1, description="public bound on every client's Poisson rate B/|D_i|"
+        0.5, gt=0, le=1, description="public bound on every node's declared Poisson rate"
     )
     clip_norm: float = Field(10.0, gt=0, description="per-sample (or batch) L2 clip C_th")
     accountant: Accountant = Field(Accountant.RDP, description="rdp | prv")

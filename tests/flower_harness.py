@@ -303,11 +303,13 @@ def run_server_app(
     run_config: Mapping[str, UserConfigValue],
     on_reply: ReplyHook | None = None,
     node_configs: Sequence[Mapping[str, UserConfigValue]] | None = None,
+    run_id: int = DEFAULT_RUN_ID,
 ) -> FederationRun:
     """Run a real ServerApp (its ``@app.main()`` and lifespan) against in-process nodes.
 
     Flower calls ``server_app(grid, context)``; the ServerApp's context carries the same
-    ``run_config`` as the nodes' and the SuperLink's node id, as in a real run.
+    ``run_config`` as the nodes' and the SuperLink's node id, as in a real run. Each call
+    builds fresh node contexts: a second call is the same nodes after a restart.
     """
     grid = InProcessGrid(
         client_app=client_app,
@@ -315,6 +317,7 @@ def run_server_app(
         run_config=run_config,
         on_reply=on_reply,
         node_configs=node_configs,
+        run_id=run_id,
     )
     context = Context(
         run_id=grid.run.run_id,

@@ -167,12 +167,17 @@ def test_printed_epsilon_equals_an_independent_recomputation(
     # Execute
     run_server_app(server_module.app, client_app=client_module.app, num_nodes=4, run_config=cfg)
 
-    # Assert: a fresh opacus accountant fed the logged multiplier, rate bound and steps,
+    # Assert: a fresh opacus accountant fed the logged multiplier, the largest node rate
+    # (each node's from the public partition plan, never above the bound) and the steps,
     # one step at a time, gives every printed epsilon; the last is within the target
     doc = _results(tmp_path)
     privacy = doc["summary"]["privacy"]
     assert privacy["guarantee"] == "accounted" and privacy["steps"] == 6
-    z, q = privacy["noise-multiplier-step"], privacy["sample-rate-bound"]
+    nodes = privacy["node-epsilons"]
+    assert len(nodes) == 4
+    assert all(0 < node["sample-rate"] <= privacy["sample-rate-bound"] for node in nodes.values())
+    z, q = privacy["noise-multiplier-step"], max(node["sample-rate"] for node in nodes.values())
+    assert privacy["epsilon"] == max(node["epsilon"] for node in nodes.values())
     accountant = RDPAccountant()
     for row in doc["rounds"]:
         for _ in range(2):

@@ -537,7 +537,7 @@ def _trainer(setup: Setup, cfg: RunConfig, num_train: int = 20) -> ClientTrainer
 
 
 def test_client_spends_its_budget_over_the_planned_steps_and_refuses_more(setup: Setup) -> None:
-    # Prepare: q = min(0.5, 8/20), T = 3 rounds x 2 local steps of the composed mechanism
+    # Prepare: no declared rate: q = the bound 0.5, T = 3 rounds x 2 local steps
     cfg = _config()
     trainer = _trainer(setup, cfg)
     prompt = torch.zeros(N_CTX, setup.width)
@@ -546,7 +546,7 @@ def test_client_spends_its_budget_over_the_planned_steps_and_refuses_more(setup:
     outcomes = [trainer.train_round(prompt, r) for r in range(1, 4)]
 
     # Assert: every step is counted; the run ends just under its target
-    assert trainer.steps_taken == 6 and trainer.sample_rate == pytest.approx(0.4)
+    assert trainer.steps_taken == 6 and trainer.sample_rate == 0.5
     assert 0.9 * cfg.epsilon <= outcomes[-1].epsilon <= cfg.epsilon
     assert outcomes[0].epsilon < outcomes[1].epsilon < outcomes[2].epsilon
     with pytest.raises(BudgetError, match="all 6 steps its privacy budget covers"):
@@ -567,9 +567,14 @@ def test_client_refuses_a_round_it_already_trained(setup: Setup) -> None:
 
 
 def test_client_rate_never_exceeds_the_public_bound(setup: Setup) -> None:
-    # a client with fewer images than B / bound samples at the bound, still dividing by B
-    trainer = _trainer(setup, _config(**{"max-sample-rate": 0.1}), num_train=20)
+    # a client declaring nothing samples at the bound, still dividing by B; a declared
+    # rate above the bound is refused before anything is trained
+    cfg = _config(**{"max-sample-rate": 0.1})
+    trainer = _trainer(setup, cfg, num_train=20)
     assert trainer.sample_rate == 0.1 and trainer._expected_batch() == 8.0
+    with pytest.raises(ValueError, match=r"sample-rate.*above the run's bound max-sample-rate"):
+        ClientTrainer(cfg, setup.clip, CLASS_NAMES, _client_data(setup, 20), partition_id=0,
+                      sample_rate=0.4)
 
 
 def test_client_of_a_method_that_shares_nothing_sends_zeros(setup: Setup) -> None:

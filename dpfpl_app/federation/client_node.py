@@ -26,6 +26,7 @@ from dpfpl_app.cache import cache_root
 from dpfpl_app.config import RunConfig
 from dpfpl_app.data.features import FeatureCache
 from dpfpl_app.data.federated_data import client_data, load_federated_data, source_spec
+from dpfpl_app.federation.node_budget import ledger_charger
 from dpfpl_app.federation.node_paths import partition_subdir
 from dpfpl_app.federation.node_rate import node_rate
 from dpfpl_app.federation.prompt_export import export_path, personalised_prompt_file
@@ -56,13 +57,18 @@ def node_partition(context: Context) -> tuple[int, int]:
     return pid, num
 
 
-def state_directory(cfg: RunConfig, context: Context, partition_id: int) -> Path:
-    """Node-local directory of this client's private state for this run."""
+def state_root(cfg: RunConfig, context: Context) -> Path:
+    """The node's state root: node config ``state-dir``, else the run's, else the cache's."""
     root = Path(cfg.state_dir).expanduser() if cfg.state_dir else cache_root() / "state"
     node_root = context.node_config.get("state-dir")
     if node_root:
         root = Path(str(node_root)).expanduser()
-    return root / partition_subdir(cfg.run_name, context.run_id, partition_id)
+    return root
+
+
+def state_directory(cfg: RunConfig, context: Context, partition_id: int) -> Path:
+    """Node-local directory of this client's private state for this run."""
+    return state_root(cfg, context) / partition_subdir(cfg.run_name, context.run_id, partition_id)
 
 
 def class_names(cfg: RunConfig) -> tuple[str, ...]:
@@ -93,8 +99,13 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
     cfg = with_node_data(cfg, context)
     pid, num = node_partition(context)
     # the Poisson rate is fixed before the data is read (``node_rate``)
-    rate = node_rate(cfg, plan_for(cfg), context.node_config, partition_id=pid, num_partitions=num)
+    plan = plan_for(cfg)
+    rate = node_rate(cfg, plan, context.node_config, partition_id=pid, num_partitions=num)
     logger.info("partition %d samples at %s", pid, rate.describe())
+    charge = ledger_charger(
+        cfg, plan, context.node_config, state_root=state_root(cfg, context),
+        run_id=context.run_id, partition_id=pid, sample_rate=rate.rate,
+    )
     clip = cached_clip(cfg.model)
     features = FeatureCache(cache_root() / "features")
     data = client_data(cfg, clip, features, partition_id=pid, num_partitions=num)
@@ -117,6 +128,7 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
                 "directory away (it is the only copy of that run's local prompts)"
             )
         trainer.load_state_dict(*restored)
+    trainer.before_round = charge  # every round is in the node's ledger before it samples
     return trainer
 
 

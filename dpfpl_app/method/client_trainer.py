@@ -113,6 +113,9 @@ class ClientTrainer:
         self.rounds_done = 0  # rounds this client trained
         self.last_round = 0  # the last server round it trained
         self.steps_taken = 0  # local steps, each a release of the composed mechanism
+        # called with the step count a round will reach, before it samples any data:
+        # the node's privacy-budget ledger (``federation.node_budget``), which may refuse
+        self.before_round: Callable[[int], None] | None = None
         # an audit's canaries: only if this node's operator named a canary file
         self.canaries = injector_from_env(
             partition_id, shape=tuple(self.learner.global_prompt.shape), clip_norm=cfg.clip_norm
@@ -127,6 +130,8 @@ class ClientTrainer:
     def train_round(self, global_prompt: Tensor, server_round: int) -> RoundOutcome:
         cfg, data = self.cfg, self.data
         self._check_budget(server_round)
+        if self.before_round is not None:
+            self.before_round(self.steps_taken + cfg.local_steps)
         self._receive(global_prompt)
         if cfg.method is Method.ZEROSHOT:  # nothing to train: report the template's loss
             logits = self.learner.logits(data.train_features[0])

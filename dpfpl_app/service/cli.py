@@ -83,6 +83,47 @@ def _calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _budget(args: argparse.Namespace) -> int:
+    """Print every ledger under a state root (``privacy.budget``)."""
+    from dpfpl_app.cache import cache_root
+    from dpfpl_app.privacy.budget import LEDGER_DIR, ledger_report
+
+    root = Path(args.state_dir).expanduser() if args.state_dir else cache_root() / "state"
+    ledgers = sorted((root / LEDGER_DIR).glob("partition-*.json"))
+    if not ledgers:
+        print(f"no privacy ledger under {root / LEDGER_DIR}: no run has trained on this "
+              "node's data with that state-dir")
+        return 0
+    print("\n\n".join(ledger_report(p, args.delta, args.budget) for p in ledgers))
+    return 0
+
+
+def _sample_rate(args: argparse.Namespace) -> int:
+    """The declared rate that matches a node's data (``privacy.sample_rate``)."""
+    from dpfpl_app.privacy.sample_rate import matching_rate
+
+    if args.num_train is not None:
+        rate = matching_rate(args.batch_size, args.num_train)
+        print(f"{rate:.6g}  (batch-size {args.batch_size} / {args.num_train} training images)")
+        print(f'start the SuperNode with --node-config "... sample-rate={rate:.6g}"; the run\'s '
+              "max-sample-rate must be at least that")
+        return 0
+    from dpfpl_app.config import RunConfig
+    from dpfpl_app.federation.node_rate import planned_sizes
+
+    overrides = {"dataset": args.dataset, "partitioner": args.partitioner, "seed": args.seed,
+                 "batch-size": args.batch_size, "dirichlet-alpha": args.dirichlet_alpha}
+    cfg = RunConfig.from_flower(overrides)
+    sizes = planned_sizes(cfg, args.num_partitions)
+    rates = [matching_rate(args.batch_size, n) for n in sizes]
+    print(f"{'partition':>9} {'train images':>12} {'rate':>10}")
+    for pid, (n, rate) in enumerate(zip(sizes, rates, strict=True)):
+        print(f"{pid:>9} {n:>12} {rate:>10.4g}")
+    print(f"max {max(rates):.6g}: use max-sample-rate={max(rates):.6g} so the noise is sized "
+          "for the rates the simulated nodes really use (each declares its own from this plan)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpfpl", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -127,6 +168,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="opacus accountant (default %(default)s)",
     )
     p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser(
+        "budget", help="print this node's privacy ledger: every run's epsilon, the total, left"
+    )
+    p.add_argument("--state-dir", default="", help="the node's state root (default: the cache's)")
+    p.add_argument("--delta", type=float, default=None,
+                   help="delta of the epsilons (default: the node's privacy-budget-delta)")
+    p.add_argument("--budget", type=float, default=None,
+                   help="budget to compare with (default: the node's privacy-budget)")
+    p.set_defaults(func=_budget)
+
+    p = sub.add_parser(
+        "sample-rate", help="the Poisson rate a node should declare (node config sample-rate)"
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="expected batch B (default 32)")
+    p.add_argument("--num-train", type=int, default=None,
+                   help="your node's number of training images: prints B / N")
+    p.add_argument("--dataset", default="styled-digits", help="simulation: the public dataset")
+    p.add_argument("--partitioner", default="pathological", help="simulation: its partitioner")
+    p.add_argument("--dirichlet-alpha", type=float, default=0.3, help="simulation: Dirichlet beta")
+    p.add_argument("--num-partitions", type=int, default=10, help="simulation: number of nodes")
+    p.add_argument("--seed", type=int, default=0, help="simulation: the run's public seed")
+    p.set_defaults(func=_sample_rate)
 
     add_service_commands(sub)
     add_sweep_command(sub)
