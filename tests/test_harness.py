@@ -43,7 +43,7 @@ def _train(msg: Message, context: Context) -> Message:
     partition = int(context.node_config["partition-id"])
     calls = _count_call(context)
     content = wire.train_reply_content(
-        grad=_fixed_grad(partition), train_loss=float(calls), dp_on=False
+        grad=_fixed_grad(partition), train_loss=float(calls), dp_on=False, sample_rate=None
     )
     return Message(content, reply_to=msg)
 
