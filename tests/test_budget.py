@@ -111,10 +111,14 @@ def test_budget_command_prints_each_run_the_total_and_what_is_left(
 RATE = 0.1  # both nodes declare it: the budget below is sized from its curve
 
 
-def _run_config(tmp_path: Path) -> dict:
+def _run_config(tmp_path: Path, model: Path) -> dict:
+    """Two rounds of the main job's method on the random plumbing CLIP (fast: the budget
+    logic does not depend on what the prompt learns).
+    """
     return federation_config(
         tmp_path,
-        **{"min-nodes": 2, "num-server-rounds": 2, "reproducible-noise": False, "epsilon": 1.0},
+        **{"min-nodes": 2, "num-server-rounds": 2, "reproducible-noise": False, "epsilon": 1.0,
+           "model": str(model)},
     )
 
 
@@ -125,10 +129,10 @@ def _budget_between_one_and_two_runs(cfg: dict) -> float:
 
 
 def test_a_node_with_a_budget_refuses_the_run_that_would_overspend_it_across_a_restart(
-    digits_backbone: Path, tmp_path: Path
+    plumbing_clip: Path, tmp_path: Path
 ) -> None:
     # Prepare: two nodes whose budget covers one run of this plan, not two
-    cfg = _run_config(tmp_path)
+    cfg = _run_config(tmp_path, plumbing_clip)
     budget = _budget_between_one_and_two_runs(cfg)
     nodes = [{"sample-rate": RATE, "privacy-budget": budget}] * 2
     run_server_app(server_module.app, client_app=client_module.app, num_nodes=2,
@@ -149,16 +153,17 @@ def test_a_node_with_a_budget_refuses_the_run_that_would_overspend_it_across_a_r
     assert errors and all("privacy-budget=" in e and "spent" in e and "asks" in e
                           for e in errors)
     assert json.loads(ledger.read_text())["runs"].keys() == {"101"}
-    assert not list((tmp_path / "state" / "t2").rglob("private.safetensors"))
+    for meta in (tmp_path / "state" / "t2").glob("partition-*/meta.json"):  # evaluated only
+        assert json.loads(meta.read_text())["steps_taken"] == 0
     doc = json.loads((tmp_path / "runs" / "t2" / "results.json").read_text())
     assert all(row["accepted"] == 0 for row in doc["rounds"])
 
 
 def test_the_ledger_keeps_a_round_whose_node_crashed_before_replying(
-    digits_backbone: Path, tmp_path: Path
+    plumbing_clip: Path, tmp_path: Path
 ) -> None:
     # Prepare: a node trains a round; its process dies before saving state or replying
-    cfg = RunConfig.from_flower(_run_config(tmp_path))
+    cfg = RunConfig.from_flower(_run_config(tmp_path, plumbing_clip))
     node_config = {"partition-id": 0, "num-partitions": 2, "privacy-budget": 50.0}
     context = Context(run_id=9, node_id=1, node_config=node_config, state=RecordDict(),
                       run_config=cfg.to_flower())
