@@ -115,7 +115,9 @@ def test_no_private_tensor_ever_leaves_a_client(digits_backbone: Path, tmp_path:
                     assert not torch.allclose(sent, -tensor, atol=1e-6)
 
 
-TRAIN_METRICS = {"per-sample": set(), "paper": set(), "off": {wire.TRAIN_LOSS}}
+# with DP the only metric is the node's declared rate: public, fixed before its data is read
+TRAIN_METRICS = {"per-sample": {wire.SAMPLE_RATE}, "paper": {wire.SAMPLE_RATE},
+                 "off": {wire.TRAIN_LOSS}}
 ROUND_KEYS = {
     "round", "elapsed-s", wire.ACCEPTED, wire.REJECTED, wire.BYTES_RECEIVED, wire.EPSILON,
     wire.NOISE_STD, wire.UPDATE_NORM, wire.EVAL_ACCEPTED, wire.EVAL_REJECTED, wire.LOCAL_ACC,
@@ -130,7 +132,8 @@ def test_replies_and_results_carry_exactly_what_the_dp_mode_allows(
     dp_mode: str, digits_backbone: Path, tmp_path: Path
 ) -> None:
     # Prepare: with DP, nothing about a client's training data but the clipped gradient
-    # may leave it (no loss, size, sampling rate or pre-noise norm), nor reach the results
+    # may leave it (no loss, size or pre-noise norm; its rate is declared, not measured),
+    # nor reach the results
     replies: list[Message] = []
     cfg = _config(tmp_path, **{"dp-mode": dp_mode, "num-server-rounds": 2, "min-nodes": 3})
 
