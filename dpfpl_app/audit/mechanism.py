@@ -262,7 +262,11 @@ def local_step_game(
 
 
 def _reply(node: int, grad: Tensor) -> Message:
-    """A client's train reply as the server receives it (content built by ``wire``)."""
+    """A client's train reply as the server receives it (content built by ``wire``).
+
+    The metadata is given whole (Flower's constructor for a received message): outside
+    a Flower runtime no task identity exists to derive it from.
+    """
     metadata = Metadata(
         run_id=0,
         message_id=f"audit-{node}",
