@@ -1,7 +1,9 @@
-"""White-box privacy audit of DP-FPL's two noisy releases: claimed epsilon vs lower bound.
+"""White-box privacy audit of DP-FPL's three noisy releases: claimed epsilon vs lower bound.
 
-For each channel (one local step's carriers du, dv; one server aggregation of the global
-gradient) and each noise multiplier z, ``--trials`` releases are made on a fixed input
+For each channel (one ``PromptLearner.train_step``'s local update; one
+``DPFPLStrategy.aggregate_train`` of the global gradient; one SecAgg+ round's Skellam-noised
+sum, all run by the production code, ``dpfpl_app.audit.mechanism``) and each noise
+multiplier z, ``--trials`` releases are made on a fixed input
 with a worst-case canary at the sensitivity bound and as many without it, with secure
 (OS-keyed) noise; the adversary projects each release on the canary's direction (the
 optimal test for a Gaussian mechanism). ``dpfpl_app.audit.bounds`` turns the scores into
@@ -35,24 +37,20 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dpfpl_app.audit.bounds import clopper_pearson_upper, epsilon_from_error_rates  # noqa: E402
-from dpfpl_app.audit.claims import claimed_epsilon, gaussian_epsilon  # noqa: E402
+from dpfpl_app.audit.claims import release_claim  # noqa: E402
 from dpfpl_app.audit.mechanism import Channel, canary_game  # noqa: E402
 from dpfpl_app.audit.report import audit_record, summary_table  # noqa: E402
-from dpfpl_app.audit.white_box import (  # noqa: E402
-    WhiteBoxAudit,
-    audit_white_box,
-    public_seed_noise,
-    replay_adversary,
-)
+from dpfpl_app.audit.white_box import WhiteBoxAudit, audit_white_box, replay_adversary  # noqa: E402
 
 CLIP, BATCH, CLIENTS, DELTA = 10.0, 32, 10, 1e-5
 REPLAY_TRIALS = 1000
 
 
-def ceiling(z: float, trials: int, confidence: float = 0.95) -> float:
+def ceiling(mu: float, trials: int, confidence: float = 0.95) -> float:
     """The bound this audit would reach if every count came out at its expected value.
 
-    Scores are N(0, 1) without the canary and N(1/z, 1) with it (in noise units); half
+    Scores are N(0, 1) without the canary and N(mu, 1) with it (in noise units: mu is the
+    canary's shift over the noise std, 1/z for the global channel); half
     the trials measure the rates, each bounded at half the error budget. The gap between
     this and the exact epsilon is what ``trials`` trials can see at all; the gap between
     the measured bound and this is the audit's luck.
@@ -62,29 +60,30 @@ def ceiling(z: float, trials: int, confidence: float = 0.95) -> float:
     best = 0.0
     for t in np.linspace(-2.0, 8.0, 2001):
         fp = round(n * float(stats.norm.sf(t)))
-        fn = round(n * float(stats.norm.cdf(t - 1.0 / z)))
+        fn = round(n * float(stats.norm.cdf(t - mu)))
         fpr, fnr = clopper_pearson_upper(fp, n, half), clopper_pearson_upper(fn, n, half)
         best = max(best, float(epsilon_from_error_rates(fpr, fnr, DELTA)))
     return best
 
 
 def _audit(channel: Channel, z: float, trials: int, *, replay: bool) -> WhiteBoxAudit:
-    game = canary_game(channel, noise_multiplier=z, clip_norm=CLIP, batch=BATCH, clients=CLIENTS)
+    game = canary_game(
+        channel,
+        noise_multiplier=z,
+        clip_norm=CLIP,
+        batch=BATCH,
+        clients=CLIENTS,
+        public_seed=0 if replay else None,
+    )
     kwargs = {}
     if replay:
-        noise_for = public_seed_noise(0)
         kwargs = {
-            "noise_for": noise_for,
-            "adversary": replay_adversary(game, noise_for),
+            "adversary": replay_adversary(game),
             "adversary_name": "replays the public noise seed, projects the difference",
         }
+    claimed, exact = release_claim(z, survivor_ratio=game.survivor_ratio, delta=DELTA)
     return audit_white_box(
-        game,
-        trials=trials,
-        claimed_epsilon=claimed_epsilon(z, delta=DELTA),
-        exact_epsilon=gaussian_epsilon(z, delta=DELTA),
-        delta=DELTA,
-        **kwargs,
+        game, trials=trials, claimed_epsilon=claimed, exact_epsilon=exact, delta=DELTA, **kwargs
     )
 
 
@@ -116,13 +115,14 @@ def main() -> None:
         "canary at the sensitivity bound; secure noise; adversary = projection on the "
         "canary's direction; lower bound at 95% confidence (threshold chosen on half the "
         "trials, Clopper-Pearson on the other half). Claimed = RDP accountant for one step at "
-        "sample rate 1; exact = the Gaussian mechanism's true epsilon (Balle and Wang 2018)."
+        "sample rate 1 (secure: the Skellam accounting of secure_channel at the round's "
+        "survivors); exact = the Gaussian mechanism's true epsilon (Balle and Wang 2018)."
     )
     replay_note = (
         f"Noise from a public seed (reproducible-noise = true), z = {zs[-1]:g}, "
         f"{REPLAY_TRIALS} trials, adversary replays the seed:"
     )
-    ceiling_values = [ceiling(a.game.noise_multiplier, trials) for a in audits]
+    ceiling_values = [ceiling(a.game.sensitivity / a.game.noise_std, trials) for a in audits]
     ceilings = "\n".join(
         [
             "| channel | z | lower bound | ceiling at these trials | exact eps |",

@@ -41,7 +41,7 @@ N_CTX, CLIP = 4, 2.0
 
 def _spec(included: tuple[bool, ...] = (True, False, True, False), **kw: object) -> CanarySpec:
     values: dict[str, object] = {
-        "partition_id": 0, "direction_seed": 7, "included": included, "sample_rate": 1.0,
+        "partition_id": 0, "direction_seed": 7, "included": included,
     }
     values.update(kw)
     return CanarySpec(**values)  # type: ignore[arg-type]
@@ -98,13 +98,13 @@ def test_only_the_named_partition_of_a_node_with_the_variable_gets_canaries(
     assert injector is not None and injector.gradients.shape == (2, N_CTX, 16)
 
 
-def test_kept_canaries_are_drawn_at_the_spec_rate_with_gradients_far_beyond_the_clip() -> None:
+def test_kept_canaries_are_drawn_at_the_rate_given_with_gradients_far_beyond_the_clip() -> None:
     injector = CanaryInjector(
-        _spec(included=(True, False) * 200, sample_rate=0.3), shape=(N_CTX, 128), clip_norm=CLIP
+        _spec(included=(True, False) * 200), shape=(N_CTX, 128), clip_norm=CLIP
     )
     noise = NoiseSource.public_seed(0, "test")
 
-    drawn = [injector.draw(noise).shape[0] for _ in range(200)]
+    drawn = [injector.draw(noise, 0.3).shape[0] for _ in range(200)]
 
     norms = injector.gradients.flatten(1).norm(dim=1)
     assert torch.allclose(norms, torch.full_like(norms, 1000 * CLIP))
@@ -156,20 +156,55 @@ def test_canaries_outside_per_sample_dp_are_refused(encoder: tuple) -> None:
                            expected_batch=1.0, canary_rows=canary)
 
 
-def test_a_trainer_with_canaries_outside_per_sample_dp_is_refused(
-    plumbing_clip: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def _trainer_data(clip: object, size: int = 6) -> ClientData:
+    feats = torch.nn.functional.normalize(torch.randn(size, int(clip.model.config.projection_dim)))
+    labels = torch.arange(size) % len(CLASSES)
+    return ClientData(feats[None], labels, feats, labels, feats, labels, classes=(0, 1, 2))
+
+
+def test_a_trainer_with_canaries_outside_per_sample_dp_is_refused(plumbing_clip: Path) -> None:
     clip = load_frozen_clip(str(plumbing_clip), device="cpu")
-    monkeypatch.setenv(ENV_VAR, str(_spec().save(tmp_path / "c.json")))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         cfg = RunConfig.from_flower({"n-ctx": N_CTX, "rank": 1, "dp-mode": "off"})
-    feats = torch.nn.functional.normalize(torch.randn(6, int(clip.model.config.projection_dim)))
-    labels = torch.arange(6) % len(CLASSES)
-    data = ClientData(feats[None], labels, feats, labels, feats, labels, classes=(0, 1, 2))
+    canaries = CanaryInjector(_spec(), shape=(N_CTX, clip.text_width), clip_norm=CLIP)
 
-    with pytest.raises(CanaryError, match="per-sample"):
-        ClientTrainer(cfg, clip, CLASSES, data, partition_id=0)
+    with pytest.raises(ValueError, match="per-sample"):
+        ClientTrainer(cfg, clip, CLASSES, _trainer_data(clip), partition_id=0, canaries=canaries)
+
+
+class _RateRecorder:
+    """Canaries that record the rate the trainer draws them at, and add none."""
+
+    def __init__(self, width: int) -> None:
+        self.width, self.rates = width, []
+
+    def draw(self, sampler: NoiseSource, sample_rate: float) -> torch.Tensor:
+        self.rates.append(sample_rate)
+        return torch.zeros(0, N_CTX, self.width)
+
+
+def test_canaries_are_drawn_at_the_rate_the_trainer_samples_its_data_with(
+    plumbing_clip: Path,
+) -> None:
+    # Prepare: a client whose own rate is below the run's bound
+    clip = load_frozen_clip(str(plumbing_clip), device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        cfg = RunConfig.from_flower({
+            "n-ctx": N_CTX, "rank": 1, "method": "promptfl", "dp-mode": "per-sample",
+            "batch-size": 2, "max-sample-rate": 0.9, "local-steps": 2, "model": str(plumbing_clip),
+        })
+    canaries = _RateRecorder(clip.text_width)
+    trainer = ClientTrainer(cfg, clip, CLASSES, _trainer_data(clip, 40), partition_id=0,
+                            canaries=canaries)
+
+    # Execute
+    trainer.train_round(initial_prompt(cfg), 1)
+
+    # Assert: every step drew the canaries at the client's rate, not at the plan's bound
+    assert canaries.rates == [trainer.sample_rate] * 2
+    assert trainer.sample_rate < trainer.plan.sample_rate
 
 
 @pytest.mark.parametrize(
@@ -185,10 +220,7 @@ def test_the_adversary_rebuilds_the_untrained_prompt_from_public_seeds(
         warnings.simplefilter("ignore")
         cfg = RunConfig.from_flower({"n-ctx": N_CTX, "rank": 1, "method": method, "seed": 3,
                                      "ctx-init": ctx_init, "model": str(plumbing_clip)})
-    feats = torch.nn.functional.normalize(torch.randn(6, int(clip.model.config.projection_dim)))
-    labels = torch.arange(6) % len(CLASSES)
-    data = ClientData(feats[None], labels, feats, labels, feats, labels, classes=(0, 1, 2))
-    trainer = ClientTrainer(cfg, clip, CLASSES, data, partition_id=2)
+    trainer = ClientTrainer(cfg, clip, CLASSES, _trainer_data(clip), partition_id=2)
     start_global = initial_prompt(cfg)
     if cfg.method.has_global:
         trainer.learner.set_global_prompt(start_global)
@@ -283,6 +315,9 @@ def test_one_run_audit_of_a_real_flwr_run_passes_it_and_catches_its_public_seed(
     assert replayed["separation"] > 1.5 and replayed["verdict"] == "VIOLATION"
     assert replayed["claim"] == "global channel alone"
     assert code == 1 and report["violation"] is True
+    rate = run["canaries"]["sample_rate"]  # the canaries' client's own rate, recorded on it
+    assert 0 < rate <= run["canaries"]["rate_bound_of_the_plan"]
+    assert "ClientTrainer.sample_rate" in run["canaries"]["sample_rate_is"]
     assert (tmp_path / "one_run.png").stat().st_size > 0
     assert "public seed replayed" in (tmp_path / "report.md").read_text()
 

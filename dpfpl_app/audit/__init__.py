@@ -9,8 +9,10 @@ Modules, one job each:
 * ``bounds``: statistics only (numpy/scipy): attacker scores or guesses -> epsilon lower
   bound, for many independent trials and for one run with many canaries.
 * ``claims``: the epsilon a single noisy release is claimed to have, and its exact value.
-* ``mechanism``: the two releases of DP-FPL (local carriers, global aggregate) and the
-  neighbouring inputs with and without a worst-case canary.
+* ``mechanism``: the three releases of DP-FPL (local update, global aggregate, secure
+  Skellam sum), each produced by the production code, on neighbouring inputs with and
+  without a worst-case canary.
+* ``measurements``: the released noise std and the canary's shift against the claim.
 * ``white_box``: many trials of one release, an adversary that scores each, the verdict.
 * ``canaries``: gradient canaries, from the auditor's file to a client's batches.
 * ``one_run``: a real federation with canaries, the adversaries' scores, the bound.

@@ -8,16 +8,19 @@ piece it feeds reaches the clipping bound C (the global-prompt gradient, and in 
 both carrier gradients of the local prompt), which is the strongest example the
 mechanism admits; orthonormal directions keep canaries from masking one another.
 
-Each kept canary is drawn into each step's batch with the run's public rate bound q
-(``max-sample-rate``), from the same secret stream as the real batch. The accountant
-covers every example sampled with probability at most q, so the epsilon it prints is
-the claim the canaries test. Canaries do not count in the client's |D_i| (they would
-lower its own rate and weaken the audit, not change the claim).
+Each kept canary is drawn into each step's batch with the rate the client samples its
+own data with (``ClientTrainer.sample_rate``, passed to ``draw`` by the trainer), from
+the same secret stream as the real batch: a canary is an example like any other of that
+client, so the audit tests the epsilon that client's examples really have, whatever
+rule set its rate. Canaries do not count in the client's |D_i| (they would lower its
+own rate and weaken the audit, not change the claim).
 
 Who can turn this on: only the node's operator, through the environment variable
-:data:`ENV_VAR` naming the canary file on the node. Nothing in a Message can: the coins
-are the auditor's secret, and a server that could inject canaries could only spoil the
-training, but it has no business reading node files. A node with canaries says so in
+:data:`ENV_VAR` naming the canary file on the node (read by ``federation/client_node``,
+which hands the injector to the trainer: ``method/`` never imports this package).
+Nothing in a Message can: the coins are the auditor's secret, and a server that could
+inject canaries could only spoil the training, but it has no business reading node
+files. A node with canaries says so in
 its log whenever it builds its trainer.
 """
 
@@ -55,7 +58,6 @@ class CanarySpec(BaseModel):
     partition_id: int = Field(ge=0)
     direction_seed: int = Field(ge=0, description="public: the adversary knows the directions")
     included: tuple[bool, ...] = Field(min_length=2, description="the secret coins")
-    sample_rate: float = Field(gt=0.0, le=1.0)
     scale: float = Field(default=DEFAULT_SCALE, ge=1.0)
 
     @model_validator(mode="after")
@@ -105,7 +107,7 @@ def directions(seed: int, count: int, shape: tuple[int, int]) -> Tensor:
 
 
 class CanaryInjector:
-    """The kept canaries of one client, drawn into each step's batch."""
+    """The kept canaries of one client, drawn into each step's batch (``CanaryRows``)."""
 
     def __init__(self, spec: CanarySpec, *, shape: tuple[int, int], clip_norm: float) -> None:
         kept = torch.tensor(spec.included)
@@ -114,9 +116,11 @@ class CanaryInjector:
             spec.scale * clip_norm
         )
 
-    def draw(self, sampler: NoiseSource) -> Tensor:
-        """Per-sample gradient rows (k, n_ctx, width) of the canaries in this step's batch."""
-        picked = sampler.bernoulli(self.gradients.shape[0], self.spec.sample_rate)
+    def draw(self, sampler: NoiseSource, sample_rate: float) -> Tensor:
+        """Per-sample gradient rows (k, n_ctx, width) of the canaries in this step's batch,
+        each kept canary drawn with the client's own ``sample_rate``.
+        """
+        picked = sampler.bernoulli(self.gradients.shape[0], sample_rate)
         return self.gradients[picked]
 
 

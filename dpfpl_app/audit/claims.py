@@ -1,10 +1,12 @@
 """What epsilon one noisy release is claimed to have, and what it exactly has.
 
-The white-box audit attacks one release (one local step, one aggregation) on fixed
-neighbouring inputs, with no subsampling: the claim under test is then the accountant's
-epsilon for one Gaussian step at sample rate 1, the same code path that prints the
-epsilon of a run. The exact epsilon of that Gaussian mechanism is the ceiling no sound
-audit can pass; reporting it separates "the audit is loose" from "the claim is loose".
+The white-box audit attacks one release (one local step, one aggregation, one secure
+sum) on fixed neighbouring inputs, with no subsampling: the claim under test is then the
+accountant's epsilon for one step at sample rate 1, through the same code that prints
+the epsilon of a run (the Gaussian accountant; for the secure sum, the Skellam curve of
+``secure_channel`` at the round's survivors). The exact epsilon of that Gaussian
+mechanism is the ceiling no sound audit can pass; reporting it separates "the audit is
+loose" from "the claim is loose".
 """
 
 from __future__ import annotations
@@ -14,6 +16,20 @@ import math
 from scipy import optimize, stats
 
 from dpfpl_app.privacy.accounting import AccountantKind, epsilon_for
+from dpfpl_app.privacy.secure_channel import SecureSetting
+
+
+def secure_claimed_epsilon(
+    noise_multiplier: float, *, survivor_ratio: float, delta: float
+) -> float:
+    """The secure channel's epsilon for one released sum (Skellam, sample rate 1).
+
+    ``survivor_ratio`` is m / t: the sum of m survivors carries m / t times the noise
+    variance calibrated for the release threshold t.
+    """
+    if noise_multiplier <= 0:
+        raise ValueError(f"noise_multiplier must be > 0, got {noise_multiplier}")
+    return SecureSetting(1.0, 0.0, noise_multiplier).epsilon([survivor_ratio], delta)
 
 
 def claimed_epsilon(
@@ -52,3 +68,25 @@ def gaussian_epsilon(noise_multiplier: float, *, delta: float) -> float:
     while excess(high) > 0:
         high *= 2.0
     return float(optimize.brentq(excess, 0.0, high, xtol=1e-10))
+
+
+def release_claim(
+    noise_multiplier: float,
+    *,
+    survivor_ratio: float | None,
+    delta: float,
+    kind: AccountantKind = AccountantKind.RDP,
+) -> tuple[float, float]:
+    """(claimed, exact) epsilon of one release: a Gaussian one, or a secure sum when
+    ``survivor_ratio`` (m / t) is given, whose exact reference is the Gaussian at the
+    same variance (Skellam noise of that variance is within a hair of it).
+    """
+    if survivor_ratio is None:
+        return (
+            claimed_epsilon(noise_multiplier, delta=delta, kind=kind),
+            gaussian_epsilon(noise_multiplier, delta=delta),
+        )
+    return (
+        secure_claimed_epsilon(noise_multiplier, survivor_ratio=survivor_ratio, delta=delta),
+        gaussian_epsilon(noise_multiplier * math.sqrt(survivor_ratio), delta=delta),
+    )

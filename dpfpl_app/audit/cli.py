@@ -17,7 +17,7 @@ from dpfpl_app.service.sweep_cli import parse_override
 
 # Mirrors audit.mechanism.Channel and accounting.AccountantKind without importing them
 # (see the module docstring); run() converts through the enums, and a test pins both.
-CHANNEL_CHOICES = ("local", "global")
+CHANNEL_CHOICES = ("local", "global", "secure")
 ACCOUNTANT_CHOICES = ("rdp", "prv")
 
 
@@ -27,11 +27,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "audit",
         help="empirical lower bound on epsilon (white-box or one-run canary audit)",
         description=(
-            "--white-box: attack one noisy release many times, with and without a "
-            "worst-case canary at the sensitivity bound. --one-run: run real federations "
+            "--white-box: run one noisy release of the production code many times (a "
+            "PromptLearner step, the strategy's aggregation, a SecAgg+ round with Skellam "
+            "noise), with and without a worst-case canary at the sensitivity bound; bound "
+            "epsilon from below and test the measured noise std and canary shift against "
+            "the claim. --one-run: run real federations "
             "(flwr run on a private local SuperLink) with gradient canaries in one client's "
             "data, score them from the broadcast global prompts and the released prompt. "
-            "Both bound epsilon from below; exit code 1 when a bound exceeds its claim."
+            "Exit code 1 on a violation: a bound above its claim, or (white-box) noise or "
+            "shift outside its interval at the stated false-alarm probability."
         ),
     )
     kind = p.add_mutually_exclusive_group(required=True)
@@ -42,11 +46,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory for report.json and the plot")
     w = p.add_argument_group("--white-box")
     w.add_argument("--noise-multiplier", type=float, help="z of the release (required)")
-    w.add_argument("--trials", type=int, default=20000, help="releases with and without canary")
+    w.add_argument("--trials", type=int, default=4000, help="releases with and without canary")
     w.add_argument(
         "--channel", choices=CHANNEL_CHOICES, action="append", help="repeatable; default: both"
     )
     w.add_argument("--delta", type=float, default=1e-5, help="delta of the claim")
+    w.add_argument(
+        "--false-alarm",
+        type=float,
+        default=1e-6,
+        help="probability that a correct release fails the noise (or the shift) test",
+    )
     w.add_argument(
         "--accountant", choices=ACCOUNTANT_CHOICES, default="rdp", help="accountant of the claim"
     )
@@ -92,28 +102,30 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from dpfpl_app.audit import white_box
-    from dpfpl_app.audit.claims import claimed_epsilon, gaussian_epsilon
+    from dpfpl_app.audit.claims import release_claim
     from dpfpl_app.audit.mechanism import Channel, canary_game
     from dpfpl_app.audit.report import summary_table, write_report
     from dpfpl_app.privacy.accounting import AccountantKind
 
     torch.set_num_threads(1)  # tensors of a few hundred numbers: threads only add overhead
     kind = AccountantKind(args.accountant)
-    claim = claimed_epsilon(args.noise_multiplier, delta=args.delta, kind=kind)
-    exact = gaussian_epsilon(args.noise_multiplier, delta=args.delta)
+    z = args.noise_multiplier
     audits = []
     for name in dict.fromkeys(args.channel or CHANNEL_CHOICES):
         game = canary_game(
             Channel(name),
-            noise_multiplier=args.noise_multiplier,
+            noise_multiplier=z,
             clip_norm=args.clip_norm,
             batch=args.batch_size,
             clients=args.clients,
+            public_seed=args.public_noise_seed,
         )
-        noise_for, adversary, adversary_name = None, None, "projection on the canary direction"
+        claim, exact = release_claim(
+            z, survivor_ratio=game.survivor_ratio, delta=args.delta, kind=kind
+        )
+        adversary, adversary_name = None, "projection on the canary direction"
         if args.public_noise_seed is not None:
-            noise_for = white_box.public_seed_noise(args.public_noise_seed)
-            adversary = white_box.replay_adversary(game, noise_for)
+            adversary = white_box.replay_adversary(game)
             adversary_name = "replays the public noise seed, projects the difference"
         audits.append(
             white_box.audit_white_box(
@@ -123,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                 exact_epsilon=exact,
                 delta=args.delta,
                 confidence=args.confidence,
-                noise_for=noise_for,
+                false_alarm=args.false_alarm,
                 adversary=adversary,
                 adversary_name=adversary_name,
             )
@@ -131,7 +143,10 @@ def run(args: argparse.Namespace) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     path = write_report(audits, Path(args.out), accountant=kind.value, settings=settings)
     print(summary_table(audits))
-    print(f"confidence {args.confidence:g}; report: {path}")
+    print(
+        f"confidence {args.confidence:g}; noise and shift tests at false-alarm "
+        f"{args.false_alarm:g} each; report: {path}"
+    )
     return 1 if any(a.violation for a in audits) else 0
 
 
@@ -177,7 +192,10 @@ def run_one_run(args: argparse.Namespace) -> int:
             cfg, spec, cell_dir, app_dir=Path(args.app_dir), timeout_s=args.timeout
         )
         record = one_run_report.run_record(
-            cfg, spec, one_run.audit_run(cfg, spec, confidence=args.confidence)
+            cfg,
+            spec,
+            one_run.audit_run(cfg, spec, confidence=args.confidence),
+            sample_rate=one_run.canary_sample_rate(cfg, spec.partition_id),
         )
         done.write_text(json.dumps(record, indent=1) + "\n")
         records.append(record)

@@ -47,6 +47,7 @@ from dpfpl_app.audit.canaries import ENV_VAR, CanarySpec, directions
 from dpfpl_app.backbones.backbone import load_frozen_clip
 from dpfpl_app.config import Aggregation, DPMode, Method, RunConfig
 from dpfpl_app.federation.checkpoint import PROMPT_KEY, checkpoint_path
+from dpfpl_app.federation.client_node import CANARY_RATE_KEY
 from dpfpl_app.federation.flwr_local import LocalFlower
 from dpfpl_app.federation.node_paths import partition_subdir
 from dpfpl_app.federation.prompt_export import export_path
@@ -55,7 +56,6 @@ from dpfpl_app.federation.strategy_build import initial_prompt
 from dpfpl_app.method.client_trainer import init_generator
 from dpfpl_app.method.prompt_file import load_prompt_file
 from dpfpl_app.method.prompt_learner import ctx_init_words, initial_local_prompt
-from dpfpl_app.privacy.dp_channel import plan_for
 from dpfpl_app.privacy.noise import NoiseSource
 
 logger = logging.getLogger(__name__)
@@ -179,7 +179,6 @@ def plan_canaries(cfg: RunConfig, *, count: int, partition_id: int = 0) -> Canar
         partition_id=partition_id,
         direction_seed=int(source.uniform(1).item() * 2**52),
         included=tuple(bool(c) for c in source.bernoulli(count, 0.5)),
-        sample_rate=plan_for(cfg).sample_rate,
     )
 
 
@@ -224,6 +223,21 @@ def adversary_views(cfg: RunConfig, *, partition_id: int) -> dict[str, Tensor]:
         released = load_prompt_file(export_path(exported)).prompt
         views[RELEASED] = released - released_start(cfg, partition_id, start_global)
     return views
+
+
+def canary_sample_rate(cfg: RunConfig, partition_id: int) -> float:
+    """The rate the canaries' client sampled with, as its node recorded it (node-local).
+
+    The trainer draws canaries at its own ``sample_rate``; the node keeps that rate in the
+    private state's meta.json, on its own disk, where this local audit can read it.
+    """
+    meta = Path(cfg.state_dir) / partition_subdir(cfg.run_name, 0, partition_id) / "meta.json"
+    if not meta.is_file():
+        raise FileNotFoundError(
+            f"{meta} is missing: the canaries' client never saved its state, so the rate it "
+            "drew them at is unknown"
+        )
+    return float(json.loads(meta.read_text())[CANARY_RATE_KEY])
 
 
 def released_start(cfg: RunConfig, partition_id: int, start_global: Tensor) -> Tensor:

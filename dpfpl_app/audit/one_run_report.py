@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from dpfpl_app.audit.canaries import CanarySpec
 from dpfpl_app.audit.one_run import BROADCASTS, GUESS_FRACTIONS, RELEASED, REPLAYED, ViewAudit
 from dpfpl_app.config import RunConfig
+from dpfpl_app.privacy.dp_channel import plan_for
 
 SAW = {
     BROADCASTS: "every global prompt the server broadcast (its per-round checkpoints)",
@@ -48,8 +49,13 @@ def view_record(audit: ViewAudit) -> dict[str, Any]:
     }
 
 
-def run_record(cfg: RunConfig, spec: CanarySpec, audits: Sequence[ViewAudit]) -> dict[str, Any]:
-    """One audited run: its config, its canaries (coins revealed after the run), its views."""
+def run_record(
+    cfg: RunConfig, spec: CanarySpec, audits: Sequence[ViewAudit], *, sample_rate: float
+) -> dict[str, Any]:
+    """One audited run: its config, its canaries (coins revealed after the run), its views.
+
+    ``sample_rate`` is the rate the canaries' client drew them (and its own data) at.
+    """
     return {
         "method": cfg.method.value,
         "target_epsilon": cfg.epsilon,
@@ -60,7 +66,9 @@ def run_record(cfg: RunConfig, spec: CanarySpec, audits: Sequence[ViewAudit]) ->
             "count": spec.count,
             "kept": int(sum(spec.included)),
             "partition_id": spec.partition_id,
-            "sample_rate": spec.sample_rate,
+            "sample_rate": sample_rate,
+            "sample_rate_is": "the client's own Poisson rate (ClientTrainer.sample_rate)",
+            "rate_bound_of_the_plan": plan_for(cfg).sample_rate,
             "gradient_norm": f"{spec.scale:g} x clip-norm (every clipped piece at C)",
             "direction_seed": spec.direction_seed,
         },

@@ -26,12 +26,32 @@ def audit_record(audit: WhiteBoxAudit, *, accountant: str) -> dict[str, Any]:
         "noise_multiplier": audit.game.noise_multiplier,
         "delta": bound.delta,
         "claimed_epsilon": audit.claimed_epsilon,
-        "claim": f"{accountant} accountant, one Gaussian release, sample rate 1",
+        "claim": (
+            "secure channel's Skellam accounting, one released sum, sample rate 1"
+            if audit.game.survivor_ratio is not None
+            else f"{accountant} accountant, one Gaussian release, sample rate 1"
+        ),
         "exact_epsilon": audit.exact_epsilon,
         "lower_bound": bound.epsilon,
         "confidence": bound.confidence,
         "lower_bound_over_claim": audit.tightness,
         "verdict": "VIOLATION" if audit.violation else "pass",
+        "epsilon_verdict": "VIOLATION" if audit.epsilon_violation else "pass",
+        "noise": {
+            "claimed_std": audit.noise.claimed_std,
+            "measured_std": audit.noise.measured_std,
+            "interval": [audit.noise.low, audit.noise.high],
+            "degrees_of_freedom": audit.noise.degrees_of_freedom,
+            "false_alarm": audit.noise.false_alarm,
+            "verdict": "pass" if audit.noise.ok else "VIOLATION",
+        },
+        "shift": {
+            "claimed_sensitivity": audit.shift.claimed,
+            "measured": audit.shift.measured,
+            "tolerance": audit.shift.tolerance,
+            "false_alarm": audit.shift.false_alarm,
+            "verdict": "pass" if audit.shift.ok else "VIOLATION",
+        },
         "trials": {
             "with_canary": len(audit.scores_with),
             "without_canary": len(audit.scores_without),
@@ -53,15 +73,19 @@ def audit_record(audit: WhiteBoxAudit, *, accountant: str) -> dict[str, Any]:
 def summary_table(audits: Sequence[WhiteBoxAudit]) -> str:
     """A Markdown table: claim against lower bound, one row per audit."""
     rows = [
-        "| channel | z | delta | claimed eps | exact eps | lower bound | bound/claim | trials "
-        "| verdict |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| channel | z | delta | claimed eps | exact eps | lower bound | bound/claim "
+        "| noise std: measured / claimed | shift: measured / claimed | trials | verdict |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for a in audits:
         rows.append(
             f"| {a.game.channel.value} | {a.game.noise_multiplier:g} | {a.bound.delta:g} "
             f"| {a.claimed_epsilon:.3f} | {a.exact_epsilon:.3f} | {a.bound.epsilon:.3f} "
-            f"| {a.tightness:.2f} | {len(a.scores_with)} + {len(a.scores_without)} "
+            f"| {a.tightness:.2f} "
+            f"| {a.noise.measured_std:.4g} / {a.noise.claimed_std:.4g}"
+            f"{'' if a.noise.ok else ' (!)'} "
+            f"| {a.shift.measured:.4g} / {a.shift.claimed:.4g}{'' if a.shift.ok else ' (!)'} "
+            f"| {len(a.scores_with)} + {len(a.scores_without)} "
             f"| {'VIOLATION' if a.violation else 'pass'} |"
         )
     return "\n".join(rows)

@@ -1,4 +1,4 @@
-"""The white-box audit: many trials of one release, with and without the canary.
+"""The white-box audit: many trials of one production release, with and without the canary.
 
 The adversary knows everything but the noise: the mechanism, the background inputs,
 the carriers, the canary. For a Gaussian mechanism the most powerful test of "canary
@@ -7,6 +7,10 @@ likelihood ratio is monotone in that projection), so the bound this audit reache
 the best any adversary could, up to the number of trials. When the noise comes from a
 public seed, the adversary also knows the noise: it replays the mechanism on the
 canary-free input with the same seed and projects the difference.
+
+The same trials are measured against the claim (``measurements``): the noise std per
+coordinate and the canary's shift, each at a fixed false-alarm probability. A release
+whose noise or shift is off is a violation even when the epsilon bound cannot see it.
 """
 
 from __future__ import annotations
@@ -19,24 +23,17 @@ import torch
 from torch import Tensor
 
 from dpfpl_app.audit.bounds import ManyTrialBound, many_trial_lower_bound
+from dpfpl_app.audit.measurements import (
+    FALSE_ALARM,
+    NoiseCheck,
+    ShiftCheck,
+    noise_check,
+    shift_check,
+)
 from dpfpl_app.audit.mechanism import CanaryGame
-from dpfpl_app.privacy.noise import NoiseSource
 
 # (release, trial index) -> score; higher means "the canary was in".
 Adversary = Callable[[Tensor, int], float]
-# trial index -> the noise source that trial's release draws from
-NoiseFor = Callable[[int], NoiseSource]
-
-
-def secure_noise() -> NoiseFor:
-    """One OS-keyed stream for all trials: what production uses, unknown to the adversary."""
-    source = NoiseSource.secure()
-    return lambda _trial: source
-
-
-def public_seed_noise(seed: int) -> NoiseFor:
-    """Per-trial streams from a public seed, as ``reproducible-noise = true`` makes them."""
-    return lambda trial: NoiseSource.public_seed(seed, "audit", trial)
 
 
 def projection_adversary(game: CanaryGame) -> Adversary:
@@ -45,56 +42,74 @@ def projection_adversary(game: CanaryGame) -> Adversary:
     return lambda release, _trial: float(release @ direction)
 
 
-def replay_adversary(game: CanaryGame, noise_for: NoiseFor) -> Adversary:
+def replay_adversary(game: CanaryGame) -> Adversary:
     """Score = projection of (release - the canary-free release with the same noise).
 
-    Stands for an adversary who knows how the noise is seeded: with the seed public,
-    the noise cancels and what is left is the canary's exact contribution, or zero.
+    Stands for an adversary who knows how the noise is seeded (a game built with a
+    public seed): the noise cancels and what is left is the canary's exact
+    contribution, or zero.
     """
     direction = game.direction
 
     def score(release: Tensor, trial: int) -> float:
-        replay = game.release(False, noise_for(trial))
-        return float((release - replay) @ direction)
+        return float((release - game.release(False, trial)) @ direction)
 
     return score
 
 
-def run_trials(
-    game: CanaryGame, *, trials: int, noise_for: NoiseFor, adversary: Adversary
-) -> tuple[np.ndarray, np.ndarray]:
-    """Scores of ``trials`` releases with the canary and ``trials`` without.
+@dataclass(frozen=True)
+class Trials:
+    """What ``run_trials`` saw: every release (trials, d) and the adversary's scores."""
 
-    Trials alternate (with, without) so that both see the same stretch of any noise
-    stream; trial indices are distinct, so per-trial streams never repeat.
+    releases_with: np.ndarray
+    releases_without: np.ndarray
+    scores_with: np.ndarray
+    scores_without: np.ndarray
+
+
+def run_trials(game: CanaryGame, *, trials: int, adversary: Adversary) -> Trials:
+    """``trials`` releases with the canary and ``trials`` without, and their scores.
+
+    Trials alternate (with, without); trial indices are distinct, so per-trial public
+    streams never repeat.
     """
     if trials < 2:
         raise ValueError(f"trials must be >= 2, got {trials}")
+    releases: list[list[np.ndarray]] = [[], []]
     scores = np.empty((trials, 2))
     with torch.no_grad():
         for i in range(trials):
             for col, include in enumerate((True, False)):
                 index = 2 * i + col
-                scores[i, col] = adversary(game.release(include, noise_for(index)), index)
-    return scores[:, 0], scores[:, 1]
+                release = game.release(include, index)
+                releases[col].append(release.numpy())
+                scores[i, col] = adversary(release, index)
+    return Trials(np.stack(releases[0]), np.stack(releases[1]), scores[:, 0], scores[:, 1])
 
 
 @dataclass(frozen=True)
 class WhiteBoxAudit:
-    """One white-box audit: the claim, the bound against it, and what the bound saw."""
+    """One white-box audit: the claim, the bound against it, the measured noise and shift."""
 
     game: CanaryGame
     claimed_epsilon: float
     exact_epsilon: float
     adversary: str
     bound: ManyTrialBound
+    noise: NoiseCheck
+    shift: ShiftCheck
     scores_with: np.ndarray
     scores_without: np.ndarray
 
     @property
-    def violation(self) -> bool:
+    def epsilon_violation(self) -> bool:
         """True when the lower bound exceeds the claim: the claim cannot hold."""
         return self.bound.epsilon > self.claimed_epsilon
+
+    @property
+    def violation(self) -> bool:
+        """A bound above the claim, or noise or shift outside their intervals."""
+        return self.epsilon_violation or not self.noise.ok or not self.shift.ok
 
     @property
     def tightness(self) -> float:
@@ -112,25 +127,43 @@ def audit_white_box(
     exact_epsilon: float,
     delta: float,
     confidence: float = 0.95,
-    noise_for: NoiseFor | None = None,
+    false_alarm: float = FALSE_ALARM,
     adversary: Adversary | None = None,
     adversary_name: str = "projection on the canary direction",
 ) -> WhiteBoxAudit:
-    """Run the trials, bound epsilon from their scores and compare with the claim.
+    """Run the trials; bound epsilon from the scores; test the noise and the shift.
 
-    ``noise_for`` defaults to secure noise and ``adversary`` to the projection; tests
-    and ``--public-noise-seed`` pass a public-seed source and the replay adversary.
+    ``adversary`` defaults to the projection; ``--public-noise-seed`` passes the replay.
     """
-    noise_for = noise_for or secure_noise()
     adversary = adversary or projection_adversary(game)
-    with_, without = run_trials(game, trials=trials, noise_for=noise_for, adversary=adversary)
-    bound = many_trial_lower_bound(with_, without, delta=delta, confidence=confidence)
+    seen = run_trials(game, trials=trials, adversary=adversary)
+    bound = many_trial_lower_bound(
+        seen.scores_with, seen.scores_without, delta=delta, confidence=confidence
+    )
+    direction = game.direction.numpy()
+    noise = noise_check(
+        seen.releases_with,
+        seen.releases_without,
+        claimed_std=game.noise_std,
+        extra_var=game.rounding_var,
+        false_alarm=false_alarm,
+    )
+    shift = shift_check(
+        seen.releases_with @ direction,
+        seen.releases_without @ direction,
+        claimed_shift=game.sensitivity,
+        claimed_std=game.noise_std,
+        extra_var=game.rounding_var,
+        false_alarm=false_alarm,
+    )
     return WhiteBoxAudit(
         game=game,
         claimed_epsilon=claimed_epsilon,
         exact_epsilon=exact_epsilon,
         adversary=adversary_name,
         bound=bound,
-        scores_with=with_,
-        scores_without=without,
+        noise=noise,
+        shift=shift,
+        scores_with=seen.scores_with,
+        scores_without=seen.scores_without,
     )

@@ -21,6 +21,7 @@ from typing import Any
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from safetensors.torch import load_file, save_file
 
+from dpfpl_app.audit.canaries import injector_from_env
 from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.cache import cache_root
 from dpfpl_app.config import RunConfig
@@ -37,6 +38,7 @@ logger = logging.getLogger(__name__)
 
 STATE_ARRAYS = "dpfpl.private"
 STATE_META = "dpfpl.meta"
+CANARY_RATE_KEY = "canary-sample-rate"
 
 
 @lru_cache(maxsize=2)
@@ -109,8 +111,11 @@ def build_trainer(cfg: RunConfig, context: Context) -> ClientTrainer:
     clip = cached_clip(cfg.model)
     features = FeatureCache(cache_root() / "features")
     data = client_data(cfg, clip, features, partition_id=pid, num_partitions=num)
+    # an audit's canaries: only if this node's operator named a canary file
+    canaries = injector_from_env(pid, shape=(cfg.n_ctx, clip.text_width), clip_norm=cfg.clip_norm)
     trainer = ClientTrainer(
-        cfg, clip, class_names(cfg), data, partition_id=pid, sample_rate=rate.rate
+        cfg, clip, class_names(cfg), data,
+        partition_id=pid, sample_rate=rate.rate, canaries=canaries,
     )
     directory = state_directory(cfg, context, pid)
     restored = _from_context(context) or _from_disk(directory)
@@ -140,6 +145,8 @@ def save_state(trainer: ClientTrainer, cfg: RunConfig, context: Context) -> None
     """
     tensors, meta = trainer.state_dict()
     meta = {**meta, "run_id": context.run_id}
+    if trainer.canaries is not None:  # the rate they were drawn at, for the audit's report
+        meta[CANARY_RATE_KEY] = trainer.sample_rate
     context.state[STATE_ARRAYS] = ArrayRecord({k: v.contiguous() for k, v in tensors.items()})
     context.state[STATE_META] = ConfigRecord({"json": json.dumps(meta)})
     directory = state_directory(cfg, context, trainer.partition_id)

@@ -23,13 +23,11 @@ import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
 
-from dpfpl_app.audit.canaries import ENV_VAR as CANARY_ENV
-from dpfpl_app.audit.canaries import CanaryError, injector_from_env
 from dpfpl_app.backbones.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.data.federated_data import ClientData
@@ -56,6 +54,17 @@ class RoundOutcome:
     epsilon: float  # composed epsilon of this client's releases so far
 
 
+class CanaryRows(Protocol):
+    """An audit's canaries (``audit/canaries.py`` builds them; the node decides, not us).
+
+    ``draw`` returns the per-sample gradient rows (k, n_ctx, width) of the canaries in
+    this step's batch, each drawn from ``sampler`` with ``sample_rate``: the rate the
+    client samples its own data with, so a canary is an example like any other.
+    """
+
+    def draw(self, sampler: NoiseSource, sample_rate: float) -> Tensor: ...
+
+
 class ClientTrainer:
     """One client's learner, data, budget counters and noise streams."""
 
@@ -68,6 +77,7 @@ class ClientTrainer:
         *,
         partition_id: int,
         sample_rate: float | None = None,
+        canaries: CanaryRows | None = None,
     ) -> None:
         if data.num_train == 0 and cfg.method is not Method.ZEROSHOT:
             raise ValueError(f"partition {partition_id} has no training images")
@@ -117,13 +127,12 @@ class ClientTrainer:
         # the node's privacy-budget ledger (``federation.node_budget``), which may refuse
         self.before_round: Callable[[int], None] | None = None
         # an audit's canaries: only if this node's operator named a canary file
-        self.canaries = injector_from_env(
-            partition_id, shape=tuple(self.learner.global_prompt.shape), clip_norm=cfg.clip_norm
-        )
+        self.canaries = canaries
         if self.canaries is not None and not self._poisson:
-            raise CanaryError(
+            raise ValueError(
                 "audit canaries test the accounted mechanism: they need dp-mode per-sample "
-                f"(this run has dp-mode {cfg.dp_mode.value}); unset {CANARY_ENV} or change it"
+                f"(this run has dp-mode {cfg.dp_mode.value}); remove this node's canary file "
+                "(DPFPL_AUDIT_CANARIES) or change the dp-mode"
             )
 
     # ----- one round ---------------------------------------------------------------
@@ -151,7 +160,9 @@ class ClientTrainer:
                 self._views(idx, sampler),
                 data.train_labels[idx],
                 expected_batch=self._expected_batch(),
-                canary_rows=self.canaries.draw(sampler) if self.canaries else None,
+                canary_rows=(
+                    self.canaries.draw(sampler, self.sample_rate) if self.canaries else None
+                ),
             )
             if step.global_grad is not None:
                 grads.append(step.global_grad)
