@@ -278,7 +278,7 @@ def _reply(node: int, grad: Tensor) -> Message:
         ttl=3600.0,
         message_type=MessageType.TRAIN,
     )
-    content = wire.train_reply_content(grad=grad, train_loss=0.0, dp_on=True)
+    content = wire.train_reply_content(grad=grad, train_loss=0.0, dp_on=True, sample_rate=1.0)
     return Message(content=content, metadata=metadata)
 
 
