@@ -4,7 +4,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install.sh
 . .venv/bin/activate
-export DPFPL_CACHE="${DPFPL_CACHE:-$PWD/.cache/dpfpl}"
+# The cache scripts/quickstart.sh builds into (dpfpl_app/cache.py), so the two share one backbone
+export DPFPL_CACHE="${DPFPL_CACHE:-$HOME/.cache/dpfpl}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 dpfpl build-backbone dpfpl-tiny-digits
 # Three test processes on two cores (DPFPL_TEST_PROCESSES=0: one): the two deployment

@@ -11,20 +11,20 @@ import torch
 
 from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.backbones.backbone_build import build_random_clip, ensure_backbone
-from dpfpl_app.cache import CACHE_ENV
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from dpfpl_app.cache import CACHE_ENV, cache_root
 
 
 @pytest.fixture(scope="session")
 def digits_backbone() -> Iterator[Path]:
-    """The real default backbone, cached in ``<repo>/.cache/dpfpl`` so CI builds it once.
+    """The real default backbone, in the cache ``dpfpl`` itself uses (``$DPFPL_CACHE``, else
+    ``~/.cache/dpfpl``), so the tests reuse the one the quickstart built.
 
     ``DPFPL_CACHE`` stays pointed there while the fixture lives, so code that resolves the
-    backbone by name during the session finds the same directory.
+    backbone by name during the session (also in processes started with another HOME)
+    finds the same directory.
     """
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv(CACHE_ENV, str(REPO_ROOT / ".cache" / "dpfpl"))
+        patch.setenv(CACHE_ENV, str(cache_root()))
         yield ensure_backbone("dpfpl-tiny-digits")
 
 

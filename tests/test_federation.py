@@ -44,20 +44,31 @@ def test_dpfpl_federation_learns_and_writes_results(digits_backbone: Path, tmp_p
     # rate that shows it within 8 rounds (the default is tuned for 30 rounds under DP)
     cfg = _config(tmp_path, **{"dp-mode": "off", "num-server-rounds": 8, "lr-local": 0.01,
                                "lr-global": 0.01})
+    # ... and the same run with learning off (rates 1e-9): same seed, so the same
+    # minibatches and test images; evaluated once, at the end
+    frozen = _config(tmp_path / "frozen", **{"dp-mode": "off", "num-server-rounds": 8,
+                                             "lr-local": 1e-9, "lr-global": 1e-9,
+                                             "evaluate-every": 8})
 
     # Execute
     run_server_app(server_module.app, client_app=client_module.app, num_nodes=4, run_config=cfg)
+    run_server_app(server_module.app, client_app=client_module.app, num_nodes=4,
+                   run_config=frozen)
 
     # Assert: completed, every round recorded, local accuracy rose over the run
     doc = _results(tmp_path)
     assert doc["status"] == "completed"
     assert [r["round"] for r in doc["rounds"]] == list(range(1, 9))
-    # styled digits (the default) leave room: the loss falls and local accuracy rises
-    # (seeded, DP off: 0.724 in round 1, 0.775 in round 8 on 2026-11-30)
-    losses = [r["train-loss"] for r in doc["rounds"]]
-    assert sum(losses[-3:]) / 3 < 0.6 * losses[0], losses
-    first, last = doc["rounds"][0]["local-acc"], doc["rounds"][-1]["local-acc"]
-    assert last >= first + 0.03, (first, last)
+    # against the frozen run, not a figure of one machine's trajectory (float order and
+    # the locally built backbone differ between CPUs): round 1's loss is taken before any
+    # update, so it is the same; later rounds' losses on the same minibatches and the
+    # final local accuracy on the same images are clearly better for the learner
+    base = _results(tmp_path / "frozen")["rounds"]
+    losses, base_losses = ([r["train-loss"] for r in rs] for rs in (doc["rounds"], base))
+    assert losses[0] == pytest.approx(base_losses[0], rel=1e-4), (losses, base_losses)
+    assert sum(losses[-3:]) < 0.9 * sum(base_losses[-3:]), (losses, base_losses)
+    last, base_last = doc["rounds"][-1]["local-acc"], base[-1]["local-acc"]
+    assert last >= base_last + 0.02, (last, base_last)
     for name in ("metrics.csv", "accuracy.png", "epsilon.png"):
         assert (tmp_path / "runs" / "t" / name).stat().st_size > 0
 
