@@ -55,7 +55,7 @@ from dpfpl_app.secagg import Stage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("plain", "secure")
-STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK)
+STAGES = Stage.ORDER
 MESSAGES = {"plain": 2, "secure": len(STAGES) + 1}  # per client per round, with evaluate
 SETTINGS = {"sim-10": 10, "sim-100": 100, "deploy-3": 3, "deploy-3-worker": 3}
 

@@ -362,12 +362,14 @@ def test_client_refuses_to_unmask_below_min_survivors_or_with_overlapping_lists(
     for v in NODES:
         clients[v].collect_masked(out[v], fed.inputs[v])
     state = clients[11].to_state()
-    few = {wire.SURVIVORS: NODES[:6], wire.DROPPED: []}
+    few = {wire.SURVIVORS: NODES[:6]}
     with pytest.raises(SecAggAbort, match="6 survivors < min_survivors 7"):
-        ClientRound.from_state(CONFIG, 11, state).unmask(few)
+        ClientRound.from_state(CONFIG, 11, state).consistency(few)
+    client = ClientRound.from_state(CONFIG, 11, state)
+    client.consistency({wire.SURVIVORS: NODES})
     both = {wire.SURVIVORS: NODES, wire.DROPPED: [22]}
     with pytest.raises(SecAggAbort, match=r"both survived and dropped"):
-        ClientRound.from_state(CONFIG, 11, state).unmask(both)
+        client.unmask(both)
 
 
 def test_stages_out_of_order_are_refused() -> None:
