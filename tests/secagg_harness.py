@@ -39,9 +39,11 @@ def signing_identities(
     nodes: list[int], extra: int = 0, session: bytes | None = None
 ) -> tuple[dict[int, Identity], list[SigningKey]]:
     """One P-384 key per node (as Flower's node auth uses) and ``extra`` registered keys
-    that belong to no node, all in every node's registry."""
-    keys = [SigningKey(ec.generate_private_key(ec.SECP384R1())) for _ in range(len(nodes) + extra)]
-    registry = Registry([k._private.public_key() for k in keys])
+    that belong to no node, all in every node's registry.
+    """
+    private = [ec.generate_private_key(ec.SECP384R1()) for _ in range(len(nodes) + extra)]
+    keys = [SigningKey(k) for k in private]
+    registry = Registry([k.public_key() for k in private])
     session = session or session_id(1, "prompt")
     ids = {v: Identity(k, registry, session) for v, k in zip(nodes, keys, strict=False)}
     return ids, keys[len(nodes) :]

@@ -30,10 +30,11 @@ REGISTRY = "secagg-registry"
 REQUIRE_SIGNED = "secagg-require-signed"
 
 UNSIGNED_WARNING = (
-    f"secure aggregation WITHOUT signatures (node config {SIGNING_KEY} / {REGISTRY} not set): this node's "
-    "input is hidden only from an honest-but-curious server; a server that substitutes "
-    "its neighbours' keys can unmask it. Set both to the SuperNode's node-auth key and "
-    "the registered organisations' public keys to refuse such a server."
+    f"secure aggregation WITHOUT signatures (node config {SIGNING_KEY} / {REGISTRY}"
+    " not set): this node's input is hidden only from an honest-but-curious server;"
+    " a server that substitutes its neighbours' keys can unmask it. Set both to the"
+    " SuperNode's node-auth key and the registered organisations' public keys to"
+    " refuse such a server."
 )
 
 

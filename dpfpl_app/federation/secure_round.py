@@ -5,8 +5,9 @@ aggregate_train``. A secure round fits it: ``key_exchange`` runs the two query s
 (setup, share keys) inside ``configure_train``; the strategy then returns the masked-input
 messages, which carry the training instruction, so Flower sends them as the round's
 training messages; ``aggregate`` runs the consistency and unmask exchanges inside
-``aggregate_train`` and returns the sum. Nothing here knows about prompts or privacy plans: any strategy that
-needs the sum of clipped client vectors (DP-FPL here, SecFPP next) can drive it.
+``aggregate_train`` and returns the sum. Nothing here knows about prompts or privacy
+plans: any strategy that needs the sum of clipped client vectors (DP-FPL here, SecFPP
+next) can drive it.
 
 Dropouts: an error reply (a crashed ClientApp, a node Flower gave up on, a client that
 refused the round) is left out, as the protocol expects. ``SecAggAbort`` from the
@@ -130,7 +131,8 @@ class SecureRound:
 
     def aggregate(self, masked_replies: Iterable[Message]) -> AggregateResult | None:
         """Collect the masked inputs, run the consistency and unmask exchanges, return the
-        sum (or None)."""
+        sum (or None).
+        """
         if self._masked_sent is not None:  # Flower sent them between our two calls
             self.record.seconds[Stage.COLLECT_MASKED] = time.perf_counter() - self._masked_sent
         try:

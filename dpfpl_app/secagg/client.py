@@ -477,7 +477,8 @@ class ClientRound:
                 )
             if not dropped <= set(params.nodes):
                 raise SecAggAbort(
-                    Stage.UNMASK, f"node {self.node_id}: dropped list is inconsistent with the round"
+                    Stage.UNMASK,
+                    f"node {self.node_id}: dropped list is inconsistent with the round",
                 )
             self._check_survivors(Stage.UNMASK, params, survivors)
             held = dict(

@@ -115,7 +115,9 @@ class Registry:
                 try:
                     key = serialization.load_ssh_public_key(line.strip().encode())
                 except (ValueError, TypeError, AttributeError) as exc:
-                    raise KeyFileError(f"{file}:{number} is not an OpenSSH public key: {exc}") from None
+                    raise KeyFileError(
+                        f"{file}:{number} is not an OpenSSH public key: {exc}"
+                    ) from None
                 _check_type(key, file)
                 keys.append(key)
         if not keys:

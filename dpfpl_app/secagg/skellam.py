@@ -125,7 +125,7 @@ _QUAD_MARGIN = 12.0  # g-range beyond a * tau: truncation error 2 Phi(-12) ~ 4e-
 
 
 def _log_mgf_sq(variance: float, tau: float, theta: float) -> float:
-    """log E[exp(theta Z^2) 1{|Z| <= tau}] for Z ~ Sk(variance), bounded above.
+    """Log E[exp(theta Z^2) 1{|Z| <= tau}] for Z ~ Sk(variance), bounded above.
 
     For |z| <= tau, exp(theta z^2) = E_g[exp(a g z)] (g standard normal, a = sqrt(2
     theta)), and the part of that expectation with |g| > G = a tau + 12 is at most
