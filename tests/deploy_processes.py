@@ -448,13 +448,14 @@ def all_text(paths: list[Path]) -> dict[Path, bytes]:
     return found
 
 
-HOSTILE_CLIENT = REPO / "tests" / "hostile_app" / "hostile_client.py"
+HOSTILE_APP = REPO / "tests" / "hostile_app"
 
 
-def hostile_app_copy(dest: Path) -> Path:
-    """A copy of the project whose ClientApp is ``tests/hostile_app/hostile_client.py``.
+def hostile_app_copy(dest: Path, *, cheating_server: bool = False) -> Path:
+    """A copy of the project whose ClientApp is ``tests/hostile_app/hostile_client.py``
+    (and, with ``cheating_server``, whose ServerApp is ``cheating_server.py``).
 
-    Only the copy's pyproject names the hostile ClientApp (and another FAB name), so the
+    Only the copy's pyproject names the hostile apps (and another FAB name), so the
     real app never gains test-only behaviour.
     """
     dest.mkdir(parents=True)
@@ -463,12 +464,16 @@ def hostile_app_copy(dest: Path) -> Path:
     shutil.copytree(
         REPO / "dpfpl_app", dest / "dpfpl_app", ignore=shutil.ignore_patterns("__pycache__")
     )
-    shutil.copy2(HOSTILE_CLIENT, dest / "hostile_client.py")
+    for name in ("hostile_client.py", "cheating_server.py"):
+        shutil.copy2(HOSTILE_APP / name, dest / name)
     text = (REPO / "pyproject.toml").read_text()
-    for old, new in (
+    replacements = [
         ('clientapp = "client_app:app"', 'clientapp = "hostile_client:app"'),
         ('name = "dpfpl"', 'name = "dpfpl-hostile"'),
-    ):
+    ]
+    if cheating_server:
+        replacements.append(('serverapp = "server_app:app"', 'serverapp = "cheating_server:app"'))
+    for old, new in replacements:
         if text.count(old) != 1:
             raise AssertionError(f"pyproject.toml no longer has exactly one {old!r}")
         text = text.replace(old, new)
