@@ -248,6 +248,12 @@ def test_unmask_list_must_be_the_signed_one() -> None:
         fed.run(relay={Stage.UNMASK: change})
 
 
+def test_signed_round_needs_min_survivors_signatures() -> None:
+    fed = signed_federation()  # min_survivors 5 of 7
+    with pytest.raises(SecAggAbort, match=r"4 of 7 nodes signed the survivor list < min_surv"):
+        fed.run(drop={Stage.CONSISTENCY: {11, 22, 33}})
+
+
 def test_too_few_signers_reveal_nothing() -> None:
     """A server claiming survivors that never signed (fake or silent) cannot pass the count."""
     fed = signed_federation()

@@ -151,13 +151,17 @@ def test_each_survivor_reveals_only_one_kind_of_share_per_owner() -> None:
         (Stage.SETUP, {11, 22}),  # before keys
         (Stage.SHARE_KEYS, {33}),  # after keys, before shares
         (Stage.COLLECT_MASKED, {44, 55, 66}),  # after shares, before the masked input
+        # after the masked input: its input still counts; unsigned, 6 answers < 7
+        # min-survivors are enough while every secret keeps t = 6 holders
+        (Stage.CONSISTENCY, {11, 22, 77, 88}),
         (Stage.UNMASK, {77, 88}),  # after the masked input: its input still counts
     ],
 )
 def test_dropouts_at_each_stage_keep_the_sum_exact(stage: str, dropped: set[int]) -> None:
     fed = federation()
     result = fed.run(drop={stage: dropped})
-    expected_survivors = set(NODES) if stage == Stage.UNMASK else set(NODES) - dropped
+    late = stage in (Stage.CONSISTENCY, Stage.UNMASK)
+    expected_survivors = set(NODES) if late else set(NODES) - dropped
     assert set(result.survivors) == expected_survivors
     np.testing.assert_array_equal(
         result.integer_total, fed.expected_integer_total(result.survivors)

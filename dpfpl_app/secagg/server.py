@@ -311,7 +311,9 @@ class ServerRound:
 
         Every signer gets the list, the dropped nodes whose mask keys are needed, and
         all signatures (the clients verify them; a signed client reveals nothing unless
-        ``min_survivors`` registered organisations signed the same list).
+        ``min_survivors`` registered organisations signed the same list, so a signed
+        round needs that many answers here; an unsigned one, as before, only enough
+        holders of every secret).
         """
         self._advance(Stage.UNMASK, "finish")
         signed = self._accept(
@@ -320,7 +322,8 @@ class ServerRound:
             set(self._survivors),
             lambda node, pl: wire.optional_bytes(pl, wire.SIGNATURE),
         )
-        self._need(Stage.CONSISTENCY, set(signed), "answered the consistency stage")
+        if any(signed.values()):
+            self._need(Stage.CONSISTENCY, set(signed), "signed the survivor list")
         self._check_holders(Stage.CONSISTENCY, set(signed))
         self._responders = sorted(signed)
         signers = {
