@@ -73,6 +73,7 @@ class SigningKey:
             data = path.read_bytes()
         except OSError as exc:
             raise KeyFileError(f"cannot read the signing key {path}: {exc.strerror}") from None
+        key: object
         try:
             if b"OPENSSH PRIVATE KEY" in data:
                 key = serialization.load_ssh_private_key(data, password=None)
