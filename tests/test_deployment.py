@@ -299,7 +299,7 @@ def test_key_substituting_server_and_poisoned_secure_input_are_refused(
             federation, "cheat", num_server_rounds=2, aggregation="'secure'", evaluate_every=2,
         ),
     )  # fmt: skip
-    info = federation.wait_finished(run_id, RUN_TIMEOUT_S)
+    info = federation.wait_finished(run_id, 2 * RUN_TIMEOUT_S)  # 5 stages, then evaluate
     log = federation.server_log(run_id)
 
     # Assert: round 1 - the server did substitute the keys, and every client refused

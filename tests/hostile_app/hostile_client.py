@@ -37,9 +37,11 @@ from flwr.app import Array, ArrayRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 import client_app as real
-from dpfpl_app.federation import wire
-from dpfpl_app.federation.client_node import STATE_ARRAYS
 from dpfpl_app.secagg import Stage, fixed_point
+
+# ``dpfpl_app.federation.wire`` and ``client_node`` import torch: they are imported in the
+# handlers that train, so that the key-exchange stages start as fast as the real app's
+# (a slow start under load can outlast Flower's task heartbeat and be refused)
 
 MODES_KEY = "hostile-modes"
 HUGE_FACTOR = 1e6
@@ -49,6 +51,8 @@ app = ClientApp()
 
 
 def _mode(msg: Message, context: Context) -> str:
+    from dpfpl_app.federation import wire
+
     modes = [m.strip() for m in str(context.node_config.get(MODES_KEY, "honest")).split(",")]
     server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
     return modes[min(server_round, len(modes)) - 1]
@@ -56,6 +60,9 @@ def _mode(msg: Message, context: Context) -> str:
 
 def _corrupt(grad: np.ndarray, mode: str, context: Context) -> dict[str, np.ndarray]:
     """The arrays a hostile reply carries instead of ``{global-prompt-grad: grad}``."""
+    from dpfpl_app.federation import wire
+    from dpfpl_app.federation.client_node import STATE_ARRAYS
+
     if mode == "wrong-shape":
         return {wire.GLOBAL_PROMPT_GRAD: grad[:-1].copy()}
     if mode == "non-finite":
@@ -76,6 +83,8 @@ def _corrupt(grad: np.ndarray, mode: str, context: Context) -> dict[str, np.ndar
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Train honestly, then reply as the node's hostile mode for this round says."""
+    from dpfpl_app.federation import wire
+
     mode = _mode(msg, context)
     if mode == "error":
         raise RuntimeError("hostile client: deliberate failure in train")
