@@ -154,6 +154,13 @@ def secfpp_cluster_masked(msg: Message, context: Context) -> Message:
     return Message(content, reply_to=msg)
 
 
+@app.query(Stage.CONSISTENCY)
+def secagg_consistency(msg: Message, context: Context) -> Message:
+    """Sign the survivor list the server shows (the malicious-server variant's check)."""
+    cfg = run_config(context, Aggregation.SECURE)
+    return answer_stage(msg, context, cfg, Stage.CONSISTENCY)
+
+
 @app.query(Stage.UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Reveal the shares the protocol allows, then forget the round's secrets."""

@@ -198,7 +198,7 @@ def _client_app(trainers: dict[int, ClientTrainer]) -> ClientApp:
         def _answer(msg: Message, context: Context) -> Message:
             return answer_stage(msg, context, trainer_of(context).cfg, stage)
 
-    for stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.UNMASK):
+    for stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.CONSISTENCY, Stage.UNMASK):
         key_stage(stage)
 
     @app.train(Stage.COLLECT_MASKED)

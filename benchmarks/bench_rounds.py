@@ -17,7 +17,7 @@ partitions so that 100 clients all have images):
 Round time is read from the server's ``results.json`` (``elapsed-s`` per round; round 1
 pays start-up and feature caching, so the figure is the median of the later rounds).
 A round is train + evaluate. Messages per client per round: plain 1 train + 1 evaluate;
-secure 4 stages + 1 evaluate. Upload bytes per client per round are what the server
+secure 5 stages + 1 evaluate. Upload bytes per client per round are what the server
 received (``bytes-received`` / ``secagg-bytes-received`` over the sampled clients);
 download sizes of the key exchange are in ``bench_secagg.py``'s pure-protocol table.
 Secure rounds also report each stage's wall time as the server saw it.
@@ -55,7 +55,7 @@ from dpfpl_app.secagg import Stage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("plain", "secure")
-STAGES = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK)
+STAGES = Stage.ORDER
 MESSAGES = {"plain": 2, "secure": len(STAGES) + 1}  # per client per round, with evaluate
 SETTINGS = {"sim-10": 10, "sim-100": 100, "deploy-3": 3, "deploy-3-worker": 3}
 

@@ -69,7 +69,13 @@ def run_round(n: int, drop_fraction: float = 0.0) -> dict[str, Any]:
     server = ServerRound(config, nodes)
     out = server.setup()
     server_time = {Stage.SETUP: time.perf_counter() - t0}
-    steps = [server.share_keys, server.collect_masked, server.unmask, server.finish]
+    steps = [
+        server.share_keys,
+        server.collect_masked,
+        server.consistency,
+        server.unmask,
+        server.finish,
+    ]
     result = None
     for stage, step in zip(Stage.ORDER, steps, strict=True):
         client_times, down, up, replies = [], [], [], {}
@@ -87,6 +93,8 @@ def run_round(n: int, drop_fraction: float = 0.0) -> dict[str, Any]:
                     reply = client.share_keys(payload)
                 elif stage == Stage.COLLECT_MASKED:
                     reply = client.collect_masked(payload, inputs[node])
+                elif stage == Stage.CONSISTENCY:
+                    reply = client.consistency(payload)
                 else:
                     reply = client.unmask(payload)
             states[node] = client.to_state()

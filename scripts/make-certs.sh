@@ -18,6 +18,8 @@
 #   DIR/NAME                  SECRET: a SuperNode's private key, only on that node's host
 #   DIR/NAME.pub              public: register it with `flwr supernode register DIR/NAME.pub`
 #   DIR/NAME.secret           SECRET: shared by one SuperLink/SuperNode and its SuperExec
+#   DIR/registry.pub          public (`all` only): every node's NAME.pub, one per line; each
+#                             node's ClientApp checks secure-aggregation signatures against it
 set -euo pipefail
 
 DEFAULT_SAN="DNS:localhost,DNS:superlink,IP:127.0.0.1,IP:::1"
@@ -109,6 +111,9 @@ main() {
                 make_node "$dir" "supernode-$i"
                 make_secret "$dir" "superexec-supernode-$i"
             done
+            # the registered organisations' keys, as every node's secagg-registry
+            cat "$dir"/supernode-*.pub >"$dir/registry.pub"
+            chmod 644 "$dir/registry.pub"
             ;;
         *) usage ;;
     esac

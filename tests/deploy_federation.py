@@ -23,7 +23,7 @@ from deploy_processes import Federation, Node, wait_until
 
 NUM_NODES = 3
 # Round r uses the r-th mode (tests/hostile_app/hostile_client.py); the real app ignores it.
-HOSTILE_MODES = ("huge-norm,honest", "wrong-shape,extra-keys", "non-finite,error")
+HOSTILE_MODES = ("huge-norm,secure-poison", "wrong-shape,extra-keys", "non-finite,error")
 RUN_TIMEOUT_S = 480
 # A killed SuperNode is noticed through missed heartbeats (Flower 1.41: 37-60 s).
 HEARTBEAT_GRACE_S = 120

@@ -192,6 +192,7 @@ class Federation:
         self.root = root
         self.num_nodes = num_nodes
         self.certs = root / "certs"
+        self.registry = root / "registry"  # the registered keys, as every node holds them
         self.logs = root / "logs"
         self.runs = root / "runs"
         self.database = root / "superlink" / "state.db"
@@ -204,7 +205,7 @@ class Federation:
         ]
         self._started: list[subprocess.Popen] = []
         self.supernode_env = dict(SUPERNODE_ENV)
-        for path in (self.logs, self.runs, self.database.parent, self.flwr_home):
+        for path in (self.logs, self.runs, self.database.parent, self.flwr_home, self.registry):
             path.mkdir(parents=True, exist_ok=True)
 
     # environment and CLI ------------------------------------------------------------
@@ -306,25 +307,38 @@ class Federation:
 
     # SuperNodes ------------------------------------------------------------------------
     def register(self, node: Node) -> int:
-        reply = self.cli_json(["supernode", "register", str(self.certs / f"{node.name}.pub")])
+        """Register ``node``'s key with the SuperLink and add it to the organisations'
+        registry every node checks secure-aggregation signatures against (both out of
+        band, by the operator and the organisations).
+        """
+        public = self.certs / f"{node.name}.pub"
+        reply = self.cli_json(["supernode", "register", str(public)])
         assert reply.get("success"), reply
+        shutil.copy2(public, self.registry / public.name)
         node.node_id = int(reply["node-id"])
         return node.node_id
 
     def start_supernode(self, node: Node, *, key: str | None = None, extra: str = "") -> None:
-        """Start ``node`` with its key, partition, state directory and own Flower home."""
+        """Start ``node`` with its key, partition, state directory and own Flower home.
+
+        Its secure rounds are signed with its node-auth key and checked against the
+        registry (``docs/secure-aggregation.md``), as the compose files configure them.
+        """
         node.starts += 1
         node.root.mkdir(parents=True, exist_ok=True)
+        node_key = self.certs / (key or node.name)
         node_config = (
             f"partition-id={node.partition_id} num-partitions={self.num_nodes} "
-            f"state-dir='{node.state_dir}' node-worker={'true' if node.worker else 'false'} {extra}"
+            f"state-dir='{node.state_dir}' node-worker={'true' if node.worker else 'false'} "
+            f"secagg-signing-key='{node_key}' secagg-registry='{self.registry}' "
+            f"secagg-require-signed=true {extra}"
         )
         node.process = self._spawn(
             [
                 str(BIN / "flower-supernode"),
                 "--superlink", f"127.0.0.1:{self.port}",
                 "--root-certificates", str(self.certs / "ca.crt"),
-                "--auth-supernode-private-key", str(self.certs / (key or node.name)),
+                "--auth-supernode-private-key", str(node_key),
                 "--port", str(node.runtime_port),
                 "--node-config", node_config.strip(),
             ],
@@ -434,13 +448,14 @@ def all_text(paths: list[Path]) -> dict[Path, bytes]:
     return found
 
 
-HOSTILE_CLIENT = REPO / "tests" / "hostile_app" / "hostile_client.py"
+HOSTILE_APP = REPO / "tests" / "hostile_app"
 
 
-def hostile_app_copy(dest: Path) -> Path:
-    """A copy of the project whose ClientApp is ``tests/hostile_app/hostile_client.py``.
+def hostile_app_copy(dest: Path, *, cheating_server: bool = False) -> Path:
+    """A copy of the project whose ClientApp is ``tests/hostile_app/hostile_client.py``
+    (and, with ``cheating_server``, whose ServerApp is ``cheating_server.py``).
 
-    Only the copy's pyproject names the hostile ClientApp (and another FAB name), so the
+    Only the copy's pyproject names the hostile apps (and another FAB name), so the
     real app never gains test-only behaviour.
     """
     dest.mkdir(parents=True)
@@ -449,12 +464,16 @@ def hostile_app_copy(dest: Path) -> Path:
     shutil.copytree(
         REPO / "dpfpl_app", dest / "dpfpl_app", ignore=shutil.ignore_patterns("__pycache__")
     )
-    shutil.copy2(HOSTILE_CLIENT, dest / "hostile_client.py")
+    for name in ("hostile_client.py", "cheating_server.py"):
+        shutil.copy2(HOSTILE_APP / name, dest / name)
     text = (REPO / "pyproject.toml").read_text()
-    for old, new in (
+    replacements = [
         ('clientapp = "client_app:app"', 'clientapp = "hostile_client:app"'),
         ('name = "dpfpl"', 'name = "dpfpl-hostile"'),
-    ):
+    ]
+    if cheating_server:
+        replacements.append(('serverapp = "server_app:app"', 'serverapp = "cheating_server:app"'))
+    for old, new in replacements:
         if text.count(old) != 1:
             raise AssertionError(f"pyproject.toml no longer has exactly one {old!r}")
         text = text.replace(old, new)

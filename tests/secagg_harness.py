@@ -4,7 +4,8 @@ Each stage rebuilds every client from its stored state (``ClientRound.from_state
 a fresh ClientApp process would; each payload and state goes through ``ConfigRecord`` /
 ``ArrayRecord`` and their protobuf form, so the types are proven storable. Every
 payload the server receives is recorded in ``Federation.received``. Dropouts and
-tampering are injected per stage.
+tampering (of a client's reply, or of what the server sends: ``relay``) are injected
+per stage. ``identities`` makes it a signed round (``signing_identities``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from flwr.common.serde import recorddict_from_proto, recorddict_to_proto
 
@@ -26,9 +28,25 @@ from dpfpl_app.secagg import (
     fixed_point,
     skellam,
 )
+from dpfpl_app.secagg.signing import Identity, Registry, SigningKey, session_id
 from dpfpl_app.secagg.stream import KeyStream
 
 Tamper = Callable[[int, dict[str, Any]], dict[str, Any]]
+Relay = Callable[[dict[int, dict[str, Any]]], dict[int, dict[str, Any]]]
+
+
+def signing_identities(
+    nodes: list[int], extra: int = 0, session: bytes | None = None
+) -> tuple[dict[int, Identity], list[SigningKey]]:
+    """One P-384 key per node (as Flower's node auth uses) and ``extra`` registered keys
+    that belong to no node, all in every node's registry.
+    """
+    private = [ec.generate_private_key(ec.SECP384R1()) for _ in range(len(nodes) + extra)]
+    keys = [SigningKey(k) for k in private]
+    registry = Registry([k.public_key() for k in private])
+    session = session or session_id(1, "prompt")
+    ids = {v: Identity(k, registry, session) for v, k in zip(nodes, keys, strict=False)}
+    return ids, keys[len(nodes) :]
 
 
 def through_flower(payload: Mapping[str, Any]) -> dict[str, Any]:
@@ -68,15 +86,18 @@ class Federation:
     states: dict[int, dict[str, Any]] = field(default_factory=dict)
     received: list[tuple[str, int, dict[str, Any]]] = field(default_factory=list)
     states_seen: dict[int, list[dict[str, Any]]] = field(default_factory=dict)
+    identities: dict[int, Identity] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.server = ServerRound(self.config, list(self.inputs))
 
     def _client_stage(self, stage: str, node: int, payload: dict[str, Any]) -> dict[str, Any]:
+        identity = self.identities.get(node)
         if stage == Stage.SETUP:
-            client = ClientRound(self.config, node)
+            client = ClientRound(self.config, node, identity)
         else:
-            client = ClientRound.from_state(self.config, node, through_flower(self.states[node]))
+            state = through_flower(self.states[node])
+            client = ClientRound.from_state(self.config, node, state, identity)
         payload = through_flower(payload)
         if stage == Stage.SETUP:
             reply = client.setup(payload)
@@ -84,6 +105,8 @@ class Federation:
             reply = client.share_keys(payload)
         elif stage == Stage.COLLECT_MASKED:
             reply = client.collect_masked(payload, self.inputs[node], stream=draws(self.seed, node))
+        elif stage == Stage.CONSISTENCY:
+            reply = client.consistency(payload)
         else:
             reply = client.unmask(payload)
         self.states[node] = client.to_state()
@@ -94,14 +117,26 @@ class Federation:
         self,
         drop: Mapping[str, set[int]] | None = None,
         tamper: Mapping[str, Tamper] | None = None,
+        relay: Mapping[str, Relay] | None = None,
     ) -> Any:
-        """Drive all stages; ``drop[stage]``: nodes that do not answer that stage."""
+        """Drive all stages; ``drop[stage]``: nodes that do not answer that stage;
+        ``relay[stage]`` rewrites what the server sends at that stage (a cheating server).
+        """
         drop = drop or {}
         tamper = tamper or {}
+        relay = relay or {}
         server = self.server
-        steps = [server.share_keys, server.collect_masked, server.unmask, server.finish]
+        steps = [
+            server.share_keys,
+            server.collect_masked,
+            server.consistency,
+            server.unmask,
+            server.finish,
+        ]
         out = server.setup()
         for stage, step in zip(Stage.ORDER, steps, strict=True):
+            if stage in relay:
+                out = relay[stage](out)
             replies = {}
             for node, payload in out.items():
                 if node in drop.get(stage, set()):

@@ -161,8 +161,13 @@ def test_compose_has_three_organisations_each_with_own_key_state_and_data(certs:
         assert secrets[_flag(node, "--auth-supernode-private-key")] == f"supernode-{i}"
         # Partition and state directory; the ClientApp (in the SuperExec) mounts the state
         assert config["partition-id"] == str(i) and config["num-partitions"] == str(NUM_ORGS)
-        # the organisation refuses plain rounds, whatever run config is submitted
+        # the organisation refuses plain rounds, whatever run config is submitted, and
+        # signs its secure rounds with its node key (mounted where its ClientApp runs)
         assert config["require-secure-aggregation"] == "true"
+        assert config["secagg-require-signed"] == "true"
+        app_secrets = _secret_paths(doc, app)
+        assert app_secrets[config["secagg-signing-key"]] == f"supernode-{i}"
+        assert app_secrets[config["secagg-registry"]] == "registry.pub"
         # messages go to the node's worker, which lives beside the state it writes (in
         # the ClientApp's container: its socket is in the mounted state directory), and
         # that container's SuperExec looks for messages every 0.2 s
@@ -189,7 +194,8 @@ def test_each_private_file_is_mounted_only_where_it_belongs() -> None:
     assert owners["superlink.key"] == {"superlink"}
     assert owners["superexec-superlink.secret"] == {"superlink", "superexec-serverapp"}
     for i in range(NUM_ORGS):
-        assert owners[f"supernode-{i}"] == {f"supernode-{i}"}
+        # the node key: the SuperNode authenticates with it, the ClientApp signs with it
+        assert owners[f"supernode-{i}"] == {f"supernode-{i}", f"superexec-clientapp-{i}"}
         assert owners[f"superexec-supernode-{i}.secret"] == {
             f"supernode-{i}",
             f"superexec-clientapp-{i}",
@@ -220,6 +226,9 @@ def test_org_compose_connects_one_organisation_with_its_own_key(certs: Path) -> 
     config = _node_config(node)
     assert (config["partition-id"], config["num-partitions"]) == ("1", "3")
     assert config["require-secure-aggregation"] == "true" and config["node-worker"] == "true"
+    assert config["secagg-require-signed"] == "true"
+    assert _secret_paths(doc, app)[config["secagg-signing-key"]] == ORG_ENV["ORG"]
+    assert _secret_paths(doc, app)[config["secagg-registry"]] == "registry.pub"
     assert app["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"
     assert _mounts(app)[config["state-dir"]] == (f"./volumes/{ORG_ENV['ORG']}/state", "rw")
     assert doc["networks"]["org"]["internal"] is True and app["networks"] == ["org"]

@@ -34,6 +34,9 @@ from deploy_processes import (
 )
 from safetensors.numpy import load_file
 
+from dpfpl_app.federation.secure_round import ABORT_CODES
+from dpfpl_app.secagg import Stage
+
 pytestmark = pytest.mark.slow
 
 
@@ -276,3 +279,52 @@ def test_hostile_replies_are_excluded_logged_and_clipped(
     first = doc["rounds"][0]
     dim = 16 * 128
     assert first["update-norm"] <= clip_norm + 2 * math.sqrt(dim) * first["noise-std"], first
+
+
+# --- issue 28: a cheating server and a poisoned secure input ------------------------------
+def test_key_substituting_server_and_poisoned_secure_input_are_refused(
+    federation: Federation, tmp_path: Path
+) -> None:
+    # Prepare: a copy of the project whose ServerApp substitutes every node's neighbours'
+    # keys in round 1 (tests/hostile_app/cheating_server.py) and whose node 0 sends a
+    # masked input of 30 C in round 2 (hostile_client.py, mode secure-poison); the nodes
+    # sign their rounds with their node-auth keys (deploy_processes.start_supernode)
+    app = hostile_app_copy(tmp_path / "cheating-app", cheating_server=True)
+    ids = {node.partition_id: node.node_id for node in federation.nodes}
+
+    # Execute
+    run_id = federation.submit(
+        app,
+        overrides(
+            federation, "cheat", num_server_rounds=2, aggregation="'secure'", evaluate_every=2,
+        ),
+    )  # fmt: skip
+    info = federation.wait_finished(run_id, 2 * RUN_TIMEOUT_S)  # 5 stages, then evaluate
+    log = federation.server_log(run_id)
+
+    # Assert: round 1 - the server did substitute the keys, and every client refused
+    # them, naming the signature failure, before sharing anything: no input was trained,
+    # masked or revealed
+    assert info["status"] == "finished:completed", info
+    assert log.count("cheating server: substituted the keys") == NUM_NODES
+    for node_id in ids.values():
+        refusal = (
+            rf"secure round 1: node {node_id} dropped out at {Stage.SHARE_KEYS}: .*"
+            rf"node {node_id}: neighbour \d+'s key advertisement has an invalid signature"
+            r".*signature check failed"
+        )
+        assert re.search(refusal, log), refusal
+    assert f"secure round 1 discarded at stage {Stage.SHARE_KEYS}" in log
+    assert f"{Stage.COLLECT_MASKED}" not in log.split("secure round 2")[0]
+    # round 2 - an honest server, node 0's poisoned input: the sum is refused and logged
+    assert re.search(
+        rf"secure round 2 discarded at stage {Stage.UNMASK}: unmasked sum out of bound"
+        r".*poisoned",
+        log,
+    )
+    rows = results(federation, "cheat")["rounds"]
+    assert [row["survivors"] for row in rows] == [0, 0], rows
+    assert [row["secagg-aborted-stage"] for row in rows] == [
+        ABORT_CODES[Stage.SHARE_KEYS],
+        ABORT_CODES[Stage.UNMASK],
+    ], rows

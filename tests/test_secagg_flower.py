@@ -60,6 +60,8 @@ def _stage(msg: Message, context: Context, stage: str) -> Message:
         if context.node_config["partition-id"] == FAILING_NODE_INDEX:
             raise RuntimeError("training crashed")
         reply = client.collect_masked(payload, node_input(node))
+    elif stage == Stage.CONSISTENCY:
+        reply = client.consistency(payload)
     elif stage == Stage.UNMASK:
         reply = client.unmask(payload)
     else:
@@ -86,6 +88,11 @@ def collect_masked(msg: Message, context: Context) -> Message:
     return _stage(msg, context, Stage.COLLECT_MASKED)
 
 
+@app.query(Stage.CONSISTENCY)
+def consistency(msg: Message, context: Context) -> Message:
+    return _stage(msg, context, Stage.CONSISTENCY)
+
+
 @app.query(Stage.UNMASK)
 def unmask(msg: Message, context: Context) -> Message:
     return _stage(msg, context, Stage.UNMASK)
@@ -99,7 +106,13 @@ def test_one_round_through_flower_messages_with_a_crashing_node() -> None:
     nodes = list(grid.get_node_ids())
     server = ServerRound(CONFIG, nodes)
     out = server.setup()
-    steps = [server.share_keys, server.collect_masked, server.unmask, server.finish]
+    steps = [
+        server.share_keys,
+        server.collect_masked,
+        server.consistency,
+        server.unmask,
+        server.finish,
+    ]
     for stage, step in zip(Stage.ORDER, steps, strict=True):
         kind = f"{CATEGORY.get(stage, 'query')}.{stage}"
         messages = [Message(to_records(p), node, kind) for node, p in out.items()]

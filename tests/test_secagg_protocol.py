@@ -151,13 +151,17 @@ def test_each_survivor_reveals_only_one_kind_of_share_per_owner() -> None:
         (Stage.SETUP, {11, 22}),  # before keys
         (Stage.SHARE_KEYS, {33}),  # after keys, before shares
         (Stage.COLLECT_MASKED, {44, 55, 66}),  # after shares, before the masked input
+        # after the masked input: its input still counts; unsigned, 6 answers < 7
+        # min-survivors are enough while every secret keeps t = 6 holders
+        (Stage.CONSISTENCY, {11, 22, 77, 88}),
         (Stage.UNMASK, {77, 88}),  # after the masked input: its input still counts
     ],
 )
 def test_dropouts_at_each_stage_keep_the_sum_exact(stage: str, dropped: set[int]) -> None:
     fed = federation()
     result = fed.run(drop={stage: dropped})
-    expected_survivors = set(NODES) if stage == Stage.UNMASK else set(NODES) - dropped
+    late = stage in (Stage.CONSISTENCY, Stage.UNMASK)
+    expected_survivors = set(NODES) if late else set(NODES) - dropped
     assert set(result.survivors) == expected_survivors
     np.testing.assert_array_equal(
         result.integer_total, fed.expected_integer_total(result.survivors)
@@ -362,12 +366,14 @@ def test_client_refuses_to_unmask_below_min_survivors_or_with_overlapping_lists(
     for v in NODES:
         clients[v].collect_masked(out[v], fed.inputs[v])
     state = clients[11].to_state()
-    few = {wire.SURVIVORS: NODES[:6], wire.DROPPED: []}
+    few = {wire.SURVIVORS: NODES[:6]}
     with pytest.raises(SecAggAbort, match="6 survivors < min_survivors 7"):
-        ClientRound.from_state(CONFIG, 11, state).unmask(few)
+        ClientRound.from_state(CONFIG, 11, state).consistency(few)
+    client = ClientRound.from_state(CONFIG, 11, state)
+    client.consistency({wire.SURVIVORS: NODES})
     both = {wire.SURVIVORS: NODES, wire.DROPPED: [22]}
     with pytest.raises(SecAggAbort, match=r"both survived and dropped"):
-        ClientRound.from_state(CONFIG, 11, state).unmask(both)
+        client.unmask(both)
 
 
 def test_stages_out_of_order_are_refused() -> None:

@@ -110,16 +110,19 @@ def test_secure_federation_with_a_dropout_at_each_stage(
     # Assert: every round released a sum of exactly its survivors' noised inputs
     doc = out["doc"]
     assert doc["status"] == "completed"
-    assert len(spy.sums) == 4 and all(result is not None for _, result in spy.sums)
-    for (params, result), expected in zip(spy.sums, (4, 4, 4, 5), strict=True):
+    assert len(spy.sums) == len(Stage.ORDER)
+    assert all(result is not None for _, result in spy.sums)
+    for (params, result), expected in zip(spy.sums, (4, 4, 4, 5, 5), strict=True):
         assert result is not None and len(result.survivors) == expected
         inputs = [spy.inputs[(params.round_id, v)] for v in result.survivors]
         np.testing.assert_array_equal(result.integer_total, np.sum(inputs, axis=0))
     # every dropout is logged with the node and the stage it was lost at
     for (round_, stage), (node,) in failures.items():
         assert f"secure round {round_}: node {node} dropped out at {stage}" in caplog.text
-    # a node failing at unmask is still in the sum (its seed rebuilt from shares)
+    # a node failing at consistency or unmask is still in the sum (its seed rebuilt
+    # from shares)
     assert node_id_of(3) in spy.sums[3][1].survivors  # type: ignore[union-attr]
+    assert node_id_of(4) in spy.sums[4][1].survivors  # type: ignore[union-attr]
     # the printed epsilon is the plan's accountant at the actual survivors
     plan = plan_for(cfg)
     ratios = [len(r.survivors) / p.min_survivors for p, r in spy.sums if r is not None]

@@ -19,12 +19,14 @@ process, and the next round starts from the state before it.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from dpfpl_app.config import RunConfig
+from dpfpl_app.federation.secure_identity import UNSIGNED_WARNING, node_identity
 from dpfpl_app.method import domain_clusters
 from dpfpl_app.privacy.secure_channel import config_for
 from dpfpl_app.secagg import ClientRound, SecAggConfig, Stage
@@ -32,6 +34,8 @@ from dpfpl_app.secagg.records import add_payload, read_payload, read_purpose
 
 if TYPE_CHECKING:
     import numpy as np
+
+logger = logging.getLogger(__name__)
 
 STATE_KEY = "dpfpl.secagg"
 PURPOSE_KEY = "dpfpl.secagg.purpose"
@@ -64,12 +68,13 @@ def config_for_purpose(cfg: RunConfig, purpose: str, dim: int) -> SecAggConfig:
 _KEY_STAGES = {
     Stage.SETUP: ClientRound.setup,
     Stage.SHARE_KEYS: ClientRound.share_keys,
+    Stage.CONSISTENCY: ClientRound.consistency,
     Stage.UNMASK: ClientRound.unmask,
 }
 
 
 def answer_stage(msg: Message, context: Context, cfg: RunConfig, stage: str) -> Message:
-    """Setup, share-keys or unmask: no training, no torch."""
+    """Setup, share-keys, consistency or unmask: no training, no torch."""
     if stage not in _KEY_STAGES:
         raise ValueError(f"{stage!r} is not a key-exchange stage")
     payload = read_payload(msg.content)
@@ -127,6 +132,8 @@ def _run(
 ) -> RecordDict:
     """Rebuild the round from the node state, run one stage, keep or erase the state."""
     client = _client(context, cfg, stage, payload)
+    if stage == Stage.SETUP and client.identity is None:
+        logger.warning(UNSIGNED_WARNING)
     try:
         reply = step(client)
     finally:
@@ -142,12 +149,15 @@ def _client(context: Context, cfg: RunConfig, stage: str, payload: dict[str, Any
 
     The vector length is the server's word at setup (the client has not loaded the
     model); every other parameter is derived here and checked by ``ClientRound.setup``.
+    The signing identity (``secure_identity``) is read from the node config each stage.
     """
+    identity = node_identity(context, _purpose(context))
     if stage == Stage.SETUP:
         dim = payload.get("dim")
         if not isinstance(dim, int) or dim < 1:
             raise ValueError(f"setup payload has no valid 'dim' (got {dim!r})")
-        return ClientRound(config_for_purpose(cfg, _purpose(context), dim), context.node_id)
+        config = config_for_purpose(cfg, _purpose(context), dim)
+        return ClientRound(config, context.node_id, identity)
     if STATE_KEY not in context.state:
         raise RuntimeError(
             f"node {context.node_id} got stage {stage!r} without a round in progress "
@@ -155,7 +165,7 @@ def _client(context: Context, cfg: RunConfig, stage: str, payload: dict[str, Any
         )
     state: dict[str, Any] = dict(context.state.config_records[STATE_KEY])
     config = config_for_purpose(cfg, _purpose(context), int(state["dim"]))
-    return ClientRound.from_state(config, context.node_id, state)
+    return ClientRound.from_state(config, context.node_id, state, identity)
 
 
 def _purpose(context: Context) -> str:

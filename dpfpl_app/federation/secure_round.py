@@ -4,9 +4,10 @@ The strategy's round is Flower's ``configure_train -> send_and_receive ->
 aggregate_train``. A secure round fits it: ``key_exchange`` runs the two query stages
 (setup, share keys) inside ``configure_train``; the strategy then returns the masked-input
 messages, which carry the training instruction, so Flower sends them as the round's
-training messages; ``aggregate`` runs the unmask exchange inside ``aggregate_train`` and
-returns the sum. Nothing here knows about prompts or privacy plans: any strategy that
-needs the sum of clipped client vectors (DP-FPL here, SecFPP next) can drive it.
+training messages; ``aggregate`` runs the consistency and unmask exchanges inside
+``aggregate_train`` and returns the sum. Nothing here knows about prompts or privacy
+plans: any strategy that needs the sum of clipped client vectors (DP-FPL here, SecFPP
+next) can drive it.
 
 Dropouts: an error reply (a crashed ClientApp, a node Flower gave up on, a client that
 refused the round) is left out, as the protocol expects. ``SecAggAbort`` from the
@@ -129,13 +130,16 @@ class SecureRound:
         return self.aggregate(self._grid.send_and_receive(messages, timeout=self._timeout))
 
     def aggregate(self, masked_replies: Iterable[Message]) -> AggregateResult | None:
-        """Collect the masked inputs, run the unmask exchange, return the sum (or None)."""
+        """Collect the masked inputs, run the consistency and unmask exchanges, return the
+        sum (or None).
+        """
         if self._masked_sent is not None:  # Flower sent them between our two calls
             self.record.seconds[Stage.COLLECT_MASKED] = time.perf_counter() - self._masked_sent
         try:
-            unmask = self.server.unmask(
+            consistency = self.server.consistency(
                 self._payloads(masked_replies, Stage.COLLECT_MASKED, self._masked)
             )
+            unmask = self.server.unmask(self._exchange(Stage.CONSISTENCY, consistency))
             self.record.revealed = True
             result = self.server.finish(self._exchange(Stage.UNMASK, unmask))
         except SecAggAbort as err:

@@ -113,9 +113,12 @@ HONEST_SERVER = (
 SECURE_SERVER = (
     "secure aggregation: the server sees only the noised SUM of at least min-survivors "
     "clients' clipped global-prompt gradients, never one client's; the global noise is "
-    "added by the clients (Skellam), so the epsilon holds against an honest-but-curious "
-    "server; c colluding clients can remove their own noise shares, leaving the noise of "
-    "the other survivors: a weaker guarantee (the README's security model)"
+    "added by the clients (Skellam), so the epsilon holds against a server that follows "
+    "the protocol, and against one that does not (substituted keys, false survivor "
+    "lists) only for nodes that sign their rounds (node config secagg-signing-key and "
+    "secagg-registry; an unsigned node assumes an honest server); c colluding clients "
+    "can remove their own noise shares, leaving the noise of the other survivors: a "
+    "weaker guarantee (docs/secure-aggregation.md)"
 )
 
 

@@ -22,7 +22,8 @@ threshold=None, min_survivors=None, wrap_probability=2**-40)``
     out = server.setup()                       # {node: payload} for Stage.SETUP
     out = server.share_keys(replies)           # replies of SETUP   -> payloads for SHARE_KEYS
     out = server.collect_masked(replies)       # replies of SHARE_KEYS -> COLLECT_MASKED
-    out = server.unmask(replies)               # replies of COLLECT_MASKED -> UNMASK
+    out = server.consistency(replies)          # replies of COLLECT_MASKED -> CONSISTENCY
+    out = server.unmask(replies)               # replies of CONSISTENCY -> UNMASK
     result = server.finish(replies)            # replies of UNMASK  -> AggregateResult
 
     ``replies`` is ``{node_id: payload}`` of the nodes that answered (leave out error
@@ -31,12 +32,18 @@ threshold=None, min_survivors=None, wrap_probability=2**-40)``
     violations that the round survives are in ``server.faults`` / ``result.faults``
     (``Fault(node, stage, reason)``).
 
-``ClientRound(config, node_id)`` / ``ClientRound.from_state(config, node_id, state)``::
+``ClientRound(config, node_id, identity=None)`` / ``ClientRound.from_state(config,
+node_id, state, identity=None)``::
 
     reply = client.setup(payload)                     # Stage.SETUP
     reply = client.share_keys(payload)                # Stage.SHARE_KEYS
     reply = client.collect_masked(payload, vector)    # Stage.COLLECT_MASKED (clipped floats)
+    reply = client.consistency(payload)               # Stage.CONSISTENCY (signs the survivors)
     reply = client.unmask(payload)                    # Stage.UNMASK (then the state is empty)
+
+    ``identity`` (``signing.Identity``: the organisation's long-term key, the registry
+    of organisations' public keys, the session) makes the round the malicious-server
+    variant; without it the round trusts the server to relay keys faithfully.
     state = client.to_state()                         # store in context.state between stages
 
     A stage that cannot go on raises ``SecAggAbort``; an input of L2 norm above
@@ -49,15 +56,16 @@ release at the ACTUAL number of survivors, to add to an opacus RDP history;
 ``dp.rdp_to_epsilon`` converts. ``subsampled.poisson_subsampled_rdp(base, orders, q)``
 amplifies any RDP curve by Poisson subsampling (a generic bound, Zhu and Wang 2019).
 
-Security model (what each mode protects against): an honest-but-curious server and up
-to t - 1 colluding clients learn nothing about a client's input beyond the noised sum
-of at least ``min_survivors`` inputs. Because t is a strict majority of a client's share
-holders and a client reveals one kind of share per owner, a server that lies about who
-dropped still cannot strip both masks of one client; but a malicious server could
-substitute public keys (no signatures here: Flower's node-auth keys could sign them),
-pick a client's neighbours, or claim fake survivors to pass the clients' count check.
-Colluding clients can subtract their own noise: against c colluders the DP guarantee is
-that of the other m - c survivors' noise (``DistributedSkellam.rdp(orders, m - c)``).
+Security model (``docs/secure-aggregation.md``): with identities on every node (signed
+rounds), a server that deviates arbitrarily (substitutes keys, lies about dropouts or
+survivors, forges lists) together with fewer than t colluding clients learns nothing
+about an honest client's input beyond a noised sum of at least ``min_survivors``
+inputs; the remaining assumption is that the set of organisations (their registered
+keys) is fixed out of band, as node registration is. Without identities the same holds
+only against an honest-but-curious server: a server that answers for a client's
+neighbours with its own keys can unmask that client's input. Colluding clients can
+subtract their own noise: against c colluders the DP guarantee is that of the other
+m - c survivors' noise (``DistributedSkellam.rdp(orders, m - c)``).
 
 Driving it from a Flower strategy: one ``ServerRound`` per training round; each stage
 is one ``grid.send_and_receive`` of ``Message(RecordDict({...}), node_id,
@@ -80,6 +88,7 @@ from .dp import DistributedSkellam, rdp_to_epsilon, skellam_rdp
 from .errors import InputOutOfBound, SecAggAbort
 from .params import RoundParams, SecAggConfig
 from .server import AggregateResult, Fault, ServerRound
+from .signing import Identity, Registry, SigningKey
 from .wire import ARRAY_KEYS, Stage
 
 __all__ = [
@@ -88,11 +97,14 @@ __all__ = [
     "ClientRound",
     "DistributedSkellam",
     "Fault",
+    "Identity",
     "InputOutOfBound",
+    "Registry",
     "RoundParams",
     "SecAggAbort",
     "SecAggConfig",
     "ServerRound",
+    "SigningKey",
     "Stage",
     "rdp_to_epsilon",
     "skellam_rdp",

@@ -36,6 +36,9 @@ Rules, for n sampled nodes (each overridable):
   most sqrt(dim) in L2) inflates the sensitivity by at most 1/64.
 * ring width: the smallest ``bits`` with |sum| < 2^(bits - 1) for n in-bound inputs
   plus the n-client noise tail at probability ``wrap_probability`` per round.
+* sum check: an unmasked sum whose L2 norm exceeds ``sum_norm_bound(m)`` (m in-bound
+  inputs plus the m survivors' noise, exceeded by an honest round with probability at
+  most ``wrap_probability``) is refused: nothing is released.
 """
 
 from __future__ import annotations
@@ -212,19 +215,33 @@ class RoundParams:
         )
         return survivors * self.coord_bound + tail
 
-    def sum_norm_bound(self, survivors: int) -> float:
-        """Largest L2 norm of the unmasked integer sum: m in-bound inputs plus noise tail.
+    def input_norm_bound(self, survivors: int) -> float:
+        """Largest L2 norm of the sum of ``survivors`` in-bound quantised inputs.
 
-        Input part: m (scale * clip + sqrt(dim)) (triangle inequality; rounding adds at
-        most sqrt(dim)). Noise part: sqrt(dim) times the per-coordinate tail, which
-        holds with probability >= 1 - wrap_probability. Loose, but rigorous: it catches
-        wraps and failed unmasking (values at ring scale); it is no poisoning defence.
+        Triangle inequality: m (scale * clip + sqrt(dim)) (rounding adds at most
+        sqrt(dim) per input).
         """
-        tail = skellam.tail_bound(
-            survivors * self.client_variance, self.wrap_probability / self.dim
-        )
-        inputs = survivors * (self.scale * self.clip * (1 + CLIP_TOLERANCE) + math.sqrt(self.dim))
-        return inputs + math.sqrt(self.dim) * tail
+        return survivors * (self.scale * self.clip * (1 + CLIP_TOLERANCE) + math.sqrt(self.dim))
+
+    def sum_norm_bound(self, survivors: int) -> float:
+        """Largest L2 norm of an honest unmasked integer sum, but with ``wrap_probability``.
+
+        Sum = X + N: X the m survivors' quantised inputs (||X|| <= A =
+        ``input_norm_bound``), N their summed Skellam noise, Sk(m mu) per coordinate and
+        independent of X. ||X + N||^2 = ||X||^2 + 2 <X, N> + ||N||^2 <= A^2 + 2 A r + Q:
+        r bounds <u, N> for the unit vector u along X (its MGF is at most that of one
+        Sk(m mu) coordinate, since cosh(l u_j) - 1 <= u_j^2 (cosh l - 1) for |u_j| <= 1:
+        ``skellam.tail_bound`` at wrap_probability / 3), Q bounds ||N||^2
+        (``skellam.norm_sq_bound`` at 2 wrap_probability / 3). Noise adds to a large
+        input in quadrature, so this is far tighter than A + sqrt(dim) * tail (9dded1e's
+        check): it refuses a sum whose inputs exceed A by a few clip norms, not only
+        wraps and failed unmasking. It still cannot see a bad input inside the bound.
+        """
+        variance = survivors * self.client_variance
+        inputs = self.input_norm_bound(survivors)
+        r = skellam.tail_bound(variance, self.wrap_probability / 3)
+        q = skellam.norm_sq_bound(variance, self.dim, 2 * self.wrap_probability / 3)
+        return math.sqrt(inputs * inputs + 2 * inputs * r + q)
 
     def accounting(self, l2_sensitivity: float | None = None) -> DistributedSkellam:
         """The accounting view (``dp.DistributedSkellam``) of this round's mechanism."""

@@ -24,6 +24,7 @@ CATEGORY = {
     Stage.SETUP: MessageType.QUERY,
     Stage.SHARE_KEYS: MessageType.QUERY,
     Stage.COLLECT_MASKED: MessageType.TRAIN,
+    Stage.CONSISTENCY: MessageType.QUERY,
     Stage.UNMASK: MessageType.QUERY,
 }
 

@@ -12,10 +12,15 @@ distinct; every client sent exactly one ciphertext per live neighbour; masked ve
 have the round's length, dtype and ring; every revealed share has the x-coordinate of
 its holder and reconstructs a secret consistent with the commitment (self-mask seed)
 or public key (mask key) the owner advertised in stage 1; at least ``threshold`` share
-holders and ``min_survivors`` inputs at every stage; and the unmasked sum within the
-bound of ``min_survivors``.. n in-bound inputs plus the noise tail. It cannot check a
-single client's input norm: secure aggregation trades per-client poisoning checks for
-confidentiality.
+holders and ``min_survivors`` inputs at every stage; and the unmasked sum within a
+high-probability bound on the norm of m in-bound inputs plus the m survivors' summed
+noise (``params.RoundParams.sum_norm_bound``). It cannot check a single client's input
+norm: secure aggregation trades per-client poisoning checks for confidentiality; an
+input inside the bound can still bias the sum.
+
+Signatures (malicious-server variant): the server forwards each node's registered
+public key and signatures (key advertisement, survivor list) unread; the clients verify
+them (``client``). It needs no registry and cannot forge them.
 """
 
 from __future__ import annotations
@@ -98,7 +103,9 @@ class ServerRound:
         self._routed: dict[int, list[int]] = {}
         self._masked: dict[int, np.ndarray] = {}
         self._mask_set: dict[int, set[int]] = {}
+        self._signer: dict[int, tuple[bytes, bytes]] = {}  # (registered key, advert signature)
         self._survivors: list[int] = []
+        self._responders: list[int] = []  # survivors that signed the list: asked to unmask
         self._dropped_keys: list[int] = []
 
     # --- helpers ------------------------------------------------------------------------
@@ -170,7 +177,7 @@ class ServerRound:
         """Collect public keys; forward each node its live neighbours' keys."""
         self._advance(Stage.SHARE_KEYS, Stage.COLLECT_MASKED)
 
-        def check(node: int, p: Mapping[str, Any]) -> tuple[bytes, bytes, bytes]:
+        def check(node: int, p: Mapping[str, Any]) -> tuple[bytes, bytes, bytes, bytes, bytes]:
             keys = (
                 wire.bytes_field(p, wire.PK_MASK, crypto.KEY_BYTES),
                 wire.bytes_field(p, wire.PK_ENC, crypto.KEY_BYTES),
@@ -179,11 +186,16 @@ class ServerRound:
                 crypto.check_public_key(key)
             if keys[0] == keys[1]:
                 raise ValueError("mask and encryption keys are equal")
-            return (*keys, wire.bytes_field(p, wire.SEED_COMMIT, 32))
+            return (
+                *keys,
+                wire.bytes_field(p, wire.SEED_COMMIT, 32),
+                wire.optional_bytes(p, wire.SIGNER),
+                wire.optional_bytes(p, wire.SIGNATURE),
+            )
 
         good = self._accept(Stage.SETUP, replies, set(self.params.nodes), check)
         owners: dict[bytes, list[int]] = {}
-        for node, (pk_m, pk_e, _) in good.items():
+        for node, (pk_m, pk_e, *_) in good.items():
             for key in (pk_m, pk_e):
                 owners.setdefault(key, []).append(node)
         for nodes in owners.values():
@@ -198,13 +210,16 @@ class ServerRound:
         alive = self._prune(Stage.SETUP, set(good), lambda v, a: (set(self.graph[v]) & a) | {v})
         self._need(Stage.SETUP, alive, "sent valid public keys")
         for node in alive:
-            self._pk_mask[node], self._pk_enc[node], self._commit[node] = good[node]
+            self._pk_mask[node], self._pk_enc[node], self._commit[node], *signer = good[node]
+            self._signer[node] = (signer[0], signer[1])
             self._peers[node] = sorted(set(self.graph[node]) & alive)
         return {
             v: {
                 wire.PEERS: self._peers[v],
                 wire.PEER_PK_MASK: [self._pk_mask[u] for u in self._peers[v]],
                 wire.PEER_PK_ENC: [self._pk_enc[u] for u in self._peers[v]],
+                wire.PEER_SIGNERS: [self._signer[u][0] for u in self._peers[v]],
+                wire.PEER_SIGNATURES: [self._signer[u][1] for u in self._peers[v]],
             }
             for v in sorted(alive)
         }
@@ -212,7 +227,7 @@ class ServerRound:
     # --- stage 2 ----------------------------------------------------------------------
     def collect_masked(self, replies: Replies) -> Payloads:
         """Collect encrypted shares; route each to its recipient."""
-        self._advance(Stage.COLLECT_MASKED, Stage.UNMASK)
+        self._advance(Stage.COLLECT_MASKED, Stage.CONSISTENCY)
 
         def check(node: int, p: Mapping[str, Any]) -> dict[int, bytes]:
             dst = wire.id_list(p, wire.DESTINATIONS)
@@ -242,9 +257,9 @@ class ServerRound:
         return out
 
     # --- stage 3 ----------------------------------------------------------------------
-    def unmask(self, replies: Replies) -> Payloads:
-        """Collect masked inputs; ask survivors for the shares that remove every mask."""
-        self._advance(Stage.UNMASK, "finish")
+    def consistency(self, replies: Replies) -> Payloads:
+        """Collect masked inputs; show every survivor the survivor list to sign."""
+        self._advance(Stage.CONSISTENCY, Stage.UNMASK)
         p = self.params
 
         def check(node: int, pl: Mapping[str, Any]) -> tuple[np.ndarray, list[int]]:
@@ -274,18 +289,51 @@ class ServerRound:
         self._mask_set = {v: set(self._routed[v]) - set(good[v][1]) for v in survivors}
         self._masked = {v: good[v][0] for v in survivors}  # discarded inputs are not kept
         dropped = sorted({u for v in survivors for u in self._mask_set[v]} - survivors)
-        for owner in sorted(survivors) + dropped:
-            holders = self._holders(owner, survivors)
-            if len(holders) < p.threshold:
-                what = "self-mask seed" if owner in survivors else "mask key"
-                raise SecAggAbort(
-                    Stage.COLLECT_MASKED,
-                    f"node {owner}'s {what} is held by {len(holders)} survivors"
-                    f" < threshold {p.threshold}: nothing is released",
-                )
         self._survivors, self._dropped_keys = sorted(survivors), dropped
+        self._check_holders(Stage.COLLECT_MASKED, survivors)
+        return {v: {wire.SURVIVORS: self._survivors} for v in self._survivors}
+
+    def _check_holders(self, stage: str, responders: set[int]) -> None:
+        """Abort unless every secret to rebuild has >= threshold holders among ``responders``."""
+        for owner in self._survivors + self._dropped_keys:
+            holders = self._holders(owner, responders)
+            if len(holders) < self.params.threshold:
+                what = "self-mask seed" if owner in self._survivors else "mask key"
+                raise SecAggAbort(
+                    stage,
+                    f"node {owner}'s {what} is held by {len(holders)} responding survivors"
+                    f" < threshold {self.params.threshold}: nothing is released",
+                )
+
+    # --- stage 4 ----------------------------------------------------------------------
+    def unmask(self, replies: Replies) -> Payloads:
+        """Collect survivor-list signatures; ask the signers for the shares that unmask.
+
+        Every signer gets the list, the dropped nodes whose mask keys are needed, and
+        all signatures (the clients verify them; a signed client reveals nothing unless
+        ``min_survivors`` registered organisations signed the same list, so a signed
+        round needs that many answers here; an unsigned one, as before, only enough
+        holders of every secret).
+        """
+        self._advance(Stage.UNMASK, "finish")
+        signed = self._accept(
+            Stage.CONSISTENCY,
+            replies,
+            set(self._survivors),
+            lambda node, pl: wire.optional_bytes(pl, wire.SIGNATURE),
+        )
+        if any(signed.values()):
+            self._need(Stage.CONSISTENCY, set(signed), "signed the survivor list")
+        self._check_holders(Stage.CONSISTENCY, set(signed))
+        self._responders = sorted(signed)
+        signers = {
+            wire.SIGNERS: self._responders,
+            wire.SIGNER_KEYS: [self._signer[v][0] for v in self._responders],
+            wire.SIGNATURES: [signed[v] for v in self._responders],
+        }
         return {
-            v: {wire.SURVIVORS: self._survivors, wire.DROPPED: dropped} for v in self._survivors
+            v: {wire.SURVIVORS: self._survivors, wire.DROPPED: self._dropped_keys, **signers}
+            for v in self._responders
         }
 
     def _holders(self, owner: int, responders: set[int]) -> set[int]:
@@ -296,7 +344,7 @@ class ServerRound:
         held = {h for h in responders if owner in self._mask_set.get(h, ())}
         return held | ({owner} & responders)
 
-    # --- stage 4 ----------------------------------------------------------------------
+    # --- stage 5 ----------------------------------------------------------------------
     def finish(self, replies: Replies) -> AggregateResult:
         """Reconstruct seeds and keys, remove every mask, check and release the sum."""
         self._advance("finish", "done")
@@ -368,7 +416,8 @@ class ServerRound:
                     out.append((sink, owner, share))
             return out
 
-        for node, items in self._accept(Stage.UNMASK, replies, survivors, check).items():
+        asked = set(self._responders)
+        for node, items in self._accept(Stage.UNMASK, replies, asked, check).items():
             for sink, owner, share in items:
                 sink.setdefault(owner, []).append((node, share))
         return seeds, keys
@@ -416,7 +465,13 @@ class ServerRound:
         return secret
 
     def _check_sum(self, integer: np.ndarray) -> None:
-        """Abort unless the sum is within the bound of m in-bound inputs plus the noise tail."""
+        """Abort unless the sum is within the bounds of m in-bound inputs plus their noise.
+
+        The per-coordinate bound catches a wrap; the norm bound (``RoundParams.
+        sum_norm_bound``, false alarm <= wrap_probability) also catches inputs larger
+        than the clip norm by a few clip norms in total. The fault is logged by the
+        caller from the abort's reason; an aborted round releases nothing.
+        """
         m, p = len(self._survivors), self.params
         coord, norm = (
             int(np.abs(integer).max()) if integer.size else 0,
@@ -426,8 +481,11 @@ class ServerRound:
             raise SecAggAbort(
                 Stage.UNMASK,
                 f"unmasked sum out of bound (max |coord| {coord} vs {p.sum_coord_bound(m)},"
-                f" L2 {norm:.4g} vs {p.sum_norm_bound(m):.4g}) for {m} survivors:"
-                " wrap-around or corrupted unmasking; nothing is released",
+                f" L2 {norm / p.scale:.4g} vs {p.sum_norm_bound(m) / p.scale:.4g}"
+                f" = {p.sum_norm_bound(m) / (p.scale * p.clip):.4g} clip norms) for {m}"
+                f" survivors: an input above the clip norm (poisoned), a wrap-around or"
+                f" corrupted unmasking (false alarm <= {p.wrap_probability:.3g});"
+                " nothing is released",
             )
 
 

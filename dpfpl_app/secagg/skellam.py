@@ -118,3 +118,66 @@ def tail_bound(variance: float, probability: float) -> int:
         mid = (lo + hi) / 2
         lo, hi = (mid, hi) if log_tail(mid) > target else (lo, mid)
     return math.ceil(hi)
+
+
+_QUAD_STEP = 0.005  # trapezoid step over the standard normal g (smooth integrand: exact to fp)
+_QUAD_MARGIN = 12.0  # g-range beyond a * tau: truncation error 2 Phi(-12) ~ 4e-33
+
+
+def _log_mgf_sq(variance: float, tau: float, theta: float) -> float:
+    """Log E[exp(theta Z^2) 1{|Z| <= tau}] for Z ~ Sk(variance), bounded above.
+
+    For |z| <= tau, exp(theta z^2) = E_g[exp(a g z)] (g standard normal, a = sqrt(2
+    theta)), and the part of that expectation with |g| > G = a tau + 12 is at most
+    eps = 2 Phi(-12) of it. So E[exp(theta Z^2) 1{|Z| <= tau}] <= E_g[1{|g| <= G}
+    E_Z exp(a g Z)] / (1 - eps), and E_Z exp(a g Z) = exp(variance (cosh(a g) - 1)):
+    a one-dimensional integral, computed by the trapezoid rule.
+    """
+    a = math.sqrt(2 * theta)
+    limit = a * tau + _QUAD_MARGIN
+    g = np.arange(-limit, limit + _QUAD_STEP, _QUAD_STEP)
+    log_f = -0.5 * g * g + variance * 2.0 * np.sinh(a * g / 2) ** 2  # cosh x - 1 = 2 sinh^2(x/2)
+    top = float(log_f.max())
+    log_integral = top + math.log(float(np.exp(log_f - top).sum()) * _QUAD_STEP)
+    eps = math.erfc(_QUAD_MARGIN / math.sqrt(2))
+    return log_integral - 0.5 * math.log(2 * math.pi) - math.log1p(-eps)
+
+
+def norm_sq_bound(variance: float, dim: int, probability: float) -> float:
+    """A bound Q with P(||Z||^2 > Q) <= probability, Z of ``dim`` iid Sk(variance) entries.
+
+    The squared norm of the summed noise concentrates at dim * variance with spread
+    ~sqrt(2 dim) variance; this bounds its upper tail with a chi-square-style Chernoff
+    bound, not dim times a per-coordinate tail. Z^2 of a Skellam variable has no MGF
+    (its tail is Poisson-like), so: with probability >= 1 - probability / 2 every
+    |Z_j| <= tau (``tail_bound`` at probability / (2 dim), union bound); and
+    P(||Z||^2 >= x, all |Z_j| <= tau) <= exp(-theta x) M(theta)^dim with M the
+    truncated MGF of ``_log_mgf_sq``, at the theta that gives the smallest x reaching
+    probability / 2 (any theta gives a valid bound; the search only makes it tight).
+    For near-Gaussian noise it matches the chi-square tail (Laurent and Massart 2000).
+    """
+    if not 0 < probability < 1:
+        raise ValueError(f"tail probability must be in (0, 1), got {probability}")
+    if variance <= 0:
+        return 0.0
+    tau = float(tail_bound(variance, probability / (2 * dim)))
+    target = math.log(probability / 2)
+
+    def x_at(log_u: float) -> float:  # u = 2 theta variance; chi-square optimum is u < 1
+        theta = math.exp(log_u) / (2 * variance)
+        return (dim * _log_mgf_sq(variance, tau, theta) - target) / theta
+
+    lo, hi = math.log(1e-4), math.log(2.0)  # golden-section search on log u
+    ratio = (math.sqrt(5) - 1) / 2
+    c, d = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fc, fd = x_at(c), x_at(d)
+    for _ in range(60):
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - ratio * (hi - lo)
+            fc = x_at(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + ratio * (hi - lo)
+            fd = x_at(d)
+    return max(min(fc, fd), dim * variance)

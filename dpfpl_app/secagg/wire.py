@@ -15,13 +15,18 @@ import numpy as np
 
 
 class Stage:
-    """The four client-facing stages, in order (also Flower message actions)."""
+    """The five client-facing stages, in order (also Flower message actions).
+
+    ``CONSISTENCY`` is the malicious-server variant's round (Bonawitz et al. 2017 sec. 6):
+    each survivor signs the survivor list it was shown before anyone reveals a share.
+    """
 
     SETUP = "secagg_setup"
     SHARE_KEYS = "secagg_share_keys"
     COLLECT_MASKED = "secagg_collect_masked"
+    CONSISTENCY = "secagg_consistency"
     UNMASK = "secagg_unmask"
-    ORDER = (SETUP, SHARE_KEYS, COLLECT_MASKED, UNMASK)
+    ORDER = (SETUP, SHARE_KEYS, COLLECT_MASKED, CONSISTENCY, UNMASK)
 
 
 # server -> client
@@ -33,10 +38,17 @@ SOURCES = "sources"
 CIPHERTEXTS = "ciphertexts"
 SURVIVORS = "survivors"
 DROPPED = "dropped"
+PEER_SIGNERS = "peer-signers"  # each peer's registered public key (b"" if it signs nothing)
+PEER_SIGNATURES = "peer-signatures"
+SIGNERS = "signers"  # survivors whose consistency signature is forwarded
+SIGNER_KEYS = "signer-keys"
+SIGNATURES = "signatures"
 # client -> server
 PK_MASK = "pk-mask"
 PK_ENC = "pk-enc"
 SEED_COMMIT = "seed-commit"
+SIGNER = "signer"  # the node's registered public key, b"" in an unsigned round
+SIGNATURE = "signature"  # over the advertisement (setup) or the survivor list (consistency)
 DESTINATIONS = "destinations"
 MASKED = "masked"
 REJECTED = "rejected"
@@ -86,6 +98,14 @@ def bytes_field(payload: Mapping[str, Any], key: str, length: int) -> bytes:
     value = field(payload, key)
     if not isinstance(value, bytes) or len(value) != length:
         raise PayloadError(f"field {key!r} must be {length} bytes")
+    return value
+
+
+def optional_bytes(payload: Mapping[str, Any], key: str) -> bytes:
+    """A bytes value, ``b""`` when absent (an unsigned node sends no signature)."""
+    value = payload.get(key, b"")
+    if not isinstance(value, bytes):
+        raise PayloadError(f"field {key!r} must be bytes")
     return value
 
 
