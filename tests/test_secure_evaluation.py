@@ -1,0 +1,231 @@
+"""Evaluation in a secure run: the server learns summed counts, never one node's figures.
+
+The federation tests run the real ServerApp and ClientApp in one process
+(``flower_harness``); what the server receives is ``grid.replies``, and what each node
+kept is the ``evaluation.jsonl`` record in its own state directory.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+import client_app as client_module
+import server_app as server_module
+from dpfpl_app.federation import evaluation_sum
+from dpfpl_app.federation.evaluation_sum import DIM, MAX_EXAMPLES, NodeCounts, secagg_config
+from dpfpl_app.federation.secure_evaluation import ATTEMPTS
+from dpfpl_app.secagg import Stage
+from dpfpl_app.secagg.records import PAYLOAD_ARRAYS, PAYLOAD_CONFIG, read_payload
+from dpfpl_app.secagg.wire import MASKED
+from tests.flower_harness import federation_config, node_id_of, run_server_app
+from tests.secagg_harness import Federation
+
+NODES = 4  # the fewest with a tolerated training dropout (min-survivors 3)
+EVAL_MASKED = f"evaluate.{Stage.COLLECT_MASKED}"
+ACCURACY_ENDINGS = ("-acc", "-acc-weighted")
+
+
+def _figure_keys(keys: Iterable[object]) -> list[str]:
+    """Keys naming an accuracy, a count of examples or of correct predictions, a partition."""
+    return [
+        key for key in map(str, keys)
+        if key.endswith(ACCURACY_ENDINGS) or any(w in key for w in ("examples", "correct",
+                                                                     "partition"))
+    ]
+
+
+# --- the counts and their sum --------------------------------------------------------------
+def test_counts_at_the_public_bound_sum_exactly_through_secagg() -> None:
+    # Prepare: 10 nodes, every count at (or next to) the largest a node may hold
+    nodes = [101 + 7 * i for i in range(10)]
+    counts = {
+        v: NodeCounts(MAX_EXAMPLES - i, MAX_EXAMPLES, i, MAX_EXAMPLES - i, 0, MAX_EXAMPLES - i)
+        for i, v in enumerate(nodes)
+    }
+
+    # Execute
+    result = Federation(secagg_config(DIM), {v: c.vector() for v, c in counts.items()}).run()
+
+    # Assert: the integer sum is exact (no rounding, no noise, no wrap)
+    expected = np.sum([c.vector() for c in counts.values()], axis=0).astype(np.int64)
+    np.testing.assert_array_equal(result.integer_total, expected)
+    assert result.survivors == tuple(nodes)
+
+
+def test_the_evaluation_sum_is_released_only_from_every_sampled_node() -> None:
+    config = secagg_config(DIM)
+    counts = {v: NodeCounts(3, 5, 1, 2, 2, 1).vector() for v in (11, 22, 33, 44, 55)}
+
+    with pytest.raises(Exception, match="min_survivors 5"):
+        Federation(config, counts).run(drop={Stage.COLLECT_MASKED: {33}})
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ((3, 2, 0, 0, 0, 0), "local_correct exceeds local_examples"),
+        ((0, 0, 0, 4, 0, 5), "zeroshot_neighbour_correct exceeds neighbour_examples"),
+        ((0, MAX_EXAMPLES + 1, 0, 0, 0, 0), "local_examples=16777217 is not an integer in"),
+        ((-1, 0, 0, 0, 0, 0), "local_correct=-1"),
+    ],
+)
+def test_counts_out_of_their_bounds_are_refused(fields: tuple[int, ...], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        NodeCounts(*fields)
+
+
+def test_a_server_asking_for_another_vector_length_is_refused() -> None:
+    with pytest.raises(ValueError, match="an evaluation sum has 6 counts"):
+        secagg_config(DIM + 1)
+
+
+def test_accuracies_are_correct_over_examples_and_skip_empty_sets() -> None:
+    figures = evaluation_sum.accuracies(np.array([30, 40, 0, 0, 20, 0]))
+
+    assert figures == {"local-acc": 0.75, "zeroshot-local-acc": 0.5}
+
+
+# --- a secure federation -------------------------------------------------------------------
+class Nodes(ClientApp):
+    """The real ClientApp; ``fail`` nodes raise at the evaluation sum's masked stage for
+    their first ``times`` attempts, ``leak`` nodes add their figures to that reply.
+    """
+
+    def __init__(self, *, fail: set[int] = frozenset(), times: int = 0,
+                 leak: set[int] = frozenset()) -> None:
+        super().__init__()
+        self.fail, self.times, self.leak = fail, times, leak
+        self.failed: dict[int, int] = {}
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        node = context.node_id
+        if message.metadata.message_type == EVAL_MASKED and node in self.fail:
+            self.failed[node] = self.failed.get(node, 0) + 1
+            if self.failed[node] <= self.times:
+                raise RuntimeError("injected failure at the evaluation sum")
+        reply = client_module.app(message, context)
+        if message.metadata.message_type != EVAL_MASKED or node not in self.leak:
+            return reply
+        content = RecordDict(dict(reply.content.items()))
+        content["metrics"] = MetricRecord({"local-acc": 0.5, "local-examples": 10})
+        return Message(content, reply_to=message)
+
+
+def _run(tmp_path: Path, app: ClientApp, rounds: int = 1) -> tuple[dict, list[Message]]:
+    cfg = federation_config(
+        tmp_path, **{"min-nodes": NODES, "aggregation": "secure", "num-server-rounds": rounds}
+    )
+    run = run_server_app(server_module.app, client_app=app, num_nodes=NODES, run_config=cfg)
+    doc = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())
+    return doc, run.replies
+
+
+def _node_record(tmp_path: Path, partition: int) -> Path:
+    return tmp_path / "state" / "t" / f"partition-{partition}" / evaluation_sum.NODE_RECORD
+
+
+def _weighted_from_node_records(
+    tmp_path: Path, partitions: list[int], round_: int
+) -> dict[str, float]:
+    """Correct / examples summed over the nodes' own records (each node's last line)."""
+    totals: dict[str, int] = dict.fromkeys(evaluation_sum.FIELDS, 0)
+    for p in partitions:
+        lines = evaluation_sum.read_node_record(_node_record(tmp_path, p).parent)
+        (*_, line) = [x for x in lines if x["round"] == round_]
+        for name in totals:
+            totals[name] += int(line[name])
+    return {
+        name: totals[correct] / totals[examples]
+        for name, (correct, examples) in evaluation_sum.RATIOS.items()
+        if totals[examples]
+    }
+
+
+def test_secure_evaluation_reveals_only_federation_wide_figures(
+    digits_backbone: Path, tmp_path: Path
+) -> None:
+    # Execute: a secure run of two rounds, both evaluated
+    doc, replies = _run(tmp_path, client_module.app, rounds=2)
+
+    # Assert: no evaluate reply the server received carries a node's figures: only the
+    # masked counts, which decode to nothing like them
+    assert doc["status"] == "completed"
+    evaluate = [r for r in replies if r.metadata.message_type.startswith("evaluate")]
+    assert len(evaluate) == 2 * NODES and not any(r.has_error() for r in evaluate)
+    records = [evaluation_sum.read_node_record(_node_record(tmp_path, p).parent)
+               for p in range(NODES)]
+    counts = [[line[name] for name in evaluation_sum.FIELDS] for lines in records for line in lines]
+    for reply in evaluate:
+        assert set(reply.content.keys()) == {PAYLOAD_CONFIG, PAYLOAD_ARRAYS}
+        assert not reply.content.metric_records
+        payload = read_payload(reply.content)
+        assert not _figure_keys(payload), payload.keys()
+        assert payload[MASKED].astype(np.int64).tolist() not in counts
+    # ... results.json holds no per-node evaluation, and no node map built from one
+    assert doc["nodes"] == {}
+    for row in doc["rounds"]:
+        assert not [key for key in row if "/node-" in key], row
+        assert not [key for key in _figure_keys(row) if not key.endswith(ACCURACY_ENDINGS)]
+        assert row["eval-accepted"] == NODES and row["eval-rejected"] == 0
+    assert "federation-wide" in doc["notes"]["evaluation"]
+    # ... the federation-wide figures are the example-weighted ones of the nodes' records
+    for row in doc["rounds"]:
+        expected = _weighted_from_node_records(tmp_path, list(range(NODES)), row["round"])
+        assert set(expected) >= {"local-acc", "zeroshot-local-acc"}
+        for name, value in expected.items():
+            assert row[name] == value and row[f"{name}-weighted"] == value
+    # ... each node keeps its own figures, readable by its owner only
+    for p in range(NODES):
+        path = _node_record(tmp_path, p)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        (first, second) = evaluation_sum.read_node_record(path.parent)
+        assert (first["round"], second["round"]) == (1, 2)
+    # ... and the run's summary works on them
+    assert doc["summary"]["final-local-acc"] == doc["rounds"][-1]["local-acc"]
+    assert doc["zeroshot"]["local-acc"] > 0
+
+
+def test_a_reply_carrying_a_nodes_figures_is_refused_as_a_fault(
+    digits_backbone: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Prepare: partition 1 adds its figures to its masked evaluation reply
+    leaker = node_id_of(1)
+
+    # Execute
+    doc, _ = _run(tmp_path, Nodes(leak={leaker}))
+
+    # Assert: refused and logged as a fault; the sum asked again without that node
+    (row,) = doc["rounds"]
+    assert f"evaluate round 1: refused reply from node {leaker}: fault" in caplog.text
+    assert row["eval-attempts"] == 2 and row["eval-accepted"] == NODES - 1
+    assert not [key for key in row if "/node-" in key], row
+    expected = _weighted_from_node_records(tmp_path, [0, 2, 3], 1)
+    assert all(row[name] == value for name, value in expected.items())
+
+
+def test_a_dropout_in_the_evaluation_sum_is_retried_or_reported_missing(
+    digits_backbone: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Execute: partition 2 fails the masked stage of the first evaluation sum only ...
+    retried, _ = _run(tmp_path / "once", Nodes(fail={node_id_of(2)}, times=1))
+    # ... and of every attempt
+    missing, _ = _run(tmp_path / "always", Nodes(fail={node_id_of(2)}, times=ATTEMPTS))
+
+    # Assert: the retry's sum has every node; the missing one has no figure at all
+    (row,) = retried["rounds"]
+    assert row["eval-attempts"] == 2 and row["eval-accepted"] == NODES
+    expected = _weighted_from_node_records(tmp_path / "once", list(range(NODES)), 1)
+    assert all(row[name] == value for name, value in expected.items())
+    (row,) = missing["rounds"]
+    assert row["eval-attempts"] == ATTEMPTS and row["eval-accepted"] == 0
+    assert not _figure_keys(row), row
+    assert "evaluate round 1: no evaluation sum released" in caplog.text
+    assert missing["status"] == "completed" and "final-local-acc" not in missing["summary"]
