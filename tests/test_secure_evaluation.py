@@ -14,18 +14,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 import client_app as client_module
 import server_app as server_module
-from dpfpl_app.federation import evaluation_sum
+from dpfpl_app.config import ConfigError, RunConfig
+from dpfpl_app.federation import evaluation_sum, wire
 from dpfpl_app.federation.evaluation_sum import DIM, MAX_EXAMPLES, NodeCounts, secagg_config
 from dpfpl_app.federation.secure_evaluation import ATTEMPTS
 from dpfpl_app.secagg import Stage
 from dpfpl_app.secagg.records import PAYLOAD_ARRAYS, PAYLOAD_CONFIG, read_payload
 from dpfpl_app.secagg.wire import MASKED
-from tests.flower_harness import federation_config, node_id_of, run_server_app
+from tests.flower_harness import (
+    federation_config,
+    make_instruction,
+    node_id_of,
+    run_server_app,
+)
 from tests.secagg_harness import Federation
 
 NODES = 4  # the fewest with a tolerated training dropout (min-survivors 3)
@@ -91,6 +97,20 @@ def test_accuracies_are_correct_over_examples_and_skip_empty_sets() -> None:
     figures = evaluation_sum.accuracies(np.array([30, 40, 0, 0, 20, 0]))
 
     assert figures == {"local-acc": 0.75, "zeroshot-local-acc": 0.5}
+
+
+def test_a_node_of_a_secure_run_refuses_to_send_its_figures_in_clear() -> None:
+    # Prepare: a plain evaluate message, as the pre-issue server sent, in a secure run
+    run_config = RunConfig(aggregation="secure", min_nodes=3).to_flower()
+    context = Context(run_id=1, node_id=5, node_config={"partition-id": 0,
+                      "num-partitions": 3}, state=RecordDict(), run_config=run_config)
+    config = ConfigRecord({wire.SERVER_ROUND: 1, wire.AGGREGATION: "secure"})
+    msg = make_instruction(RecordDict({wire.CONFIG_RECORD: config}), dst_node_id=5,
+                           message_type=MessageType.EVALUATE)
+
+    # Execute / Assert: refused before anything is evaluated
+    with pytest.raises(ConfigError, match="does not send its own accuracies"):
+        client_module.evaluate(msg, context)
 
 
 # --- a secure federation -------------------------------------------------------------------
