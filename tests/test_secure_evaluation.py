@@ -117,12 +117,12 @@ def _weighted_from_node_records(
     tmp_path: Path, partitions: list[int], round_: int
 ) -> dict[str, float]:
     """Correct / examples summed over the nodes' own records (each node's last line)."""
-    totals: dict[str, int] = {}
+    fields = {name for _, correct, examples in COUNTS for name in (correct, examples)}
+    totals = dict.fromkeys(fields, 0)
     for p in partitions:
         (*_, line) = [x for x in _records(tmp_path, p) if x["round"] == round_]
-        for _, correct, examples in COUNTS:
-            for name in (correct, examples):
-                totals[name] = totals.get(name, 0) + int(line[name])
+        for name in fields:
+            totals[name] += int(line[name])
     return {
         accuracy: totals[correct] / totals[examples]
         for accuracy, correct, examples in COUNTS
