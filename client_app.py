@@ -10,6 +10,7 @@ from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from dpfpl_app.config import Aggregation, ConfigError, RunConfig
+from dpfpl_app.federation.evaluation_sum import EVALUATION
 from dpfpl_app.federation.message_timing import MessageTimes
 from dpfpl_app.federation.node_worker_link import delegate_to_worker
 from dpfpl_app.federation.secure_client import CLUSTERING, answer_stage, masked_content
@@ -103,6 +104,12 @@ def train(msg: Message, context: Context) -> Message:
 def evaluate(msg: Message, context: Context) -> Message:
     """Local and neighbour accuracy of this client's personalised prompt."""
     cfg = message_config(msg, context)
+    if cfg.aggregation is Aggregation.SECURE:
+        raise ConfigError(
+            "a secure run evaluates through a secure sum of counts; this node does not send "
+            "its own accuracies and example counts in clear (the ServerApp is not this "
+            "version of dpfpl, or not honest)"
+        )
     from dpfpl_app.federation.client_messages import answer_evaluate
 
     return _handle(msg, context, cfg, answer_evaluate)
@@ -134,6 +141,23 @@ def secagg_collect_masked(msg: Message, context: Context) -> Message:
 
     def answer(trainer: ClientTrainer, message: Message) -> RecordDict:
         return masked_content(message, context, cfg, lambda: secure_contribution(trainer, message))
+
+    return _handle(msg, context, cfg, answer)
+
+
+@app.evaluate(Stage.COLLECT_MASKED)
+def secure_evaluate_masked(msg: Message, context: Context) -> Message:
+    """Evaluate; add only the counts, masked, to the secure sum (figures stay on the node)."""
+    cfg = run_config(context, Aggregation.SECURE)
+    from dpfpl_app.federation.client_messages import evaluation_contribution
+    from dpfpl_app.federation.client_node import state_directory
+
+    def answer(trainer: ClientTrainer, message: Message) -> RecordDict:
+        directory = state_directory(cfg, context, trainer.partition_id)
+        return masked_content(
+            message, context, cfg, lambda: evaluation_contribution(trainer, message, directory),
+            purpose=EVALUATION,
+        )
 
     return _handle(msg, context, cfg, answer)
 

@@ -4,7 +4,7 @@ What the server receives is ``grid.replies`` (every reply, after protobuf). The 
 hook reads what never leaves a client: each client's clipped vector and its quantised,
 noised integer input, by wrapping ``ClientRound.collect_masked`` so that its rounding
 and noise come from a stream the test can replay (production draws them from the OS).
-The server's unmasked sums are read by wrapping ``SecureRound.aggregate``.
+The server's unmasked training sums are read by wrapping ``SecureRound.aggregate``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import client_app as client_module
 import server_app as server_module
 from dpfpl_app.config import RunConfig
 from dpfpl_app.federation.client_node import STATE_ARRAYS
-from dpfpl_app.federation.secure_client import STATE_KEY
+from dpfpl_app.federation.secure_client import PROMPT, STATE_KEY
 from dpfpl_app.federation.secure_round import SecureRound
 from dpfpl_app.privacy.dp_channel import plan_for
 from dpfpl_app.secagg import AggregateResult, ClientRound, RoundParams, Stage, fixed_point, skellam
@@ -66,7 +66,8 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
 
     def spy_aggregate(self: SecureRound, replies):  # noqa: ANN001, ANN202
         result = aggregate(self, replies)
-        record.sums.append((self.params, result))
+        if self._purpose == PROMPT:  # the training sums (evaluation has its own tests)
+            record.sums.append((self.params, result))
         return result
 
     monkeypatch.setattr(ClientRound, "collect_masked", collect_masked)

@@ -8,11 +8,13 @@ the clipped global-prompt gradient and scalar metrics into the reply (``wire``).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 
-from dpfpl_app.federation import domain_wire, wire
+from dpfpl_app.federation import domain_wire, evaluation_sum, wire
 from dpfpl_app.federation.secure_clustering import CLUSTER_ARRAYS, CLUSTER_RECORD
 from dpfpl_app.method import domain_clusters
 from dpfpl_app.method.client_trainer import ClientTrainer
@@ -70,6 +72,19 @@ def answer_evaluate(trainer: ClientTrainer, msg: Message) -> RecordDict:
         neighbour_examples=int(metrics["neighbour-examples"]),
         partition_id=trainer.partition_id,
     )
+
+
+def evaluation_contribution(trainer: ClientTrainer, msg: Message, directory: Path) -> np.ndarray:
+    """A secure run's evaluation: the counts this client adds to the secure sum.
+
+    Its own figures are logged and kept in ``directory`` (the node's state directory,
+    ``evaluation_sum.keep_on_node``) and are never part of a reply.
+    """
+    metrics = trainer.evaluate(shared_prompt(trainer, msg)[0])
+    counts = evaluation_sum.NodeCounts.from_metrics(metrics)
+    server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
+    evaluation_sum.keep_on_node(directory, server_round, counts)
+    return counts.vector()
 
 
 def secure_contribution(trainer: ClientTrainer, msg: Message) -> np.ndarray:

@@ -32,6 +32,7 @@ CSV_FILE = "metrics.csv"
 LAST_ROUNDS = 10  # the paper reports the mean over the last 10 rounds
 PARTITION_PREFIX = "partition-id/node-"
 """Round metrics under this prefix build the node map, not a metrics.csv column."""
+SECURE = "secure"  # a run config's resolved aggregation whose evaluation is a secure sum
 NODES_NOTE = (
     "prompt-file is a path on that node's host; a SuperNode started with its own "
     "--node-config state-dir keeps it under that directory instead"
@@ -212,6 +213,18 @@ def load_results(run_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def accuracy_meaning(doc: dict[str, Any]) -> str:
+    """What a run's ``local-acc`` / ``neighbour-acc`` are: the means differ by mode.
+
+    A secure run's server learns only summed counts (``secure_evaluation``), so its
+    accuracies are federation-wide (example-weighted); a plain run's are the mean over
+    clients (the paper's figure), with the example-weighted ones beside them.
+    """
+    if doc.get("config", {}).get("aggregation") == SECURE:
+        return "federation-wide: correct / examples"
+    return "mean over clients"
+
+
 def summary_table(doc: dict[str, Any]) -> str:
     """A plain-text table of the run: one line per round and the summary."""
     cols = ["round", "local-acc", "neighbour-acc", "epsilon"]
@@ -226,6 +239,7 @@ def summary_table(doc: dict[str, Any]) -> str:
     config = doc.get("config", {})
     lines.append(
         f"status: {doc['status']}  method: {config.get('method')}  dp-mode: {config.get('dp-mode')}"
+        f"  accuracy: {accuracy_meaning(doc)}"
     )
     if doc.get("reason"):
         lines.append(f"reason: {doc['reason']}")
@@ -294,7 +308,7 @@ def draw_run(doc: dict[str, Any]) -> dict[str, Figure]:
     title = f"{config.get('method')} / dp-mode {config.get('dp-mode')}"
     figures = {}
     for name, keys, ylabel in (
-        ("accuracy.png", ("local-acc", "neighbour-acc"), "accuracy (mean over clients)"),
+        ("accuracy.png", ("local-acc", "neighbour-acc"), f"accuracy ({accuracy_meaning(doc)})"),
         ("epsilon.png", ("epsilon", "eps-local", "eps-global"), "epsilon spent"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))

@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 
 from dpfpl_app.config import RunConfig
+from dpfpl_app.federation import evaluation_sum
 from dpfpl_app.federation.secure_identity import UNSIGNED_WARNING, node_identity
 from dpfpl_app.method import domain_clusters
 from dpfpl_app.privacy.secure_channel import config_for
@@ -49,9 +50,12 @@ def config_for_purpose(cfg: RunConfig, purpose: str, dim: int) -> SecAggConfig:
     ``clustering``: SecFPP's statistics, no noise, every sampled node must survive (a
     dropout could leave a cluster's sum with fewer members than opened it), inputs
     bounded by the largest search the run config allows (``domain_clusters``).
+    ``evaluation``: exact test-set counts, no noise, every sampled node (``evaluation_sum``).
     """
     if purpose == PROMPT:
         return config_for(cfg, dim)
+    if purpose == evaluation_sum.EVALUATION:
+        return evaluation_sum.secagg_config(dim)
     if purpose == CLUSTERING and cfg.method.clustered:
         return SecAggConfig(
             dim=dim,

@@ -6,6 +6,9 @@ sum of the survivors' clipped global-prompt gradients with the clients' Skellam 
 it; it divides that sum by the number of survivors m (public; the accounting covers the
 SUM, whose sensitivity does not depend on m, so the division is post-processing) and
 takes the parent's step. The epsilon counts each round with its actual survivors.
+
+Evaluation is a secure sum too (``secure_evaluation``): the server learns the nodes'
+summed counts of correct predictions and test examples, never one node's figures.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from dpfpl_app.federation import wire
+from dpfpl_app.federation import reply_checks, wire
+from dpfpl_app.federation.secure_evaluation import EvaluationOutcome, run_secure_evaluation
 from dpfpl_app.federation.secure_round import SecureRound, global_release, metrics_of
 from dpfpl_app.federation.strategy import DPFPLStrategy
 from dpfpl_app.privacy import secure_channel
@@ -42,6 +46,7 @@ class SecureDPFPLStrategy(DPFPLStrategy):
         # per trained round: survivors / min-survivors of the sum the server may hold,
         # or None when none could be rebuilt (``secure_round.global_release``)
         self._secure_rounds: list[float | None] = []
+        self._evaluated: EvaluationOutcome | None = None  # the current round's evaluation sum
 
     def epsilon(self) -> float:
         """As the parent's, but each round counted with the survivors of its sum."""
@@ -74,6 +79,28 @@ class SecureDPFPLStrategy(DPFPLStrategy):
             return []
         self._sent = self._secure.masked_messages(payloads, self._content(config, round_))
         return self._sent
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """Run the round's evaluation as a secure sum of counts, here; Flower sends nothing.
+
+        The whole secure round (retries included) runs inside this call, so that a
+        discarded sum can be asked again; ``aggregate_evaluate`` reports its figures.
+        """
+        round_ = self._round_offset + server_round
+        self._sent, self._evaluated = [], None
+        if not self.evaluates(round_):
+            return []
+        self._adopt(arrays)
+        self._evaluated = run_secure_evaluation(
+            lambda: self._sample_nodes(grid, self.fraction_evaluate, MessageType.EVALUATE, round_),
+            self._content(config, round_),
+            grid=grid,
+            round_=round_,
+            timeout=SECURE_STAGE_TIMEOUT,
+        )
+        return []
 
     def _before_secure_round(self, grid: Grid, nodes: list[int], round_: int) -> None:
         """Work a subclass does with the round's sample before its key exchange (SecFPP
@@ -113,6 +140,22 @@ class SecureDPFPLStrategy(DPFPLStrategy):
         """The survivors' mean gradient from the released sum, and the std of its noise."""
         mean = torch.from_numpy(result.total).reshape(self._prompt.shape) / survivors
         return mean, result.accounting().noise_std(survivors) / survivors
+
+    def _evaluation(
+        self, replies: list[Message], round_: int
+    ) -> tuple[dict[str, float | int], dict[str, float | int]]:
+        """The federation-wide figures of the round's evaluation sum; nothing per client.
+
+        ``configure_evaluate`` sent no evaluate message of Flower's, so any reply here
+        is refused: in a secure run a node's figures never reach the server.
+        """
+        for reply in replies:
+            reply_checks.refuse("evaluate", round_, reply, self._sent, "fault: an evaluate "
+                                "reply outside the secure sum (per-node figures) in a secure run")
+        outcome, self._evaluated = self._evaluated, None
+        if outcome is None:
+            raise RuntimeError(f"evaluate round {round_}: aggregated without a secure evaluation")
+        return outcome.metrics(), {}
 
     # --- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -26,6 +26,7 @@ from dpfpl_app.federation.cluster_strategy import CLUSTERING_NOTE, SecFPPStrateg
 from dpfpl_app.federation.node_paths import run_state_name
 from dpfpl_app.federation.polling_grid import responsive
 from dpfpl_app.federation.results import RunRecorder
+from dpfpl_app.federation.secure_evaluation import SECURE_EVALUATION_NOTE
 from dpfpl_app.federation.strategy_build import build_strategy
 from dpfpl_app.privacy.dp_channel import Guarantee, plan_for
 
@@ -51,6 +52,8 @@ def privacy_notes(cfg: RunConfig) -> dict[str, str]:
         )
     if plan.z_global > 0:
         notes["secure-aggregation" if plan.secure else "honest-server"] = plan.server_view
+    if plan.secure:
+        notes["evaluation"] = SECURE_EVALUATION_NOTE
     if cfg.method.clustered:
         notes["clustering"] = CLUSTERING_NOTE
     if cfg.method.has_local:

@@ -340,17 +340,26 @@ class DPFPLStrategy(Strategy):
                 self.on_round(round_, self._train_metrics)
             self._train_metrics = {}
             return None
+        metrics, per_client = self._evaluation(replies, round_)
+        if self.on_round is not None:  # per-client figures: for the results files, not Flower's log
+            self.on_round(round_, {**self._train_metrics, **metrics, **per_client})
+        self._train_metrics = {}
+        return MetricRecord(dict(metrics))
+
+    def _evaluation(
+        self, replies: list[Message], round_: int
+    ) -> tuple[dict[str, float | int], dict[str, float | int]]:
+        """The round's evaluation metrics, and each client's own figures (results files).
+
+        A secure run overrides this: its server learns federation-wide figures only.
+        """
         accepted = reply_checks.accept_evaluate_replies(replies, self._sent, round_)
         metrics: dict[str, float | int] = {
             wire.EVAL_ACCEPTED: len(accepted),
             wire.EVAL_REJECTED: len(replies) - len(accepted),
             **accuracy_means(accepted),
         }
-        if self.on_round is not None:
-            per_client = per_client_metrics(accepted)  # for the results files, not for Flower's log
-            self.on_round(round_, {**self._train_metrics, **metrics, **per_client})
-        self._train_metrics = {}
-        return MetricRecord(dict(metrics))
+        return metrics, per_client_metrics(accepted)
 
     # --- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

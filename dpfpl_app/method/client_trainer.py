@@ -246,6 +246,9 @@ class ClientTrainer:
 
     @torch.no_grad()
     def evaluate(self, global_prompt: Tensor) -> dict[str, float]:
+        """Accuracies of the prompt and of the zero-shot template, and the exact counts
+        behind them (``<name>-correct``, ``*-examples``): a secure run sums the counts.
+        """
         self._receive(global_prompt)
         d = self.data
         zeroshot = self.template_text()
@@ -255,11 +258,15 @@ class ClientTrainer:
             return class_logits(zeroshot, features, scale)
 
         local, neighbour = d.local_features, d.neighbour_features
+        hits = {
+            "local": _hits(self.learner.logits, local, d.local_labels),
+            "neighbour": _hits(self.learner.logits, neighbour, d.neighbour_labels),
+            "zeroshot-local": _hits(zeroshot_logits, local, d.local_labels),
+            "zeroshot-neighbour": _hits(zeroshot_logits, neighbour, d.neighbour_labels),
+        }
         return {
-            "local-acc": _accuracy(self.learner.logits, local, d.local_labels),
-            "neighbour-acc": _accuracy(self.learner.logits, neighbour, d.neighbour_labels),
-            "zeroshot-local-acc": _accuracy(zeroshot_logits, local, d.local_labels),
-            "zeroshot-neighbour-acc": _accuracy(zeroshot_logits, neighbour, d.neighbour_labels),
+            **{f"{name}-acc": _accuracy(hit) for name, hit in hits.items()},
+            **{f"{name}-correct": int(hit.sum()) for name, hit in hits.items()},
             "local-examples": float(d.local_labels.numel()),
             "neighbour-examples": float(d.neighbour_labels.numel()),
         }
@@ -308,10 +315,15 @@ def zeroshot_text(clip: FrozenClip, class_names: tuple[str, ...], template: str)
     return encoder.to(clip.device)(words.to(clip.device)).cpu()
 
 
-def _accuracy(logits: Callable[[Tensor], Tensor], features: Tensor, labels: Tensor) -> float:
+def _hits(logits: Callable[[Tensor], Tensor], features: Tensor, labels: Tensor) -> Tensor:
+    """Which examples the logits classify correctly (bool, one per label)."""
     if labels.numel() == 0:
-        return float("nan")
-    return float((logits(features).argmax(dim=1) == labels).float().mean())
+        return torch.zeros(0, dtype=torch.bool)
+    return logits(features).argmax(dim=1) == labels
+
+
+def _accuracy(hits: Tensor) -> float:
+    return float("nan") if hits.numel() == 0 else float(hits.float().mean())
 
 
 def init_generator(seed: int, partition_id: int) -> torch.Generator:

@@ -179,6 +179,7 @@ def incomplete_reason(doc: dict[str, Any], clients: int) -> str | None:
                       "eval-rejected": 0}:
             return f"round {row['round']}: {counts} (every one of {clients} clients expected)"
         local = [k for k in row if k.startswith("local-acc/node-")]
-        if len(local) != clients:
+        secure = doc["config"].get("aggregation") == "secure"  # no per-client figures kept
+        if len(local) != clients and not secure:
             return f"round {row['round']}: local accuracy of {len(local)} of {clients} clients"
     return None
