@@ -66,26 +66,71 @@ class Layout:
         return [(end - k, end) for k, end in zip(self.ks, ends, strict=True)]
 
 
-def summary(
+def image_vectors(
     features: np.ndarray, labels: np.ndarray, class_text: np.ndarray, dim: int, seed: int
 ) -> np.ndarray:
-    """The client's unit summary: a public projection of its mean class-centred feature.
+    """Per image (N, dim): its class-centred feature through the public projection.
 
-    ``features`` (N, e) are its normalised image features, ``class_text`` (C, e) the
-    template's text features of every class (public: the frozen model's).
+    ``features`` (N, e) are the client's normalised image features, ``class_text``
+    (C, e) the template's text features of every class (public: the frozen model's).
+    The projection has orthonormal columns (``dim <= e``), so a vector's norm never
+    grows: a centred vector of two unit features has norm at most 2.
     """
     centred = np.asarray(features, dtype=np.float64) - np.asarray(class_text)[labels]
-    mean = centred.mean(axis=0)
-    digest = hashlib.sha256(f"{SUMMARY_PURPOSE}/{seed}/{mean.size}/{dim}".encode()).digest()
+    return centred @ _projection(centred.shape[1], dim, seed)
+
+
+def _projection(width: int, dim: int, seed: int) -> np.ndarray:
+    """The public random projection (width, dim), from the run's seed."""
+    digest = hashlib.sha256(f"{SUMMARY_PURPOSE}/{seed}/{width}/{dim}".encode()).digest()
     gaussian = np.random.default_rng(int.from_bytes(digest[:8], "little")).standard_normal(
-        (mean.size, max(dim, mean.size))
+        (width, max(dim, width))
     )
-    projection = np.linalg.qr(gaussian.T)[0][:, :dim] if dim <= mean.size else gaussian
-    z = mean @ projection
-    norm = float(np.linalg.norm(z))
+    return np.linalg.qr(gaussian.T)[0][:, :dim] if dim <= width else gaussian
+
+
+def clipped_mean(vectors: np.ndarray, *, clip: float, size: float) -> np.ndarray:
+    """The summary before noise: per-image vectors clipped to ``clip``, summed, / ``size``.
+
+    ``size`` is PUBLIC (the client's declared size, ``B / q``), never the number of rows,
+    so adding or removing one image moves the result by at most ``clip / size`` (L2):
+    the sensitivity ``release`` calibrates its noise to.
+    """
+    if not (clip > 0 and size > 0):
+        raise ValueError(f"clip ({clip}) and size ({size}) must be positive")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+    return (vectors * scale).sum(axis=0) / size
+
+
+def release(
+    mean: np.ndarray, standard_normal: np.ndarray, *, clip: float, size: float,
+    noise_multiplier: float,
+) -> np.ndarray:
+    """The client's one DP release: ``mean`` + N(0, (z clip / size)^2) per coordinate.
+
+    ``standard_normal`` is N(0, 1) per coordinate from a secret source (the caller's
+    ``NoiseSource``). A Gaussian mechanism of multiplier ``noise_multiplier`` on the
+    sensitivity ``clip / size`` of ``clipped_mean``: RDP ``a / (2 z^2)`` at order a,
+    once per run. Everything the clustering and the training do with the summary
+    afterwards is post-processing of this vector (``point``).
+    """
+    if standard_normal.shape != mean.shape:
+        raise ValueError(f"noise of shape {standard_normal.shape} for a summary {mean.shape}")
+    std = noise_multiplier * clip / size
+    return np.asarray(mean, dtype=np.float64) + std * np.asarray(standard_normal, np.float64)
+
+
+def point(released: np.ndarray) -> np.ndarray:
+    """The clustering's point of a released summary: its direction (a unit vector).
+
+    Post-processing of the release. Unit norm keeps every clustering input inside
+    ``input_bound`` and makes clients of one domain comparable whatever their size.
+    """
+    norm = float(np.linalg.norm(released))
     if not norm > 0:
-        raise ValueError("the client's mean image feature projects to zero: no summary")
-    return z / norm
+        raise ValueError("the client's released summary is zero: no direction to cluster")
+    return np.asarray(released, dtype=np.float64) / norm
 
 
 def nearest(z: np.ndarray, centroids: np.ndarray, layout: Layout) -> list[int]:

@@ -77,9 +77,11 @@ MEANINGS = {
     Guarantee.NOTHING_RELEASED: "the method trains nothing on the data",
 }
 
-CLUSTERING_CAVEAT = (
-    "NOT covered: SecFPP's clustering statistics (per-cluster sums of domain summaries over "
-    "secure aggregation, no noise), on which the domain prompts depend"
+CLUSTERED_MEANING = (
+    "sample-level (epsilon, delta)-DP of everything released about a client's training "
+    "data: its domain summary (one Gaussian release, from which its every clustering "
+    "input and cluster choice are computed), every broadcast domain prompt and its "
+    "personalised prompt; the summary release and both prompt channels composed"
 )
 
 HONEST_SERVER = (
@@ -116,6 +118,7 @@ class ChannelPlan:
     z_step: float  # composed multiplier per local step (0 without DP)
     z_local: float  # local-channel multiplier (0: no local noise)
     z_global: float  # global-channel multiplier (0: no global noise)
+    z_summary: float = 0.0  # SecFPP's one summary release (0: none), in the epsilon
 
     @property
     def planned_steps(self) -> int:
@@ -123,8 +126,8 @@ class ChannelPlan:
 
     @property
     def meaning(self) -> str:
-        if self.method.clustered and self.guarantee is not Guarantee.NO_DP:
-            return f"{MEANINGS[self.guarantee]}; {CLUSTERING_CAVEAT}"
+        if self.method.clustered and self.guarantee is Guarantee.ACCOUNTED:
+            return CLUSTERED_MEANING
         return MEANINGS[self.guarantee]
 
     @property
@@ -139,7 +142,7 @@ class ChannelPlan:
     @property
     def secure_setting(self) -> SecureSetting:
         """The secure channel's per-step mechanism (``secure_channel``)."""
-        return SecureSetting(self.sample_rate, self.z_local, self.z_global)
+        return SecureSetting(self.sample_rate, self.z_local, self.z_global, self.z_summary)
 
     # --- noise ------------------------------------------------------------------------
     def global_std(self, accepted: int) -> float:
@@ -183,11 +186,16 @@ class ChannelPlan:
         if self.mode is not DPMode.PER_SAMPLE or self.z_step == 0.0:
             return {}
         if self.secure:
+            local = SecureSetting(self.sample_rate, self.z_local, 0.0)
             alone = SecureSetting(self.sample_rate, 0.0, self.z_global)
-            return {
-                "eps-local-alone": self.secure_setting.epsilon([None] * steps_done, self.delta),
+            out = {
+                "eps-local-alone": local.epsilon([None] * steps_done, self.delta),
                 "eps-global-alone": alone.epsilon([1.0] * steps_done, self.delta),
             }
+            if self.z_summary > 0:
+                summary = SecureSetting(self.sample_rate, 0.0, 0.0, self.z_summary)
+                out["eps-summary-alone"] = summary.epsilon([], self.delta)
+            return out
         out = {}
         if self.z_local > 0:
             out["eps-local-alone"] = _epsilon(
@@ -218,6 +226,7 @@ class ChannelPlan:
             "noise-multiplier-step": self.z_step,
             "noise-multiplier-local": self.z_local,
             "noise-multiplier-global": self.z_global,
+            **({"noise-multiplier-summary": self.z_summary} if self.z_summary > 0 else {}),
         }
 
 
@@ -244,6 +253,7 @@ def plan_for(cfg: RunConfig) -> ChannelPlan:
         cfg.batch_size,
         cfg.epsilon,
         cfg.global_share,
+        secure_channel.summary_multiplier(cfg),
     )
 
 
@@ -288,6 +298,7 @@ def _plan(
     batch: int,
     epsilon: float,
     share: float,
+    z_summary: float,
 ) -> ChannelPlan:
     if mode is DPMode.OFF:
         trains = method is not Method.ZEROSHOT
@@ -316,6 +327,7 @@ def _plan(
                 steps=rounds * k,
                 global_share=share,
                 has_local=method.has_local,
+                z_summary=z_summary,
             )
             setting = secure_channel.setting_for(
                 z_step, sample_rate=rate, global_share=share, has_local=method.has_local
@@ -346,6 +358,7 @@ def _plan(
         z_step=z_step,
         z_local=z_local,
         z_global=z_global,
+        z_summary=z_summary if guarantee in ACCOUNTED_KINDS else 0.0,
     )
 
 
