@@ -1,8 +1,12 @@
 """SecFPP's adaptive k-means on secure aggregates: the arithmetic of both sides (numpy).
 
-**What a client summarises.** Its domain, as a unit vector ``z``: the mean over its
-training images of (image feature - its class's zero-shot text feature), projected by
-a public random orthonormal matrix to ``summary-dim`` numbers. Why image features and
+**What a client summarises.** Its domain: the sum over its training images of
+(image feature - its class's zero-shot text feature), projected by a public random
+orthonormal matrix to ``summary-dim`` numbers and clipped per image to ``summary-clip``,
+divided by the client's PUBLIC size ``B / q`` (``clipped_mean``). One image moves it by
+at most ``summary-clip / (B / q)``; the client adds Gaussian noise for that sensitivity
+ONCE (``release``), keeps the result, and clusters by its direction, the unit vector
+``z`` (``point``). Everything below is post-processing of that release. Why image features and
 not a locally adapted prompt: a client's images carry its domain (scanner, style,
 modality) whatever classes it holds, while a prompt adapted for a few steps mostly
 encodes WHICH classes it holds, the class-level heterogeneity SecFPP keeps in the
@@ -10,8 +14,8 @@ private prompt. Why centred on the class's text feature: CLIP's pretraining alig
 image with its class's text, so the difference removes the class to first order and
 keeps what the domain did to the image. Measured on the benchmark (``domain-digits``,
 12 clients, 3 styles, 2-4 classes each): k-means on the raw mean features mixes the
-domains (adjusted Rand 0.50), on the centred ones it recovers them (1.0). It costs no
-training and no privacy budget of the prompt channels.
+domains (adjusted Rand 0.50), on the centred ones it recovers them (1.0); at the
+default noise, ``benchmarks/results/secfpp-noise.md``. It costs no training.
 
 **What the server learns.** Candidates (k, restart) run Lloyd's iterations in lockstep;
 each candidate is a block of k centroid *slots*. Per iteration, two secure sums over
@@ -21,6 +25,7 @@ all sampled clients: the ``count`` phase gives each slot's number of members; th
 distances to the slot's centroid. A client contributes to one slot per candidate, the
 nearest centroid, computed locally: no one else learns its summary or its slots. A
 slot below the threshold is never opened: the server learns only that it is small.
+Differences of overlapping sums can still isolate one client's ``z``: a noised release.
 
 **Choosing k** from these aggregates alone: the Bayesian information criterion of a
 spherical Gaussian mixture with the k-means partition (Pelleg and Moore's X-means

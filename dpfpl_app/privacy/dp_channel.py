@@ -31,6 +31,12 @@ Secure aggregation (``aggregation = "secure"``) replaces the server's Gaussian o
 global channel with Skellam noise the clients add under SecAgg+ masking: the same
 split of z_step, accounted with a generic subsampled-RDP bound (``secure_channel``).
 
+SecFPP adds one more release before the first step: each client's domain summary, a
+Gaussian mechanism of multiplier ``summary-noise-multiplier`` on its sensitivity (no
+subsampling: every image is in it). Its RDP curve is added to the steps' and the
+prompt channels are calibrated so that the COMPOSED epsilon meets the target: one
+figure for everything a client releases, its clustering included (``docs/secfpp.md``).
+
 The sampling rate accounted is the public bound ``max-sample-rate``; a client draws with
 ``q_i = min(bound, B / |D_i|)`` <= bound and still divides by B, and epsilon only grows
 with q, so the bound covers every client without trusting any client's word.
@@ -128,6 +134,11 @@ class ChannelPlan:
     def meaning(self) -> str:
         if self.method.clustered and self.guarantee is Guarantee.ACCOUNTED:
             return CLUSTERED_MEANING
+        if self.method.clustered and self.guarantee is Guarantee.NOMINAL_PUBLIC_SEED:
+            return (
+                f"{MEANINGS[self.guarantee]}; the figure composes the domain summary release "
+                "with both prompt channels"
+            )
         return MEANINGS[self.guarantee]
 
     @property
