@@ -167,7 +167,7 @@ class RunConfig(BaseModel):
         description="secfpp: L2 clip of each image's projected vector in the domain summary",
     )
     summary_noise_multiplier: float = Field(
-        8.0, gt=0, le=1000.0,
+        2.0, gt=0, le=1000.0,
         description="secfpp: Gaussian multiplier of the summary's one DP release (per-sample DP)",
     )
     output_dir: str = Field("runs", min_length=1, description="where run results go")
