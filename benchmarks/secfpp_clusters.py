@@ -77,8 +77,8 @@ def main() -> None:
         "|---|---:|---:|---|---:|---:|---:|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | {r['summary-noise-multiplier']:g} | {r['k']} | {r['sizes']} | {r['ari']:.2f} | "
-                     f"{r['secure_sums']} | {r['clustering_s']:.1f} |")
+        lines.append(f"| {name} | {r['summary-noise-multiplier']:g} | {r['k']} | {r['sizes']} "
+                     f"| {r['ari']:.2f} | {r['secure_sums']} | {r['clustering_s']:.1f} |")
     aris = [r["ari"] for r in rows.values()]
     lines.append(f"\nARI mean {statistics.fmean(aris):.2f} over {len(aris)} cells "
                  f"(min {min(aris):.2f}).")
