@@ -28,6 +28,7 @@ from sklearn.metrics import adjusted_rand_score
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from dpfpl_app.cache import cache_root  # noqa: E402
 from dpfpl_app.config import RunConfig  # noqa: E402
 from dpfpl_app.data.image_styles import STYLED_DATASETS  # noqa: E402
 from dpfpl_app.federation.domain_wire import own_cluster  # noqa: E402
@@ -43,7 +44,8 @@ def cell_clusters(doc: dict[str, Any]) -> dict[str, Any]:
     centroids = np.asarray(doc["summary"]["clusters"]["centroids"])
     found, truth = [], []
     for pid in range(cfg.min_nodes):
-        state = Path(cfg.state_dir) / partition_subdir(cfg.run_name, 0, pid)
+        root = Path(cfg.state_dir) if cfg.state_dir else cache_root() / "state"
+        state = root / partition_subdir(cfg.run_name, 0, pid)
         released = load_file(str(state / "private.safetensors"))[SUMMARY_KEY]
         found.append(own_cluster(domain_clusters.point(released), centroids))
         truth.append(styled.styles.index(styled.style_of(pid)))
