@@ -167,14 +167,17 @@ def secfpp_cluster_masked(msg: Message, context: Context) -> Message:
     """SecFPP clustering: reply with this node's statistics, quantised and masked."""
     cfg = run_config(context, Aggregation.SECURE)
     from dpfpl_app.federation.client_messages import cluster_contribution
-    from dpfpl_app.federation.client_node import build_trainer
+    from dpfpl_app.federation.client_node import build_trainer, save_state
     from dpfpl_app.service.logs import route_app_logs
 
     route_app_logs()
-    trainer = build_trainer(cfg, context)  # read only: nothing trained, nothing saved
+    trainer = build_trainer(cfg, context)  # nothing trained
+    releases = trainer.released_summary is None  # the summary's one noised draw is now
     content = masked_content(
         msg, context, cfg, lambda: cluster_contribution(trainer, msg), purpose=CLUSTERING
     )
+    if releases:  # kept before the reply leaves: a restart reuses it, never redraws
+        save_state(trainer, cfg, context)
     return Message(content, reply_to=msg)
 
 

@@ -162,6 +162,14 @@ class RunConfig(BaseModel):
     summary_dim: int = Field(
         64, ge=1, le=1024, description="secfpp: length of a client's public projection summary"
     )
+    summary_clip: float = Field(
+        0.5, gt=0, le=2.0,
+        description="secfpp: L2 clip of each image's projected vector in the domain summary",
+    )
+    summary_noise_multiplier: float = Field(
+        2.0, gt=0, le=1000.0,
+        description="secfpp: Gaussian multiplier of the summary's one DP release (per-sample DP)",
+    )
     output_dir: str = Field("runs", min_length=1, description="where run results go")
     run_name: str = Field("", description="subdirectory of output-dir; empty = generated")
     state_dir: str = Field("", description="node-local dir for private state; empty = cache")

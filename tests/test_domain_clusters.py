@@ -13,6 +13,13 @@ def _blobs(per: int, centres: np.ndarray, spread: float, rng: np.random.Generato
     return points / np.linalg.norm(points, axis=1, keepdims=True)
 
 
+def _unit_summary(features: np.ndarray, labels: np.ndarray, text: np.ndarray, dim: int,
+                  seed: int) -> np.ndarray:
+    """A client's clustering point without noise (clip large enough never to bind)."""
+    vectors = dc.image_vectors(features, labels, text, dim, seed)
+    return dc.point(dc.clipped_mean(vectors, clip=1e9, size=len(labels)))
+
+
 def test_summary_removes_the_class_and_keeps_the_domain() -> None:
     # Prepare: two clients of one domain (shift s) holding different classes
     rng = np.random.default_rng(0)
@@ -24,8 +31,8 @@ def test_summary_removes_the_class_and_keeps_the_domain() -> None:
     c = text[a_labels] + other  # client a's classes, another domain
 
     # Execute
-    za, zb, zc = (dc.summary(f, y, text, 8, seed=1) for f, y in ((a, a_labels), (b, b_labels),
-                                                                  (c, a_labels)))
+    za, zb, zc = (_unit_summary(f, y, text, 8, seed=1) for f, y in ((a, a_labels),
+                                                                    (b, b_labels), (c, a_labels)))
 
     # Assert: unit vectors; same domain close whatever the classes, other domain far
     for z in (za, zb, zc):
@@ -37,9 +44,28 @@ def test_a_square_projection_preserves_distances() -> None:
     rng = np.random.default_rng(1)
     text = np.zeros((1, 16))
     x, y = rng.standard_normal((2, 16))
-    zx = dc.summary(x[None], np.zeros(1, dtype=int), text, 16, seed=0)
-    zy = dc.summary(y[None], np.zeros(1, dtype=int), text, 16, seed=0)
+    zx = _unit_summary(x[None], np.zeros(1, dtype=int), text, 16, seed=0)
+    zy = _unit_summary(y[None], np.zeros(1, dtype=int), text, 16, seed=0)
     assert zx @ zy == pytest.approx((x / np.linalg.norm(x)) @ (y / np.linalg.norm(y)))
+
+
+def test_one_image_moves_the_clipped_mean_by_at_most_clip_over_the_public_size() -> None:
+    rng = np.random.default_rng(7)
+    vectors = 3.0 * rng.standard_normal((40, 8))  # far beyond the clip
+    outlier = 100.0 * rng.standard_normal((1, 8))
+    base = dc.clipped_mean(vectors, clip=0.5, size=64.0)
+    added = dc.clipped_mean(np.concatenate([vectors, outlier]), clip=0.5, size=64.0)
+    removed = dc.clipped_mean(vectors[1:], clip=0.5, size=64.0)
+    assert np.linalg.norm(added - base) == pytest.approx(0.5 / 64.0)
+    assert np.linalg.norm(removed - base) <= 0.5 / 64.0 + 1e-15
+
+
+def test_the_release_adds_noise_of_std_z_clip_over_size() -> None:
+    mean = np.zeros(4000)
+    normal = np.random.default_rng(8).standard_normal(4000)
+    released = dc.release(mean, normal, clip=0.5, size=100.0, noise_multiplier=4.0)
+    assert released.std() == pytest.approx(4.0 * 0.5 / 100.0, rel=0.05)
+    assert np.linalg.norm(dc.point(released)) == pytest.approx(1.0)
 
 
 def test_count_vector_is_one_slot_per_candidate() -> None:

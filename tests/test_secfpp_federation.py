@@ -120,7 +120,7 @@ def test_secfpp_server_sees_only_per_cluster_aggregates(
     assert doc["rounds"][0]["clusters"] == k and "clusters" not in doc["rounds"][1]
 
 
-def test_secfpp_with_dp_reports_the_prompt_channels_epsilon_and_the_uncovered_clustering(
+def test_secfpp_with_dp_reports_an_epsilon_that_covers_the_clustering(
     digits_backbone: Path, tmp_path: Path
 ) -> None:
     doc, _ = _run(tmp_path, client_module.app, **{"num-server-rounds": 1,
@@ -129,15 +129,19 @@ def test_secfpp_with_dp_reports_the_prompt_channels_epsilon_and_the_uncovered_cl
     assert doc["status"] == "completed", doc.get("reason")
     eps = doc["rounds"][0]["epsilon"]
     assert 0 < eps <= doc["config"]["epsilon"]
-    assert "not the clustering" in doc["notes"]["clustering"]
-    assert "NOT covered: SecFPP's clustering" in doc["notes"]["privacy"]
+    privacy = doc["summary"]["privacy"]
+    assert privacy["noise-multiplier-summary"] == doc["config"]["summary-noise-multiplier"]
+    assert 0 < privacy["eps-summary-alone"] < eps  # the summary's release is in the epsilon
+    assert "counted in the printed epsilon" in doc["notes"]["clustering"]
+    assert "domain summary" in doc["notes"]["privacy"]
+    assert "NOT covered" not in doc["notes"]["privacy"]
     # the prompt an organisation may release says the same in its own metadata
     from dpfpl_app.method.prompt_file import load_prompt_file
 
     exported = sorted((tmp_path / "state").rglob("prompt.safetensors"))
     assert len(exported) == NODES
     meaning = load_prompt_file(exported[0]).metadata.privacy.meaning
-    assert "NOT covered: SecFPP's clustering" in meaning
+    assert "domain summary" in meaning
 
 
 class FailFirstClusteringSum(ClientApp):

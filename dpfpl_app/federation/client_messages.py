@@ -25,26 +25,15 @@ def shared_prompt(trainer: ClientTrainer, msg: Message) -> tuple[torch.Tensor, i
     """The broadcast prompt this client uses, its cluster and the number of clusters.
 
     One global prompt: cluster 0 of 1. SecFPP: the domain prompt of the centroid nearest
-    this client's summary, chosen here and never told to anyone.
+    this client's released (noised) summary, chosen here and never told to anyone; a
+    function of that release and the public broadcast only (post-processing).
     """
     arrays = msg.content[wire.ARRAYS_RECORD]
     if not trainer.cfg.method.clustered:
         return wire.read_global_prompt(arrays), 0, 1
     prompts, centroids = domain_wire.read_domains(arrays)
-    cluster = domain_wire.own_cluster(domain_summary(trainer), centroids)
+    cluster = domain_wire.own_cluster(trainer.domain_point(), centroids)
     return prompts[cluster], cluster, prompts.shape[0]
-
-
-def domain_summary(trainer: ClientTrainer) -> np.ndarray:
-    """The client's SecFPP summary, from its un-augmented training features."""
-    cfg = trainer.cfg
-    return domain_clusters.summary(
-        trainer.data.train_features[0].double().numpy(),
-        trainer.data.train_labels.numpy(),
-        trainer.template_text().double().numpy(),
-        cfg.summary_dim,
-        cfg.seed,
-    )
 
 
 def answer_train(trainer: ClientTrainer, msg: Message) -> RecordDict:
@@ -109,6 +98,7 @@ def cluster_contribution(trainer: ClientTrainer, msg: Message) -> np.ndarray:
 
     The layout may not exceed the search the run config allows (else the server could
     ask for more than the input bound covers); nothing is trained, nothing is counted.
+    The input is computed from the client's released summary only (``domain_point``).
     """
     cfg = trainer.cfg
     record = msg.content.config_records[CLUSTER_RECORD]
@@ -122,7 +112,7 @@ def cluster_contribution(trainer: ClientTrainer, msg: Message) -> np.ndarray:
         )
     return domain_clusters.client_vector(
         str(record["phase"]),
-        domain_summary(trainer),
+        trainer.domain_point(),
         np.asarray(arrays["centroids"].numpy(), dtype=np.float64),
         layout,
         np.asarray(arrays["open"].numpy()).astype(bool),

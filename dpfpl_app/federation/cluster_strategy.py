@@ -31,13 +31,14 @@ from dpfpl_app.federation.secure_clustering import Clusters, SecureClustering
 from dpfpl_app.federation.secure_strategy import SECURE_STAGE_TIMEOUT, SecureDPFPLStrategy
 
 CLUSTERING_NOTE = (
-    "SecFPP clustering: the server learns, per secure sum over all sampled clients, the "
-    "number of clients nearest each candidate centroid and, for groups of at least "
-    "min-cluster-size clients only, the sum of their domain summaries and squared distances; "
-    "never a single client's message or its cluster. Differences between groups of "
-    "different candidates or iterations can still isolate one (anonymous) client's "
-    "summary. These statistics carry no DP noise: the printed epsilon covers the prompt "
-    "channels, not the clustering"
+    "SecFPP clustering: each client's clustering inputs and cluster choice are computed from "
+    "its domain summary, released ONCE with Gaussian noise (summary-noise-multiplier, "
+    "sensitivity summary-clip / (B / q)) and counted in the printed epsilon (per-sample DP). "
+    "The server learns, per secure sum over all sampled clients, the number of clients "
+    "nearest each candidate centroid and, for groups of at least min-cluster-size clients "
+    "only, the sum of their summaries and squared distances; never a single client's "
+    "message or its cluster. Differences of overlapping sums can still isolate one "
+    "(anonymous) client's summary: a noised release, post-processing covered by the epsilon"
 )
 
 

@@ -1,9 +1,10 @@
 """What SecFPP's server broadcasts: every cluster's domain prompt and every centroid.
 
 Every client receives all k domain prompts and the k centroids and picks its own
-cluster locally (the centroid nearest its summary), so the broadcast is the same for
-all and says nothing about who is in which cluster. The pick is recomputed from the
-client's own data at every message: nothing about it is stored or sent.
+cluster locally (the centroid nearest its released summary), so the broadcast is the
+same for all and says nothing about who is in which cluster. The pick is a function of
+the client's noised summary (released once, kept in its private state) and the public
+centroids only: post-processing, nothing about it is sent.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def read_domains(arrays: ArrayRecord) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def own_cluster(summary: np.ndarray, centroids: np.ndarray) -> int:
-    """The client's cluster: its nearest centroid (computed on the client only)."""
+    """The client's cluster: the centroid nearest its released ``summary`` (on the client)."""
     if centroids.shape[1] != summary.size:
         raise ValueError(
             f"centroids have {centroids.shape[1]} coordinates, this client's summary "

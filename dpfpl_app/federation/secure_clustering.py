@@ -7,7 +7,8 @@ Lloyd iteration a ``count`` sum and a ``sum`` sum restricted to the slots the co
 opened (``domain_clusters`` says what each holds and why), and last a ``count`` of the
 chosen clustering, whose per-cluster sizes divide the training sums. No message holds
 a client's summary or cluster; sums over overlapping groups can still be differenced
-down to one anonymous summary (README, SecFPP), which only noise would prevent.
+down to one anonymous summary, but every summary is a noised DP release counted in the
+run's epsilon (``docs/secfpp.md``), so that is all a difference can show.
 """
 
 from __future__ import annotations

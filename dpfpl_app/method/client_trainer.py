@@ -25,12 +25,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from dpfpl_app.backbones.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.data.federated_data import ClientData
+from dpfpl_app.method import domain_clusters
 from dpfpl_app.method.gradients import class_logits
 from dpfpl_app.method.prompt_learner import LearnerSettings, PromptLearner, ctx_init_words
 from dpfpl_app.method.text_encoder import CoOpTextEncoder, template_context
@@ -39,6 +41,8 @@ from dpfpl_app.privacy.noise import NoiseSource
 from dpfpl_app.privacy.sample_rate import rate_mismatch
 
 logger = logging.getLogger(__name__)
+
+SUMMARY_KEY = "secfpp.released-summary"  # private state: SecFPP's one noised summary
 
 
 class BudgetError(ValueError):
@@ -126,6 +130,7 @@ class ClientTrainer:
         # called with the step count a round will reach, before it samples any data:
         # the node's privacy-budget ledger (``federation.node_budget``), which may refuse
         self.before_round: Callable[[int], None] | None = None
+        self.released_summary: np.ndarray | None = None  # SecFPP: drawn once (``domain_point``)
         # an audit's canaries: only if this node's operator named a canary file
         self.canaries = canaries
         if self.canaries is not None and not self._poisson:
@@ -244,6 +249,38 @@ class ClientTrainer:
             self._template_text = zeroshot_text(*self._zeroshot, self.cfg.zeroshot_template)
         return self._template_text
 
+    def domain_point(self) -> np.ndarray:
+        """SecFPP: the unit point of this client's noised domain summary.
+
+        The summary is released once per run (``domain_clusters.release``, noise from a
+        secret stream at the plan's ``z_summary``) and kept in the private state, so a
+        later round or a restarted node reuses it, never redraws it: every clustering
+        input and every cluster choice is post-processing of that one release, and a
+        change to the training data after it changes neither.
+        """
+        if self.released_summary is None:
+            cfg = self.cfg
+            vectors = domain_clusters.image_vectors(
+                self.data.train_features[0].double().numpy(),
+                self.data.train_labels.numpy(),
+                self.template_text().double().numpy(),
+                cfg.summary_dim,
+                cfg.seed,
+            )
+            size = cfg.batch_size / self.sample_rate  # public: the size the rate declares
+            mean = domain_clusters.clipped_mean(vectors, clip=cfg.summary_clip, size=size)
+            noise = self._source(0, "domain-summary").gaussian(
+                (mean.size,), std=1.0, dtype=torch.float64
+            )
+            self.released_summary = domain_clusters.release(
+                mean,
+                noise.numpy(),
+                clip=cfg.summary_clip,
+                size=size,
+                noise_multiplier=self.plan.z_summary,
+            )
+        return domain_clusters.point(self.released_summary)
+
     @torch.no_grad()
     def evaluate(self, global_prompt: Tensor) -> dict[str, float]:
         """Accuracies of the prompt and of the zero-shot template, and the exact counts
@@ -281,7 +318,10 @@ class ClientTrainer:
             "method": self.cfg.method.value,
             "aggregation": self.plan.aggregation.value,
         }
-        return self.learner.private_state(), meta
+        tensors = self.learner.private_state()
+        if self.released_summary is not None:
+            tensors[SUMMARY_KEY] = torch.from_numpy(self.released_summary.copy())
+        return tensors, meta
 
     def load_state_dict(self, tensors: dict[str, Tensor], meta: dict[str, Any]) -> None:
         if meta.get("method") != self.cfg.method.value:
@@ -301,7 +341,15 @@ class ClientTrainer:
                 f"saved client state lacks {sorted(missing)} (written by an older dpfpl): "
                 "its privacy budget cannot be continued; use another state-dir or run-name"
             )
+        tensors = dict(tensors)
+        released = tensors.pop(SUMMARY_KEY, None)
+        if released is not None and released.shape != (self.cfg.summary_dim,):
+            raise ValueError(
+                f"saved domain summary has shape {tuple(released.shape)}, this run's "
+                f"summary-dim is {self.cfg.summary_dim}: use another state-dir or run-name"
+            )
         self.learner.load_private_state(tensors)
+        self.released_summary = None if released is None else released.double().numpy()
         self.rounds_done = int(meta["rounds_done"])
         self.last_round = int(meta["last_round"])
         self.steps_taken = int(meta["steps_taken"])

@@ -1,8 +1,12 @@
 """SecFPP's adaptive k-means on secure aggregates: the arithmetic of both sides (numpy).
 
-**What a client summarises.** Its domain, as a unit vector ``z``: the mean over its
-training images of (image feature - its class's zero-shot text feature), projected by
-a public random orthonormal matrix to ``summary-dim`` numbers. Why image features and
+**What a client summarises.** Its domain: the sum over its training images of
+(image feature - its class's zero-shot text feature), projected by a public random
+orthonormal matrix to ``summary-dim`` numbers and clipped per image to ``summary-clip``,
+divided by the client's PUBLIC size ``B / q`` (``clipped_mean``). One image moves it by
+at most ``summary-clip / (B / q)``; the client adds Gaussian noise for that sensitivity
+ONCE (``release``), keeps the result, and clusters by its direction, the unit vector
+``z`` (``point``). Everything below is post-processing of that release. Why image features and
 not a locally adapted prompt: a client's images carry its domain (scanner, style,
 modality) whatever classes it holds, while a prompt adapted for a few steps mostly
 encodes WHICH classes it holds, the class-level heterogeneity SecFPP keeps in the
@@ -10,8 +14,8 @@ private prompt. Why centred on the class's text feature: CLIP's pretraining alig
 image with its class's text, so the difference removes the class to first order and
 keeps what the domain did to the image. Measured on the benchmark (``domain-digits``,
 12 clients, 3 styles, 2-4 classes each): k-means on the raw mean features mixes the
-domains (adjusted Rand 0.50), on the centred ones it recovers them (1.0). It costs no
-training and no privacy budget of the prompt channels.
+domains (adjusted Rand 0.50), on the centred ones it recovers them (1.0); at the
+default noise, ``benchmarks/results/secfpp-noise.md``. It costs no training.
 
 **What the server learns.** Candidates (k, restart) run Lloyd's iterations in lockstep;
 each candidate is a block of k centroid *slots*. Per iteration, two secure sums over
@@ -21,6 +25,7 @@ all sampled clients: the ``count`` phase gives each slot's number of members; th
 distances to the slot's centroid. A client contributes to one slot per candidate, the
 nearest centroid, computed locally: no one else learns its summary or its slots. A
 slot below the threshold is never opened: the server learns only that it is small.
+Differences of overlapping sums can still isolate one client's ``z``: a noised release.
 
 **Choosing k** from these aggregates alone: the Bayesian information criterion of a
 spherical Gaussian mixture with the k-means partition (Pelleg and Moore's X-means
@@ -66,26 +71,71 @@ class Layout:
         return [(end - k, end) for k, end in zip(self.ks, ends, strict=True)]
 
 
-def summary(
+def image_vectors(
     features: np.ndarray, labels: np.ndarray, class_text: np.ndarray, dim: int, seed: int
 ) -> np.ndarray:
-    """The client's unit summary: a public projection of its mean class-centred feature.
+    """Per image (N, dim): its class-centred feature through the public projection.
 
-    ``features`` (N, e) are its normalised image features, ``class_text`` (C, e) the
-    template's text features of every class (public: the frozen model's).
+    ``features`` (N, e) are the client's normalised image features, ``class_text``
+    (C, e) the template's text features of every class (public: the frozen model's).
+    The projection has orthonormal columns (``dim <= e``), so a vector's norm never
+    grows: a centred vector of two unit features has norm at most 2.
     """
     centred = np.asarray(features, dtype=np.float64) - np.asarray(class_text)[labels]
-    mean = centred.mean(axis=0)
-    digest = hashlib.sha256(f"{SUMMARY_PURPOSE}/{seed}/{mean.size}/{dim}".encode()).digest()
+    return centred @ _projection(centred.shape[1], dim, seed)
+
+
+def _projection(width: int, dim: int, seed: int) -> np.ndarray:
+    """The public random projection (width, dim), from the run's seed."""
+    digest = hashlib.sha256(f"{SUMMARY_PURPOSE}/{seed}/{width}/{dim}".encode()).digest()
     gaussian = np.random.default_rng(int.from_bytes(digest[:8], "little")).standard_normal(
-        (mean.size, max(dim, mean.size))
+        (width, max(dim, width))
     )
-    projection = np.linalg.qr(gaussian.T)[0][:, :dim] if dim <= mean.size else gaussian
-    z = mean @ projection
-    norm = float(np.linalg.norm(z))
+    return np.linalg.qr(gaussian.T)[0][:, :dim] if dim <= width else gaussian
+
+
+def clipped_mean(vectors: np.ndarray, *, clip: float, size: float) -> np.ndarray:
+    """The summary before noise: per-image vectors clipped to ``clip``, summed, / ``size``.
+
+    ``size`` is PUBLIC (the client's declared size, ``B / q``), never the number of rows,
+    so adding or removing one image moves the result by at most ``clip / size`` (L2):
+    the sensitivity ``release`` calibrates its noise to.
+    """
+    if not (clip > 0 and size > 0):
+        raise ValueError(f"clip ({clip}) and size ({size}) must be positive")
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    scale = np.minimum(1.0, clip / np.maximum(norms, 1e-300))
+    return (vectors * scale).sum(axis=0) / size
+
+
+def release(
+    mean: np.ndarray, standard_normal: np.ndarray, *, clip: float, size: float,
+    noise_multiplier: float,
+) -> np.ndarray:
+    """The client's one DP release: ``mean`` + N(0, (z clip / size)^2) per coordinate.
+
+    ``standard_normal`` is N(0, 1) per coordinate from a secret source (the caller's
+    ``NoiseSource``). A Gaussian mechanism of multiplier ``noise_multiplier`` on the
+    sensitivity ``clip / size`` of ``clipped_mean``: RDP ``a / (2 z^2)`` at order a,
+    once per run. Everything the clustering and the training do with the summary
+    afterwards is post-processing of this vector (``point``).
+    """
+    if standard_normal.shape != mean.shape:
+        raise ValueError(f"noise of shape {standard_normal.shape} for a summary {mean.shape}")
+    std = noise_multiplier * clip / size
+    return np.asarray(mean, dtype=np.float64) + std * np.asarray(standard_normal, np.float64)
+
+
+def point(released: np.ndarray) -> np.ndarray:
+    """The clustering's point of a released summary: its direction (a unit vector).
+
+    Post-processing of the release. Unit norm keeps every clustering input inside
+    ``input_bound`` and makes clients of one domain comparable whatever their size.
+    """
+    norm = float(np.linalg.norm(released))
     if not norm > 0:
-        raise ValueError("the client's mean image feature projects to zero: no summary")
-    return z / norm
+        raise ValueError("the client's released summary is zero: no direction to cluster")
+    return np.asarray(released, dtype=np.float64) / norm
 
 
 def nearest(z: np.ndarray, centroids: np.ndarray, layout: Layout) -> list[int]:

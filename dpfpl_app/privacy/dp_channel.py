@@ -31,6 +31,12 @@ Secure aggregation (``aggregation = "secure"``) replaces the server's Gaussian o
 global channel with Skellam noise the clients add under SecAgg+ masking: the same
 split of z_step, accounted with a generic subsampled-RDP bound (``secure_channel``).
 
+SecFPP adds one more release before the first step: each client's domain summary, a
+Gaussian mechanism of multiplier ``summary-noise-multiplier`` on its sensitivity (no
+subsampling: every image is in it). Its RDP curve is added to the steps' and the
+prompt channels are calibrated so that the COMPOSED epsilon meets the target: one
+figure for everything a client releases, its clustering included (``docs/secfpp.md``).
+
 Sampling rates (``sample_rate``). Each node draws its Poisson batches at a rate fixed
 before its data is read: the rate its organisation declares (node config
 ``sample-rate``), else the rate of its share of the public simulation partition plan,
@@ -99,9 +105,11 @@ MEANINGS = {
     Guarantee.NOTHING_RELEASED: "the method trains nothing on the data",
 }
 
-CLUSTERING_CAVEAT = (
-    "NOT covered: SecFPP's clustering statistics (per-cluster sums of domain summaries over "
-    "secure aggregation, no noise), on which the domain prompts depend"
+CLUSTERED_MEANING = (
+    "sample-level (epsilon, delta)-DP of everything released about a client's training "
+    "data: its domain summary (one Gaussian release, from which its every clustering "
+    "input and cluster choice are computed), every broadcast domain prompt and its "
+    "personalised prompt; the summary release and both prompt channels composed"
 )
 
 HONEST_SERVER = (
@@ -141,6 +149,7 @@ class ChannelPlan:
     z_step: float  # composed multiplier per local step (0 without DP)
     z_local: float  # local-channel multiplier (0: no local noise)
     z_global: float  # global-channel multiplier (0: no global noise)
+    z_summary: float = 0.0  # SecFPP's one summary release (0: none), in the epsilon
 
     @property
     def planned_steps(self) -> int:
@@ -148,8 +157,13 @@ class ChannelPlan:
 
     @property
     def meaning(self) -> str:
-        if self.method.clustered and self.guarantee is not Guarantee.NO_DP:
-            return f"{MEANINGS[self.guarantee]}; {CLUSTERING_CAVEAT}"
+        if self.method.clustered and self.guarantee is Guarantee.ACCOUNTED:
+            return CLUSTERED_MEANING
+        if self.method.clustered and self.guarantee is Guarantee.NOMINAL_PUBLIC_SEED:
+            return (
+                f"{MEANINGS[self.guarantee]}; the figure composes the domain summary release "
+                "with both prompt channels"
+            )
         return MEANINGS[self.guarantee]
 
     @property
@@ -168,7 +182,9 @@ class ChannelPlan:
 
     def secure_setting_at(self, rate: float) -> SecureSetting:
         """The secure channel's per-step mechanism for a node sampling at ``rate``."""
-        return SecureSetting(self.check_rate(rate), self.z_local, self.z_global)
+        return SecureSetting(
+            self.check_rate(rate), self.z_local, self.z_global, self.z_summary
+        )
 
     def check_rate(self, rate: float) -> float:
         """``rate`` if the accounting covers a node sampling at it, else SampleRateError."""
@@ -234,7 +250,8 @@ class ChannelPlan:
         if self.secure:
             if tuple(orders) != RDP_CURVE_ORDERS:
                 raise ValueError("the secure channel's RDP is computed at its own ORDERS only")
-            return steps * self.secure_setting_at(q).step_rdp(1.0)
+            setting = self.secure_setting_at(q)  # the summary is released once, not per step
+            return setting.summary_rdp() + steps * setting.step_rdp(1.0)
         return _plain_rdp(self.z_step, q, steps, tuple(orders)).copy()
 
     def secure_epsilon(self, rounds: list[float | None], rate: float | None = None) -> float:
@@ -254,11 +271,16 @@ class ChannelPlan:
         if self.mode is not DPMode.PER_SAMPLE or self.z_step == 0.0:
             return {}
         if self.secure:
+            local = SecureSetting(self.sample_rate, self.z_local, 0.0)
             alone = SecureSetting(self.sample_rate, 0.0, self.z_global)
-            return {
-                "eps-local-alone": self.secure_setting.epsilon([None] * steps_done, self.delta),
+            out = {
+                "eps-local-alone": local.epsilon([None] * steps_done, self.delta),
                 "eps-global-alone": alone.epsilon([1.0] * steps_done, self.delta),
             }
+            if self.z_summary > 0:
+                summary = SecureSetting(self.sample_rate, 0.0, 0.0, self.z_summary)
+                out["eps-summary-alone"] = summary.epsilon([], self.delta)
+            return out
         out = {}
         if self.z_local > 0:
             out["eps-local-alone"] = _epsilon(
@@ -289,6 +311,7 @@ class ChannelPlan:
             "noise-multiplier-step": self.z_step,
             "noise-multiplier-local": self.z_local,
             "noise-multiplier-global": self.z_global,
+            **({"noise-multiplier-summary": self.z_summary} if self.z_summary > 0 else {}),
         }
 
 
@@ -315,6 +338,7 @@ def plan_for(cfg: RunConfig) -> ChannelPlan:
         cfg.batch_size,
         cfg.epsilon,
         cfg.global_share,
+        secure_channel.summary_multiplier(cfg),
     )
 
 
@@ -359,6 +383,7 @@ def _plan(
     batch: int,
     epsilon: float,
     share: float,
+    z_summary: float,
 ) -> ChannelPlan:
     if mode is DPMode.OFF:
         trains = method is not Method.ZEROSHOT
@@ -387,6 +412,7 @@ def _plan(
                 steps=rounds * k,
                 global_share=share,
                 has_local=method.has_local,
+                z_summary=z_summary,
             )
             setting = secure_channel.setting_for(
                 z_step, sample_rate=rate, global_share=share, has_local=method.has_local
@@ -417,6 +443,7 @@ def _plan(
         z_step=z_step,
         z_local=z_local,
         z_global=z_global,
+        z_summary=z_summary if guarantee in ACCOUNTED_KINDS else 0.0,
     )
 
 

@@ -51,7 +51,11 @@ from functools import lru_cache
 import numpy as np
 
 from dpfpl_app.config import DPMode, RunConfig
-from dpfpl_app.privacy.calibration import MAX_NOISE_MULTIPLIER, smallest_multiplier
+from dpfpl_app.privacy.calibration import (
+    MAX_NOISE_MULTIPLIER,
+    PrivacyBudgetError,
+    smallest_multiplier,
+)
 from dpfpl_app.secagg import SecAggConfig, rdp_to_epsilon, skellam_rdp
 from dpfpl_app.secagg.dp import quantised_sensitivity
 from dpfpl_app.secagg.subsampled import poisson_subsampled_rdp
@@ -67,12 +71,15 @@ class SecureSetting:
     """The public numbers of the secure channel's per-step mechanism.
 
     ``z_local`` is the local carriers' multiplier (0: the method has no local noise);
-    ``z_global`` the multiplier of the noise on the SUM at t survivors (std z_G C / B).
+    ``z_global`` the multiplier of the noise on the SUM at t survivors (std z_G C / B);
+    ``z_summary`` the multiplier of a one-off Gaussian release before the steps (SecFPP's
+    domain summary, ``domain_clusters.release``; 0: none), composed once, unsubsampled.
     """
 
     sample_rate: float
     z_local: float
     z_global: float
+    z_summary: float = 0.0
 
     def step_rdp(self, survivor_ratio: float | None) -> np.ndarray:
         """Subsampled RDP of one step at ``ORDERS``; ``survivor_ratio`` = m / t.
@@ -95,13 +102,23 @@ class SecureSetting:
             ls.tolist(), l2_sensitivity=d2, l1_sensitivity=d1, variance=variance
         )
 
+    def summary_rdp(self) -> np.ndarray:
+        """RDP of the one-off summary release at ``ORDERS``: a / (2 z^2), no subsampling."""
+        if self.z_summary <= 0:
+            return np.zeros(len(ORDERS))
+        return np.asarray(ORDERS, dtype=np.float64) / (2.0 * self.z_summary**2)
+
     def epsilon(self, rounds: Sequence[float | None], delta: float) -> float:
-        """Epsilon after ``rounds`` (one step each: K = 1), each its survivor ratio or None."""
-        if not rounds:
-            return 0.0
-        total = np.zeros(len(ORDERS))
+        """Epsilon after ``rounds`` (one step each: K = 1), each its survivor ratio or None.
+
+        A one-off summary release (``z_summary``) is counted from the start: it happens
+        before the first step, and its RDP curve adds to the steps' (composition).
+        """
+        total = self.summary_rdp()
         for ratio, count in _counts(rounds).items():
             total += count * self.step_rdp(ratio)
+        if not total.any():
+            return 0.0
         return rdp_to_epsilon(ORDERS, total, delta)[0]
 
 
@@ -122,12 +139,27 @@ def _counts(rounds: Sequence[float | None]) -> dict[float | None, int]:
 
 
 def setting_for(
-    z_step: float, *, sample_rate: float, global_share: float, has_local: bool
+    z_step: float,
+    *,
+    sample_rate: float,
+    global_share: float,
+    has_local: bool,
+    z_summary: float = 0.0,
 ) -> SecureSetting:
     """Split the per-step precision z_step^-2 between the channels as the plain plan does."""
     share = global_share if has_local else 1.0
     z_local = z_step / math.sqrt(1.0 - share) if share < 1.0 else 0.0
-    return SecureSetting(sample_rate, z_local, z_step / math.sqrt(share))
+    return SecureSetting(sample_rate, z_local, z_step / math.sqrt(share), z_summary)
+
+
+def summary_multiplier(cfg: RunConfig) -> float:
+    """The multiplier of SecFPP's summary release: the run config's, in per-sample DP only.
+
+    Other methods release no summary (0). Paper mode has no formal guarantee to compose
+    into, and without DP nothing is noised.
+    """
+    accounted = cfg.dp_on and cfg.dp_mode is DPMode.PER_SAMPLE
+    return cfg.summary_noise_multiplier if cfg.method.clustered and accounted else 0.0
 
 
 @lru_cache(maxsize=8)
@@ -139,12 +171,28 @@ def calibrate(
     steps: int,
     global_share: float,
     has_local: bool,
+    z_summary: float = 0.0,
 ) -> float:
-    """Smallest z_step whose ``steps`` steps at the MINIMUM survivors meet the target."""
+    """Smallest z_step whose ``steps`` steps at the MINIMUM survivors meet the target.
+
+    The target is the COMPOSED epsilon: with a summary release (``z_summary`` > 0, SecFPP)
+    the prompt channels get what the release leaves, so the printed epsilon covers both.
+    """
+    alone = SecureSetting(sample_rate, 0.0, 0.0, z_summary).epsilon([], delta)
+    if alone >= target_epsilon:
+        raise PrivacyBudgetError(
+            f"SecFPP's summary release alone (summary-noise-multiplier={z_summary:g}) costs "
+            f"epsilon {alone:.3g} at delta={delta}, leaving nothing of epsilon="
+            f"{target_epsilon} for the prompts: raise summary-noise-multiplier or the epsilon"
+        )
 
     def eps(z: float) -> float:
         setting = setting_for(
-            z, sample_rate=sample_rate, global_share=global_share, has_local=has_local
+            z,
+            sample_rate=sample_rate,
+            global_share=global_share,
+            has_local=has_local,
+            z_summary=z_summary,
         )
         return setting.epsilon([1.0] * steps, delta)
 
@@ -199,6 +247,7 @@ def config_for(cfg: RunConfig, dim: int) -> SecAggConfig:
             steps=cfg.num_server_rounds * cfg.local_steps,
             global_share=cfg.global_share,
             has_local=cfg.method.has_local,
+            z_summary=summary_multiplier(cfg),
         )
         z_global = setting_for(
             z_step,
