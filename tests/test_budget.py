@@ -181,3 +181,29 @@ def test_the_ledger_keeps_a_round_whose_node_crashed_before_replying(
     assert curve_epsilon(run.curve(), DELTA) == pytest.approx(
         curve_epsilon(plan.rdp_curve(run.sample_rate, run.steps), DELTA)
     )
+
+
+def test_secfpp_summary_release_is_in_the_ledger_before_any_training_step(
+    tmp_path: Path,
+) -> None:
+    # Prepare: a SecFPP plan (its domain summary is released before the first step)
+    from dpfpl_app.federation.node_budget import ledger_charger
+
+    values = {"method": "secfpp", "num-server-rounds": 5, "epsilon": 4.0}
+    cfg = RunConfig.from_flower({"dp-mode": "per-sample", **values})
+    plan = _plan(**values)
+    assert plan.z_summary > 0
+    rate = plan.sample_rate
+    charge = ledger_charger(
+        cfg, plan, {}, state_root=tmp_path, run_id=7, partition_id=0, sample_rate=rate
+    )
+
+    # Execute: what domain_point does before drawing the summary's noise
+    charge(0, 0)
+
+    # Assert: the entry holds no step but the summary's whole curve
+    entry = Ledger.load(ledger_path(tmp_path, 0)).runs["7"]
+    assert entry.steps == 0
+    summary = np.asarray(ORDERS, dtype=np.float64) / (2.0 * plan.z_summary**2)
+    np.testing.assert_allclose(entry.rdp, summary, rtol=1e-12)
+    assert curve_epsilon(np.asarray(entry.rdp), DELTA) > 0

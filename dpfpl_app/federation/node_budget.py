@@ -26,7 +26,8 @@ LEDGER_ACCOUNTED = frozenset({Guarantee.ACCOUNTED, Guarantee.NOTHING_RELEASED})
 
 def spend_curve(plan: ChannelPlan, rate: float, steps: int) -> np.ndarray:
     """RDP curve of ``steps`` of the plan at ``rate``; infinite without a real guarantee."""
-    if steps > 0 and plan.guarantee not in LEDGER_ACCOUNTED:
+    releases = steps > 0 or plan.z_summary > 0
+    if releases and plan.guarantee not in LEDGER_ACCOUNTED:
         return np.full(len(ORDERS), math.inf)
     return plan.rdp_curve(rate, steps)
 
@@ -40,8 +41,9 @@ def ledger_charger(
     run_id: int,
     partition_id: int,
     sample_rate: float,
-) -> Callable[[int], None]:
-    """``charge(steps_after)``: record a round before it samples (``ClientTrainer``).
+) -> Callable[..., None]:
+    """``charge(steps_after)``: record a round before it samples (``ClientTrainer``);
+    ``charge(steps, 0)``: record SecFPP's summary release before it is drawn.
 
     ``steps_after`` is the trainer's step count once the round is done, counting the
     steps of any run it resumed; the run's full plan is what it already took under this
@@ -50,10 +52,13 @@ def ledger_charger(
     policy = BudgetPolicy.from_node_config(node_config)  # a bad value stops before data
     path, key = ledger_path(state_root, partition_id), str(run_id)
 
-    def charge(steps_after: int) -> None:
+    def charge(steps_after: int, new_steps: int | None = None) -> None:
+        # new_steps: what this call adds (a round's K; 0 for SecFPP's summary release,
+        # which the plan's curve holds from the start)
         ledger = Ledger.load(path)
         before = ledger.runs.get(key)
-        run_steps = (before.steps if before else 0) + cfg.local_steps
+        added = cfg.local_steps if new_steps is None else new_steps
+        run_steps = (before.steps if before else 0) + added
         remaining = max(0, plan.planned_steps - steps_after)
         spend = RunSpend(
             run_name=cfg.run_name,

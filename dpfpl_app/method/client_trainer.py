@@ -129,7 +129,8 @@ class ClientTrainer:
         self.steps_taken = 0  # local steps, each a release of the composed mechanism
         # called with the step count a round will reach, before it samples any data:
         # the node's privacy-budget ledger (``federation.node_budget``), which may refuse
-        self.before_round: Callable[[int], None] | None = None
+        # (also called with (steps, 0) before SecFPP's summary release, ``domain_point``)
+        self.before_round: Callable[..., None] | None = None
         self.released_summary: np.ndarray | None = None  # SecFPP: drawn once (``domain_point``)
         # an audit's canaries: only if this node's operator named a canary file
         self.canaries = canaries
@@ -260,6 +261,8 @@ class ClientTrainer:
         """
         if self.released_summary is None:
             cfg = self.cfg
+            if self.before_round is not None:  # in the node's ledger before it is drawn
+                self.before_round(self.steps_taken, 0)
             vectors = domain_clusters.image_vectors(
                 self.data.train_features[0].double().numpy(),
                 self.data.train_labels.numpy(),

@@ -239,10 +239,12 @@ class ChannelPlan:
         The one curve both the printed RDP epsilon and a node's budget ledger
         (``privacy.budget``) are computed from; curves of different runs add up (RDP
         composition). Secure plans: every step at the minimum survivors (the node's
-        own upper bound), at the secure channel's integer orders only. A plan without
+        own upper bound), at the secure channel's integer orders only, SecFPP's summary
+        release included from step 0. A plan without
         an accounted guarantee has an infinite curve, one that releases nothing a zero one.
         """
-        if steps <= 0 or self.guarantee is Guarantee.NOTHING_RELEASED:
+        summary = self.secure and self.z_summary > 0  # released before the first step
+        if (steps <= 0 and not summary) or self.guarantee is Guarantee.NOTHING_RELEASED:
             return np.zeros(len(orders))
         if self.guarantee not in ACCOUNTED_KINDS:
             return np.full(len(orders), math.inf)
