@@ -197,7 +197,7 @@ def test_canaries_are_drawn_at_the_rate_the_trainer_samples_its_data_with(
         })
     canaries = _RateRecorder(clip.text_width)
     trainer = ClientTrainer(cfg, clip, CLASSES, _trainer_data(clip, 40), partition_id=0,
-                            canaries=canaries)
+                            sample_rate=2 / 40, canaries=canaries)  # declared: B / |D|
 
     # Execute
     trainer.train_round(initial_prompt(cfg), 1)

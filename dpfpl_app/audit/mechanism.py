@@ -382,7 +382,7 @@ def secure_round_game(
 ) -> CanaryGame:
     """One whole SecAgg+ round of N clients' global gradients, the canary in client 0.
 
-    Every stage runs (keys, shares, masked inputs, unmasking) with the secure config a
+    Every stage runs (keys, shares, masked inputs, consistency, unmasking) with the secure config a
     run derives (``secure_channel.secagg_config``); all N survive. With a public seed
     each client draws its rounding and Skellam noise from the seed's stream for the trial
     (``collect_masked``'s ``stream``), else from a fresh OS-keyed one, as in production.
@@ -445,9 +445,10 @@ def _secure_round(
     out = server.setup()
     out = server.share_keys({n: clients[n].setup(p) for n, p in out.items()})
     out = server.collect_masked({n: clients[n].share_keys(p) for n, p in out.items()})
-    out = server.unmask(
+    out = server.consistency(
         {n: clients[n].collect_masked(p, vectors[n], stream=streams[n]) for n, p in out.items()}
     )
+    out = server.unmask({n: clients[n].consistency(p) for n, p in out.items()})
     result = server.finish({n: clients[n].unmask(p) for n, p in out.items()})
     return result.total
 
