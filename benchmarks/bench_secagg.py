@@ -69,13 +69,7 @@ def run_round(n: int, drop_fraction: float = 0.0) -> dict[str, Any]:
     server = ServerRound(config, nodes)
     out = server.setup()
     server_time = {Stage.SETUP: time.perf_counter() - t0}
-    steps = [
-        server.share_keys,
-        server.collect_masked,
-        server.consistency,
-        server.unmask,
-        server.finish,
-    ]
+    steps = server.replies_steps()
     result = None
     for stage, step in zip(Stage.ORDER, steps, strict=True):
         client_times, down, up, replies = [], [], [], {}

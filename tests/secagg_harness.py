@@ -126,13 +126,7 @@ class Federation:
         tamper = tamper or {}
         relay = relay or {}
         server = self.server
-        steps = [
-            server.share_keys,
-            server.collect_masked,
-            server.consistency,
-            server.unmask,
-            server.finish,
-        ]
+        steps = server.replies_steps()
         out = server.setup()
         for stage, step in zip(Stage.ORDER, steps, strict=True):
             if stage in relay:

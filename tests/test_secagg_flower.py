@@ -106,13 +106,7 @@ def test_one_round_through_flower_messages_with_a_crashing_node() -> None:
     nodes = list(grid.get_node_ids())
     server = ServerRound(CONFIG, nodes)
     out = server.setup()
-    steps = [
-        server.share_keys,
-        server.collect_masked,
-        server.consistency,
-        server.unmask,
-        server.finish,
-    ]
+    steps = server.replies_steps()
     for stage, step in zip(Stage.ORDER, steps, strict=True):
         kind = f"{CATEGORY.get(stage, 'query')}.{stage}"
         messages = [Message(to_records(p), node, kind) for node, p in out.items()]

@@ -165,6 +165,10 @@ class ServerRound:
                     changed = True
         return alive
 
+    def replies_steps(self) -> list[Callable[[Replies], Any]]:
+        """The methods that take each stage's replies, in ``Stage.ORDER`` (after ``setup``)."""
+        return [self.share_keys, self.collect_masked, self.consistency, self.unmask, self.finish]
+
     # --- stage 0 ----------------------------------------------------------------------
     def setup(self) -> Payloads:
         """Round parameters and each node's neighbours (SecAgg+ graph)."""
