@@ -40,7 +40,8 @@ def _rewrite(match: re.Match[str], page_dir: Path, docs: Path, repo: Path, files
     rel = resolved.relative_to(repo).as_posix()
     if repo_url:
         kind = "tree" if resolved.is_dir() else "blob"
-        return f"[{text}]({repo_url.rstrip('/')}/{kind}/{_BRANCH}/{rel}{'#' + anchor if anchor else ''})"
+        fragment = f"#{anchor}" if anchor else ""
+        return f"[{text}]({repo_url.rstrip('/')}/{kind}/{_BRANCH}/{rel}{fragment})"
     return text if text.strip("`") == rel else f"{text} (`{rel}`)"
 
 
