@@ -234,7 +234,8 @@ class RunConfig(BaseModel):
         1,
         ge=1,
         description="evaluate every k-th round and the last one; the other rounds keep their "
-        "training figures only (k > 1 nearly halves a plain run's messages)",
+        "training figures only, and the summary's last-10 means cover the last 10 evaluated "
+        "rounds (k > 1 nearly halves a plain run's messages)",
     )
     node_wait_timeout: float = Field(
         120.0, gt=0, description="seconds to wait for min-nodes before failing with a clear error"
