@@ -70,16 +70,17 @@ def prior_frontier(
     neighbour_hits = neighbour_sorted.numel() - torch.searchsorted(
         neighbour_sorted, thresholds, right=True
     )
-    best = zeroshot
-    best_hm = harmonic_mean(zeroshot.local_correct / n_local,
-                            zeroshot.neighbour_correct / n_neighbour)
-    for i in range(thresholds.numel()):
-        hm = harmonic_mean(int(local_hits[i]) / n_local, int(neighbour_hits[i]) / n_neighbour)
-        if hm > best_hm:
-            upper = float(thresholds[i + 1]) if i + 1 < thresholds.numel() else math.inf
-            bias = math.inf if math.isinf(upper) else (float(thresholds[i]) + upper) / 2
-            best, best_hm = PriorPoint(bias, int(local_hits[i]), int(neighbour_hits[i])), hm
-    return best
+    local_acc = local_hits.double() / n_local  # float64, as the server's check computes
+    neighbour_acc = neighbour_hits.double() / n_neighbour
+    total = local_acc + neighbour_acc
+    hm = torch.where(total > 0, 2 * local_acc * neighbour_acc / total.clamp(min=1e-300), 0.0)
+    i = int(torch.argmax(hm))  # the first best: the smallest bias
+    if float(hm[i]) <= harmonic_mean(zeroshot.local_correct / n_local,
+                                      zeroshot.neighbour_correct / n_neighbour):
+        return zeroshot
+    upper = float(thresholds[i + 1]) if i + 1 < thresholds.numel() else math.inf
+    bias = math.inf if math.isinf(upper) else (float(thresholds[i]) + upper) / 2
+    return PriorPoint(bias, int(local_hits[i]), int(neighbour_hits[i]))
 
 
 def _gaps(logits: Tensor, labels: Tensor, own: Tensor, *, own_side: bool) -> tuple[Tensor, Tensor]:
