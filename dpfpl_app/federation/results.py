@@ -344,7 +344,7 @@ def draw_run(doc: dict[str, Any]) -> dict[str, Figure]:
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+            ax.legend(fontsize=8)
         fig.tight_layout()
         figures[name] = fig
     return figures
