@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import warnings
 from enum import Enum
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -240,6 +240,11 @@ class RunConfig(BaseModel):
     node_wait_timeout: float = Field(
         120.0, gt=0, description="seconds to wait for min-nodes before failing with a clear error"
     )
+    message_window: Annotated[int, Field(ge=1)] | Literal["auto", "off"] = Field(
+        "auto",
+        description="simulation: most messages in flight at once; auto = 2 x CPU cores, "
+        "off = all at once (docs/simulation-scale.md)",
+    )
     max_clusters: int = Field(
         4, ge=1, le=16, description="secfpp: largest number of domain clusters tried"
     )
@@ -297,7 +302,7 @@ class RunConfig(BaseModel):
                 if (
                     isinstance(value, bool)
                     and field is not None
-                    and field.annotation in (int, float)
+                    and (field.annotation in (int, float) or key == "message-window")
                 ):
                     raise ValueError(f"{key}={value!r}: expected a number, got a boolean")
         return data

@@ -50,3 +50,5 @@ def test_flwr_run_offline_default_completes_with_results(
     assert log.count(f"results directory: {out_dir / 'ci'}") == 1, log
     assert log.count("round 2/2  local-acc") == 1, log
     assert "loaded frozen CLIP" in log, log
+    # every exchange went through the simulation's message window (polling_grid)
+    assert "messages in flight (message-window auto)" in log, log

@@ -32,9 +32,10 @@ from dpfpl_app.federation.results import RESULTS_FILE
 CHECKPOINT_DIR = "checkpoints"
 FORMAT_NAME = "dpfpl-checkpoint"
 PROMPT_KEY = "global_prompt"
-# Keys a resumed run may change: how it finds its checkpoint and how long it waits for
-# nodes. Everything else shapes the noise, the data or the prompt and must stay.
-RESUMABLE_CHANGES = frozenset({"resume", "min-nodes", "node-wait-timeout"})
+# Keys a resumed run may change: how it finds its checkpoint, how long it waits for
+# nodes and how many messages it keeps in flight. Everything else shapes the noise, the
+# data or the prompt and must stay.
+RESUMABLE_CHANGES = frozenset({"resume", "min-nodes", "node-wait-timeout", "message-window"})
 
 
 class CheckpointError(ValueError):

@@ -111,7 +111,7 @@ def run_server(grid: Grid, context: Context) -> Path:
     )
     log_locations(recorder.out_dir, cfg, context)
     with recorder.failure_recorded():
-        return _run(responsive(grid), context, cfg, recorder)
+        return _run(responsive(grid, cfg.message_window), context, cfg, recorder)
 
 
 def log_locations(out: Path, cfg: RunConfig, context: Context) -> None:
