@@ -7,6 +7,9 @@ bash scripts/install.sh
 # The cache scripts/quickstart.sh builds into (dpfpl_app/cache.py), so the two share one backbone
 export DPFPL_CACHE="${DPFPL_CACHE:-$HOME/.cache/dpfpl}"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+# The tests' Flower processes send Flower no usage events (each ServerApp and ClientApp
+# process otherwise waits up to 4 s for its event to be sent before it exits)
+export FLWR_TELEMETRY_ENABLED=0
 dpfpl build-backbone dpfpl-tiny-digits
 # Three test processes on two cores (DPFPL_TEST_PROCESSES=0: one): the two deployment
 # modules mostly wait on real processes and Flower's heartbeats while the third computes.

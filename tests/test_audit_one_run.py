@@ -33,8 +33,8 @@ from dpfpl_app.method.prompt_learner import LearnerSettings, PromptLearner
 from dpfpl_app.method.text_encoder import CoOpTextEncoder
 from dpfpl_app.privacy.noise import NoiseSource
 from dpfpl_app.service import cli
+from tests.deploy_processes import app_copy
 
-REPO = Path(__file__).resolve().parents[1]
 CLASSES = ("cat", "dog", "owl")
 N_CTX, CLIP = 4, 2.0
 
@@ -302,7 +302,7 @@ def test_one_run_audit_of_a_real_flwr_run_passes_it_and_catches_its_public_seed(
     # shows, that replaying the seed separates the canaries better than the honest view
     args = ["audit", "--one-run", "--method", "dpfpl", "--epsilon", "1", "--canaries", "200",
             "--clients", "3", "--set", "num-server-rounds=5", "--set", "reproducible-noise=true",
-            "--app-dir", str(REPO), "--out", str(tmp_path)]
+            "--app-dir", str(app_copy(tmp_path / "app")), "--out", str(tmp_path)]
     assert os.environ.get(ENV_VAR) is None  # the audit sets it for its own SuperLink only
 
     # Execute

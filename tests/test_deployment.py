@@ -24,7 +24,6 @@ from deploy_federation import (
 )
 from deploy_processes import (
     CONNECTION,
-    REPO,
     Federation,
     Node,
     all_text,
@@ -55,7 +54,7 @@ def honest_run(federation: Federation) -> dict[str, Any]:
 
     The default ``aggregation = "auto"`` makes it a secure-aggregation round here.
     """
-    run_id = federation.submit(REPO, overrides(federation, "honest", num_server_rounds=1))
+    run_id = federation.submit(federation.app, overrides(federation, "honest", num_server_rounds=1))
     info = federation.wait_finished(run_id, RUN_TIMEOUT_S)
     return {"run_id": run_id, "info": info, "log": federation.server_log(run_id)}
 
@@ -84,7 +83,7 @@ def test_too_few_nodes_fails_with_a_clear_message_after_the_timeout(
 ) -> None:
     # Execute: ask for one node more than exist, with a short wait
     run_id = federation.submit(
-        REPO,
+        federation.app,
         overrides(
             federation, "too-few", num_server_rounds=1, min_nodes=NUM_NODES + 1, node_wait_timeout=8
         ),
@@ -111,7 +110,7 @@ def test_superlink_restart_with_database_keeps_nodes_and_history(
     # Prepare: finished runs so far, and a run in progress (its ServerApp waits for nodes)
     history = {r["run-id"]: r["status"] for r in federation.cli_json(["list", CONNECTION])["runs"]}
     interrupted = federation.submit(
-        REPO,
+        federation.app,
         overrides(
             federation,
             "interrupted",

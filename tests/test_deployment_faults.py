@@ -25,7 +25,7 @@ from deploy_federation import (
     state_file,
     three_organisations,
 )
-from deploy_processes import REPO, Federation, wait_until
+from deploy_processes import Federation, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -47,7 +47,7 @@ def test_supernode_killed_mid_run_rejoins_and_resumes_its_local_prompt(
     # Prepare: 3 rounds that need only 2 nodes; partition 2 will crash after its round 1
     victim, others = federation.nodes[2], federation.nodes[:2]
     run_id = federation.submit(
-        REPO,
+        federation.app,
         overrides(
             federation, "fault", num_server_rounds=3, min_nodes=NUM_NODES - 1,
             aggregation="'plain'",  # secure aggregation needs min-nodes >= 3
@@ -88,7 +88,7 @@ def test_node_worker_killed_mid_run_is_replaced_and_loses_nothing(
     # Prepare: 3 plain rounds; node 1 answers through its worker
     node = federation.nodes[1]
     run_id = federation.submit(
-        REPO,
+        federation.app,
         overrides(federation, "worker-kill", num_server_rounds=3, aggregation="'plain'"),
     )
     saved = state_file(node, "worker-kill", "meta.json")
@@ -117,7 +117,9 @@ def test_node_worker_killed_mid_run_is_replaced_and_loses_nothing(
 def test_secure_round_survives_a_supernode_killed_between_stages(federation: Federation) -> None:
     # Prepare: the default 'auto' is secure here; 2 rounds so the victim can rejoin
     victim = federation.nodes[1]
-    run_id = federation.submit(REPO, overrides(federation, "secure-drop", num_server_rounds=2))
+    run_id = federation.submit(
+        federation.app, overrides(federation, "secure-drop", num_server_rounds=2)
+    )
     # Its SuperNode logs each message it receives: the masked stage comes only after every
     # node's key shares were answered, and its ClientApp process takes seconds to start.
     masked_stage = "Receiving: train.secagg_collect_masked message"
@@ -159,7 +161,7 @@ def test_secfpp_clusters_and_trains_against_real_supernodes(federation: Federati
     still run and are closed, which is the rule this exercises across processes.
     """
     run_id = federation.submit(
-        REPO,
+        federation.app,
         overrides(
             federation, "secfpp", method="'secfpp'", num_server_rounds=1, max_clusters=2,
             cluster_iterations=1, cluster_restarts=1, summary_dim=8,

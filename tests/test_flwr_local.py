@@ -61,12 +61,28 @@ class _Answers:
         return answer
 
 
-def _quiet(monkeypatch: pytest.MonkeyPatch, flower: LocalFlower, answers: _Answers) -> None:
+class _Clock:
+    """A clock that moves only when slept on, and runs hooks when it passes their time."""
+
+    def __init__(self) -> None:
+        self.now, self.hooks = 0.0, []
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        for at, hook in [h for h in self.hooks if h[0] <= self.now]:
+            self.hooks.remove((at, hook))
+            hook()
+
+
+def _quiet(monkeypatch: pytest.MonkeyPatch, flower: LocalFlower, answers: _Answers) -> _Clock:
     from dpfpl_app.federation import flwr_local
 
-    monkeypatch.setattr(flwr_local.time, "sleep", lambda s: None)
+    clock = _Clock()
+    monkeypatch.setattr(flwr_local.time, "sleep", clock.sleep)
+    monkeypatch.setattr(flwr_local.time, "monotonic", lambda: clock.now)
     monkeypatch.setattr(flower, "superlink_pids", lambda: [])
     monkeypatch.setattr(flower, "_json", answers)
+    return clock
 
 
 def test_a_superlink_slow_to_start_and_a_failed_poll_do_not_fail_the_run(
@@ -93,6 +109,43 @@ def test_a_superlink_slow_to_start_and_a_failed_poll_do_not_fail_the_run(
     # Assert: the start was asked for again and the run was waited for to its end
     assert outcome == (7, "finished:completed")
     assert answers.asked == ["list", "list", "run", "list", "list", "list"]
+
+
+def test_a_run_is_asked_about_when_the_superlink_logs_its_end_and_seldom_before(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a run whose ServerApp task ends at 95 s, when the SuperLink logs it
+    flower = LocalFlower(tmp_path, tmp_path / "home")
+    clock = _quiet(monkeypatch, flower, _Answers())
+    asked_at: list[float] = []
+
+    def flwr(args: list[str]) -> dict:
+        if args[0] == "run":
+            return {"success": True, "run-id": "7"}
+        if "--run-id" in args:
+            asked_at.append(clock.now)
+            status = "finished:completed" if clock.now >= 95 else "running"
+            return {"success": True, "runs": [{"status": status}]}
+        return {"success": True, "runs": []}
+
+    monkeypatch.setattr(flower, "_json", flwr)
+    log = tmp_path / "home" / "local-superlink" / "superlink.log"
+    log.parent.mkdir(parents=True)
+    log.write_text("INFO | Started task 3 of run 7\nINFO | Finished task 2 of run 71\n")
+
+    def ends() -> None:
+        with log.open("a") as out:
+            out.write("INFO | runtime_handlers.py:357 | Finished task 3 of run 7\n")
+
+    clock.hooks.append((95.0, ends))
+
+    # Execute
+    outcome = flower.run({"seed": 0}, num_supernodes=2, timeout_s=600)
+
+    # Assert: before the line the CLI was asked once per 30 s, not every few seconds
+    # (another run's line did not count); the line was acted on within a second
+    assert outcome == (7, "finished:completed")
+    assert asked_at == [30.0, 60.0, 90.0, 95.0]
 
 
 def test_a_superlink_that_never_starts_fails_with_where_to_look(

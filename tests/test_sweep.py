@@ -16,6 +16,7 @@ from dpfpl_app.service import sweep as sweep_module
 from dpfpl_app.service.sweep import run_sweep
 from dpfpl_app.service.sweep_grid import FAILED_DIR, Cell, SweepSpec, read_cell
 from dpfpl_app.service.sweep_tables import markdown_table, write_tables
+from tests.deploy_processes import app_copy
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -234,12 +235,14 @@ def test_tiny_sweep_is_complete_resumable_and_the_same_run_side_by_side_or_seria
         overrides={"num-server-rounds": 2},
     )
 
+    app = app_copy(tmp_path / "app")  # the checkout's app, without its .venv to walk
+
     # Execute: the same grid twice, both cells side by side, then one after the other
     # with torch's threads as side by side on 2 cores (float sums depend on the count)
-    failed = run_sweep(spec, tmp_path / "a", app_dir=REPO, timeout_s=600, parallel=2)
+    failed = run_sweep(spec, tmp_path / "a", app_dir=app, timeout_s=600, parallel=2)
     assert failed == [], _why(tmp_path / "a", failed, spec.clients)
     monkeypatch.setenv("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // 2)))
-    failed = run_sweep(spec, tmp_path / "b", app_dir=REPO, timeout_s=600)
+    failed = run_sweep(spec, tmp_path / "b", app_dir=app, timeout_s=600)
     assert failed == [], _why(tmp_path / "b", failed, spec.clients)
 
     # Assert: every cell has a number, each side-by-side cell had its own SuperLink,
@@ -255,7 +258,7 @@ def test_tiny_sweep_is_complete_resumable_and_the_same_run_side_by_side_or_seria
         raise AssertionError("a finished cell was run again")
 
     monkeypatch.setattr(sweep_module.LocalFlower, "run", no_runs)
-    assert run_sweep(spec, tmp_path / "a", app_dir=REPO) == []
+    assert run_sweep(spec, tmp_path / "a", app_dir=app) == []
 
 
 def _why(out: Path, failed: list[Cell], clients: int) -> str:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 FLWR = str(Path(sys.executable).with_name("flwr"))
-POLL_S = (3.0, 30.0)
-"""Status polls of a run: every 3 s at first, then a tenth of its age, at most 30 s. Each
-poll is a ``flwr`` process (~1 CPU-second), which a long run on 2 cores would feel."""
+LOG_POLL_S = 1.0
+"""How often a run's wait reads the SuperLink's log (a few milliseconds)."""
+FALLBACK_S = 30.0
+"""How often the run's status is asked for when the log never says it ended. Each ask is a
+``flwr`` process (~2 CPU-seconds, ~10 s on a loaded 2-core machine): asking every few
+seconds took a core's share from the run it waited for."""
 IN_MEMORY_CONNECTION = """[superlink]
 default = "local"
 
@@ -107,14 +111,19 @@ class LocalFlower:
         if submitted.get("success") is not True:
             raise RuntimeError(f"flwr run refused the run: {submitted}")
         run_id = int(submitted["run-id"])
-        started = time.monotonic()
-        deadline, status = started + timeout_s, "pending"
+        ended = re.compile(rf"Finished task \d+ of run {run_id}\b")
+        asked = time.monotonic()
+        deadline, status = asked + timeout_s, "pending"
         while not status.startswith("finished"):
             if time.monotonic() > deadline:
                 self._json(["stop", str(run_id)])
                 return run_id, f"timeout after {timeout_s:.0f} s ({status})"
-            shortest, longest = POLL_S
-            time.sleep(min(longest, max(shortest, (time.monotonic() - started) / 10)))
+            time.sleep(LOG_POLL_S)
+            # The SuperLink logs the end of the run's ServerApp task; the status (which
+            # alone decides) is asked for then, and every FALLBACK_S in case it never says
+            if not ended.search(self.superlink_log()) and time.monotonic() - asked < FALLBACK_S:
+                continue
+            asked = time.monotonic()
             try:
                 listed = self._json(["list", "--run-id", str(run_id)])
             except (RuntimeError, subprocess.TimeoutExpired):
@@ -122,6 +131,11 @@ class LocalFlower:
             if listed.get("success") and listed.get("runs"):
                 status = str(listed["runs"][0]["status"])
         return run_id, status
+
+    def superlink_log(self) -> str:
+        """What this home's local SuperLink has logged so far ("" before it starts)."""
+        path = self.flwr_home / "local-superlink" / "superlink.log"
+        return path.read_text(errors="replace") if path.is_file() else ""
 
     def start_superlink(self) -> None:
         """Make sure this home's SuperLink is up before a run is submitted to it.
@@ -151,7 +165,7 @@ class LocalFlower:
                 why = str(err)
             if time.monotonic() > deadline:
                 log = self.flwr_home / "local-superlink" / "superlink.log"
-                tail = log.read_text(errors="replace").splitlines()[-5:] if log.is_file() else []
+                tail = self.superlink_log().splitlines()[-5:]
                 raise RuntimeError(
                     f"the local SuperLink of {self.flwr_home} did not start in "
                     f"{attempts} attempts over {STARTUP_S:.0f} s (last: {why}); see "
