@@ -124,3 +124,9 @@ def test_a_federation_runs_on_the_glyph_testbed_with_each_client_in_its_domain(
     rates = doc["summary"]["privacy"]["node-epsilons"]
     assert len(rates) == 7
     assert 0.0 <= doc["rounds"][-1]["neighbour-acc"] <= 1.0
+
+
+def test_the_install_script_installs_every_font_package_the_testbed_names() -> None:
+    script = (Path(__file__).resolve().parents[1] / "scripts" / "install.sh").read_text()
+    line = next(row for row in script.splitlines() if row.startswith("fonts="))
+    assert set(line.split("=", 1)[1].strip('"').split()) == set(glyphs.FONT_PACKAGES)
