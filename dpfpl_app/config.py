@@ -87,93 +87,205 @@ class RunConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, **_ALIAS)  # type: ignore[typeddict-item]
 
-    method: Method = Field(Method.DPFPL, description="prompt structure (see Method)")
-    rank: int = Field(8, ge=1, description="rank r of the local carriers u (n_ctx x r), v")
-    n_ctx: int = Field(16, ge=1, le=60, description="number of learned context vectors")
-    init_std: float = Field(0.02, gt=0, description="std of the N(0, s^2) prompt init")
-    zeroshot_template: str = Field("a photo of a", description="context words for zeroshot")
-    ctx_init: str = Field(
-        "", description="words that initialise the first context vectors; empty = random"
+    method: Method = Field(
+        Method.DPFPL,
+        description="prompt structure; every method is a configuration of one prompt learner "
+        "(the method page's table says what each trains and shares)",
     )
-    num_server_rounds: int = Field(30, ge=1, le=100_000, description="rounds T")
-    local_steps: int = Field(1, ge=1, le=10_000, description="local iterations per round")
-    batch_size: int = Field(32, ge=1, description="(expected) minibatch size B")
-    lr_local: float = Field(0.003, gt=0, description="SGD learning rate of the local prompt")
+    rank: int = Field(
+        8, ge=1, description="rank r of the local carriers u (n-ctx x r), v (r x d); at most n-ctx"
+    )
+    n_ctx: int = Field(16, ge=1, le=60, description="number of learned context vectors")
+    init_std: float = Field(0.02, gt=0, description="prompts start from N(0, init-std^2)")
+    zeroshot_template: str = Field(
+        "a photo of a", description="the context words of the `zeroshot` method"
+    )
+    ctx_init: str = Field(
+        "",
+        description="words whose token embeddings initialise the first context vectors (of the "
+        "global prompt; `local`: of the local prompt), the rest N(0, init-std^2); empty: all "
+        "random",
+    )
+    num_server_rounds: int = Field(
+        30, ge=1, le=100_000, description="rounds T (one server update each)"
+    )
+    local_steps: int = Field(
+        1, ge=1, le=10_000, description="local iterations per round (paper: 1)"
+    )
+    batch_size: int = Field(32, ge=1, description="(expected) Poisson minibatch size B")
+    lr_local: float = Field(
+        0.003,
+        gt=0,
+        description="SGD learning rate of the private local prompt (DP-FPL's choice on the "
+        "offline testbed; other methods': `configs/styled-digits-lrs.toml`)",
+    )
     lr_global: float = Field(0.003, gt=0, description="server learning rate of the global prompt")
-    momentum: float = Field(0.0, ge=0, lt=1, description="local SGD momentum")
+    momentum: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="local SGD momentum (the authors use 0.9; it stalls DP-FPL on the offline "
+        "testbed)",
+    )
     weight_decay: float = Field(5e-4, ge=0, description="local SGD weight decay")
-    dp_mode: DPMode = Field(DPMode.PER_SAMPLE, description="off | paper | per-sample")
+    dp_mode: DPMode = Field(
+        DPMode.PER_SAMPLE,
+        description="`per-sample`: per-sample clipping and accountant-calibrated noise (a formal "
+        "guarantee); `paper`: the paper's batch-mean clipping and noise formula (a nominal "
+        "epsilon); `off`: no clipping, no noise",
+    )
     epsilon: float = Field(
-        4.0, gt=0, description="target epsilon of everything released (channels composed)"
+        4.0,
+        gt=0,
+        description="target epsilon of everything released about a client's data (both "
+        "channels composed)",
     )
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the composed guarantee")
     global_share: float = Field(
-        0.5, gt=0, lt=1, description="share of the per-step noise precision for the global channel"
+        0.5,
+        gt=0,
+        lt=1,
+        description="share of the per-step noise precision given to the global channel (more: "
+        "less noise on the global prompt, more on the local carriers, same epsilon)",
     )
     max_sample_rate: float = Field(
-        0.5, gt=0, le=1, description="public bound on every node's declared Poisson rate"
+        0.5,
+        gt=0,
+        le=1,
+        description="public bound on every node's declared Poisson rate (node config "
+        "`sample-rate`); the noise is sized for it",
     )
-    clip_norm: float = Field(10.0, gt=0, description="per-sample (or batch) L2 clip C_th")
-    accountant: Accountant = Field(Accountant.RDP, description="rdp | prv")
+    clip_norm: float = Field(
+        10.0, gt=0, description="L2 clip C (per sample; of the batch mean in `paper` mode)"
+    )
+    accountant: Accountant = Field(Accountant.RDP, description="opacus accountant: rdp or prv")
     aggregation: Aggregation = Field(
         Aggregation.AUTO,
-        description="auto (secure against real SuperNodes, plain in simulation) | plain | secure",
+        description="`auto`: secure against real SuperNodes, plain in a local simulation "
+        "(`secfpp`: always secure); `plain`: the server sees each clipped gradient and adds the "
+        "global noise; `secure`: SecAgg+ masking, the clients add Skellam noise and the server "
+        "sees only the noised sum",
     )
-    model: str = Field("dpfpl-tiny-digits", min_length=1, description="backbone name/id/dir")
+    model: str = Field(
+        "dpfpl-tiny-digits",
+        min_length=1,
+        description="an offline backbone name, a Hugging Face hub id, or a local directory",
+    )
     dataset: str = Field(
-        "styled-digits", min_length=1, description="offline name, hub name, hf:<id>, or imagefolder"
+        "styled-digits",
+        min_length=1,
+        description="offline (styled-digits, domain-digits, digits, fashion-mnist), hub "
+        "(caltech101, oxford-pets, flowers102, food101, cifar100, cifar10), `hf:<hub id>`, or "
+        "`imagefolder`",
     )
-    data_dir: str = Field("", description="local copy of the dataset (node-local path)")
-    image_column: str = Field("", description="image column of an hf: dataset; empty = auto")
-    label_column: str = Field("", description="label column of an hf: dataset; empty = auto")
-    class_names_file: str = Field("", description="one class name per line, in label order")
+    data_dir: str = Field(
+        "",
+        description="local copy of the dataset on the node: a `save_to_disk` directory, data "
+        "files, an image folder, or the Fashion-MNIST IDX directory; nothing is downloaded "
+        "when set",
+    )
+    image_column: str = Field(
+        "", description="image column of an `hf:` dataset; empty: the first image column"
+    )
+    label_column: str = Field(
+        "", description="label column of an `hf:` dataset; empty: the first class-label column"
+    )
+    class_names_file: str = Field(
+        "",
+        description="text file, one class name per line in label order; overrides the "
+        "dataset's names (needed when they are numbers)",
+    )
     partitioner: Partitioner = Field(
-        Partitioner.PATHOLOGICAL, description="pathological | dirichlet | iid"
+        Partitioner.PATHOLOGICAL,
+        description="how training images are split over clients: pathological (the paper's: "
+        "round(C/N) classes per client), dirichlet, iid",
     )
-    dirichlet_alpha: float = Field(0.3, gt=0, description="Dirichlet concentration beta")
-    test_fraction: float = Field(0.3, gt=0, lt=1, description="share of each class for test")
+    dirichlet_alpha: float = Field(0.3, gt=0, description="Dirichlet concentration (paper: 0.3)")
+    test_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="share of each class held out as test data (datasets without a test split)",
+    )
     holdout: Holdout = Field(
-        Holdout.TEST, description="evaluate on: test | validation (carved from the train pool)"
+        Holdout.TEST,
+        description="images evaluated on: the test split, or `validation` (a per-class split "
+        "of the training pool, for choosing hyperparameters without test images)",
     )
-    feature_views: int = Field(0, ge=0, le=64, description="augmented views per train image")
-    seed: int = Field(0, ge=0, description="data split, partition and prompt init seed")
+    feature_views: int = Field(
+        0,
+        ge=0,
+        le=64,
+        description="augmented views (random-resized-crop + flip) per training image; 0: clean "
+        "only",
+    )
+    seed: int = Field(0, ge=0, description="seed of the data split, partition and prompt init")
     reproducible_noise: bool = Field(
-        False, description="derive DP noise from seed (tests, sweeps); else OS entropy"
+        False,
+        description="derive DP noise and sampling from the public seed (experiments only: the "
+        "epsilon becomes nominal); else OS entropy",
     )
     min_nodes: int = Field(10, ge=1, description="nodes the server waits for each round")
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of nodes trained per round")
-    fraction_evaluate: float = Field(1.0, gt=0, le=1, description="share of nodes evaluated")
-    evaluate_every: int = Field(
-        1, ge=1, description="evaluate every k-th round and the last (k = 1: every round)"
+    fraction_evaluate: float = Field(
+        1.0, gt=0, le=1, description="share of nodes evaluated per round"
     )
-    node_wait_timeout: float = Field(120.0, gt=0, description="seconds to wait for min-nodes")
+    evaluate_every: int = Field(
+        1,
+        ge=1,
+        description="evaluate every k-th round and the last one; the other rounds keep their "
+        "training figures only, and the summary's last-10 means cover the last 10 evaluated "
+        "rounds (k > 1 nearly halves a plain run's messages)",
+    )
+    node_wait_timeout: float = Field(
+        120.0, gt=0, description="seconds to wait for min-nodes before failing with a clear error"
+    )
     max_clusters: int = Field(
         4, ge=1, le=16, description="secfpp: largest number of domain clusters tried"
     )
     min_cluster_size: int = Field(
-        3, ge=3, description="secfpp: smallest cluster whose aggregates are ever released"
+        3,
+        ge=3,
+        description="secfpp: no statistic of a group smaller than this is ever released; at "
+        "most min-nodes",
     )
     cluster_iterations: int = Field(
-        5, ge=1, le=50, description="secfpp: secure Lloyd iterations of the clustering"
+        5, ge=1, le=50, description="secfpp: secure Lloyd iterations (two secure sums each)"
     )
     cluster_restarts: int = Field(
-        8, ge=1, le=16, description="secfpp: random starts per k (best sum of squares wins)"
+        8, ge=1, le=16, description="secfpp: random starts per k (least squared error wins)"
     )
     summary_dim: int = Field(
-        64, ge=1, le=1024, description="secfpp: length of a client's public projection summary"
+        64, ge=1, le=1024, description="secfpp: length of a client's domain summary (a public "
+        "projection)"
     )
     summary_clip: float = Field(
         0.5, gt=0, le=2.0,
-        description="secfpp: L2 clip of each image's projected vector in the domain summary",
+        description="secfpp: L2 clip of each image's projected vector in the domain summary "
+        "(the summary's sensitivity is summary-clip / (B / q))",
     )
     summary_noise_multiplier: float = Field(
         2.0, gt=0, le=1000.0,
-        description="secfpp: Gaussian multiplier of the summary's one DP release (per-sample DP)",
+        description="secfpp: Gaussian multiplier of the summary's one DP release (per-sample "
+        "DP), composed into the printed epsilon",
     )
-    output_dir: str = Field("runs", min_length=1, description="where run results go")
-    run_name: str = Field("", description="subdirectory of output-dir; empty = generated")
-    state_dir: str = Field("", description="node-local dir for private state; empty = cache")
-    resume: str = Field("", description="server checkpoint to continue from; empty = fresh")
+    output_dir: str = Field(
+        "runs",
+        min_length=1,
+        description="where run directories go (relative: to the local SuperLink's working "
+        "directory)",
+    )
+    run_name: str = Field(
+        "", description="run directory name (and state subdirectory); empty: generated"
+    )
+    state_dir: str = Field(
+        "", description="node-local directory for private state; empty: `$DPFPL_CACHE/state`"
+    )
+    resume: str = Field(
+        "",
+        description="server checkpoint (`<run dir>/checkpoints/round-NNNN.safetensors`) to "
+        "continue from; needs the same run-name; empty: start fresh",
+    )
 
     @model_validator(mode="before")
     @classmethod

@@ -1,4 +1,4 @@
-"""The app's shipped configuration: pyproject, RunConfig and README agree."""
+"""The app's shipped configuration: pyproject, RunConfig and the documentation agree."""
 
 from __future__ import annotations
 
@@ -36,8 +36,8 @@ def test_pyproject_has_no_federations_table_and_names_the_components() -> None:
 
 
 @pytest.mark.parametrize("key", sorted(RunConfig().to_flower()))
-def test_readme_documents_every_run_config_key(key: str) -> None:
-    assert f"| `{key}` |" in (REPO / "README.md").read_text()
+def test_the_run_config_reference_documents_every_key(key: str) -> None:
+    assert f"| `{key}` |" in (REPO / "docs" / "reference" / "run-config.md").read_text()
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.toml")))
@@ -117,9 +117,9 @@ def test_check_config_names_an_unknown_key_flower_would_refuse_without_naming(
     assert "learning-rate: unknown key; known keys:" in err and "lr-global" in err
 
 
-def test_readme_module_table_lists_every_module() -> None:
-    readme = (REPO / "README.md").read_text()
-    table = readme[readme.index("| module (under `dpfpl_app/`) | holds |") :].split("\n\n", 1)[0]
+def test_the_layout_page_module_table_lists_every_module() -> None:
+    layout = (REPO / "docs" / "development" / "layout.md").read_text()
+    table = layout[layout.index("| module (under `dpfpl_app/`) | holds |") :].split("\n\n", 1)[0]
     named = {
         name.split("(")[0].strip().removesuffix(".py")
         for row in table.splitlines()[2:]
@@ -135,5 +135,5 @@ def test_readme_module_table_lists_every_module() -> None:
     }
     modules |= {f"{p.parent.name}/" for p in package.glob("*/__init__.py")}  # sub-packages
 
-    assert modules - named == set(), "add these modules to README's module table"
+    assert modules - named == set(), "add these modules to docs/development/layout.md's table"
     assert named - modules - {"client_app", "server_app"} == set(), "the table names gone modules"

@@ -247,6 +247,15 @@ def test_every_method_runs_as_a_federation(
     assert doc["status"] == "completed"
     assert len(doc["rounds"]) == 2
     assert all(0.0 <= r["local-acc"] <= 1.0 for r in doc["rounds"])
+    # the headline metrics and the references a class prior sets: every round, in [0, 1],
+    # and the prior's frontier never below zero-shot (its bias 0 is zero-shot itself)
+    for row in doc["rounds"]:
+        for key in ("harmonic-acc", "all-acc", "zeroshot-harmonic-acc", "zeroshot-all-acc",
+                    "prior-harmonic-acc", "prior-local-acc", "prior-neighbour-acc"):
+            assert 0.0 <= row[key] <= 1.0, (key, row)
+        assert row["prior-harmonic-acc"] >= row["zeroshot-harmonic-acc"]
+    assert 0.0 <= doc["summary"]["last10-harmonic-acc"] <= 1.0
+    assert doc["prior"]["harmonic-acc"] >= doc["zeroshot"]["harmonic-acc"]
 
 
 def test_restarted_node_resumes_its_private_prompt(digits_backbone: Path, tmp_path: Path) -> None:

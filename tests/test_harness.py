@@ -56,6 +56,8 @@ def _evaluate(msg: Message, context: Context) -> Message:
         neighbour_acc=0.1,
         zeroshot_local_acc=0.4,
         zeroshot_neighbour_acc=0.1,
+        prior_local_acc=0.5,
+        prior_neighbour_acc=0.1,
         local_examples=10,
         neighbour_examples=20,
         partition_id=partition,

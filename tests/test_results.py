@@ -176,6 +176,44 @@ def test_finish_keeps_the_clients_zero_shot_accuracies_as_the_reference(tmp_path
     assert "zeroshot-local-acc: 0.6" in summary_table(doc).splitlines()
 
 
+def test_the_summary_carries_the_harmonic_mean_all_class_and_both_references(
+    tmp_path: Path,
+) -> None:
+    # Prepare: 12 evaluated rounds; the harmonic mean climbs 0.01 a round
+    recorder = RunRecorder(tmp_path / "run", config={}, notes={})
+    for r in range(1, 13):
+        recorder.record(r, {
+            "local-acc": 0.9, "neighbour-acc": 0.3, "harmonic-acc": 0.3 + 0.01 * r,
+            "all-acc": 0.4, "zeroshot-local-acc": 0.6, "zeroshot-neighbour-acc": 0.6,
+            "zeroshot-harmonic-acc": 0.58, "zeroshot-all-acc": 0.6,
+            "prior-local-acc": 0.7, "prior-neighbour-acc": 0.55,
+            "prior-harmonic-acc": 0.6, "prior-all-acc": 0.57,
+        })
+
+    # Execute
+    recorder.finish(status="completed")
+
+    # Assert: last-10 and final figures, and the two reference blocks
+    doc = json.loads((tmp_path / "run" / "results.json").read_text())
+    summary = doc["summary"]
+    assert summary["last10-harmonic-acc"] == pytest.approx(0.3 + 0.01 * 7.5)
+    assert summary["final-harmonic-acc"] == pytest.approx(0.42)
+    assert summary["last10-all-acc"] == pytest.approx(0.4)
+    assert doc["zeroshot"]["harmonic-acc"] == pytest.approx(0.58)
+    assert doc["zeroshot"]["all-acc"] == pytest.approx(0.6)
+    assert doc["prior"] == pytest.approx(
+        {"local-acc": 0.7, "neighbour-acc": 0.55, "harmonic-acc": 0.6, "all-acc": 0.57}
+    )
+    # ... the printed summary shows them, and the plot draws the headline and its lines
+    lines = summary_table(doc).splitlines()
+    assert "harmonic-acc" in lines[0] and "all-acc" in lines[0]
+    assert {"zeroshot-harmonic-acc: 0.58", "prior-harmonic-acc: 0.6"} <= set(lines)
+    drawn = _lines(draw_run(doc)["accuracy.png"])
+    assert drawn["harmonic-acc"].get_ydata()[-1] == pytest.approx(0.42)
+    assert list(drawn["zero-shot harmonic-acc"].get_ydata()) == [pytest.approx(0.58)] * 2
+    assert list(drawn["class-prior frontier harmonic-acc"].get_ydata()) == [pytest.approx(0.6)] * 2
+
+
 def test_a_secfpp_summary_prints_the_clusters_not_their_centroids(tmp_path: Path) -> None:
     recorder = RunRecorder(tmp_path / "run", config={"method": "secfpp"}, notes={})
     recorder.record(1, {"local-acc": 0.5})

@@ -169,9 +169,19 @@ def test_secure_evaluation_reveals_only_federation_wide_figures(
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         (first, second) = _records(tmp_path, p)
         assert (first["round"], second["round"]) == (1, 2)
+    # ... the harmonic means are the mean of the nodes' own (fixed point), never below
+    # zero-shot's for the class prior
+    for row in doc["rounds"]:
+        for name in ("harmonic-acc", "zeroshot-harmonic-acc", "prior-harmonic-acc"):
+            own = [line[name] for p in range(NODES) for line in _records(tmp_path, p)
+                   if line["round"] == row["round"]]
+            assert len(own) == NODES
+            assert row[name] == pytest.approx(sum(own) / NODES, abs=1e-6)
+        assert row["prior-harmonic-acc"] >= row["zeroshot-harmonic-acc"]
     # ... and the run's summary works on them
     assert doc["summary"]["final-local-acc"] == doc["rounds"][-1]["local-acc"]
     assert doc["zeroshot"]["local-acc"] > 0
+    assert doc["prior"]["harmonic-acc"] >= doc["zeroshot"]["harmonic-acc"]
 
 
 def test_a_reply_carrying_a_nodes_figures_is_refused_as_a_fault(

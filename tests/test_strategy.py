@@ -424,6 +424,8 @@ def _eval_reply(node: int, local_acc: float, local_n: int, neighbour_acc: float)
         neighbour_acc=neighbour_acc,
         zeroshot_local_acc=local_acc / 2,
         zeroshot_neighbour_acc=neighbour_acc / 2,
+        prior_local_acc=local_acc / 2,
+        prior_neighbour_acc=neighbour_acc / 2,
         local_examples=local_n,
         neighbour_examples=50,
         partition_id=node % 7,
@@ -467,6 +469,64 @@ def test_evaluate_means_over_clients_and_weighted_and_refuses_arrays(
     assert merged[f"neighbour-acc/node-{GOOD_B}"] == pytest.approx(0.4)
     assert merged[f"partition-id/node-{GOOD_A}"] == GOOD_A % 7  # for the node map
     assert not any(str(BAD) in key for key in merged)
+
+
+def _hm(local: float, neighbour: float) -> float:
+    return 2 * local * neighbour / (local + neighbour)
+
+
+def test_evaluate_reports_the_mean_of_each_clients_harmonic_mean_and_all_class_accuracy(
+) -> None:
+    # Prepare: A is one-sided (0.9 local, 0.2 neighbour), B balanced; 50 neighbour images
+    # each, 10 and 30 local; zero-shot and the prior report half of each accuracy
+    seen: list[tuple[int, dict[str, float | int]]] = []
+    strategy = _strategy(on_round=lambda r, m: seen.append((r, m)))
+    replies = [_eval_reply(GOOD_A, 0.9, 10, 0.2), _eval_reply(GOOD_B, 0.5, 30, 0.4)]
+
+    # Execute
+    strategy.aggregate_train(1, [_reply(GOOD_A, _grad(0.1))])
+    metrics = strategy.aggregate_evaluate(1, replies)
+
+    # Assert: the headline is the mean of the per-client harmonic means, not the
+    # harmonic mean of the mean accuracies (0.7 and 0.3)
+    assert metrics is not None
+    assert metrics[wire.HARMONIC_ACC] == pytest.approx((_hm(0.9, 0.2) + _hm(0.5, 0.4)) / 2)
+    assert metrics[wire.HARMONIC_ACC] != pytest.approx(_hm(0.7, 0.3))
+    assert metrics[wire.ZEROSHOT_HARMONIC_ACC] == pytest.approx(
+        (_hm(0.45, 0.1) + _hm(0.25, 0.2)) / 2
+    )
+    assert metrics[wire.PRIOR_HARMONIC_ACC] == pytest.approx(metrics[wire.ZEROSHOT_HARMONIC_ACC])
+    # ... all-class accuracy: each client's correct over its local and neighbour images
+    a_all, b_all = (9 + 10) / 60, (15 + 20) / 80
+    assert metrics[wire.ALL_ACC] == pytest.approx((a_all + b_all) / 2)
+    assert metrics[wire.ALL_ACC_WEIGHTED] == pytest.approx((9 + 10 + 15 + 20) / 140)
+    assert metrics[wire.PRIOR_ALL_ACC] == pytest.approx((a_all + b_all) / 4)
+    # ... and each client's own, for the results files
+    ((_, merged),) = seen
+    assert merged[f"harmonic-acc/node-{GOOD_A}"] == pytest.approx(_hm(0.9, 0.2))
+    assert merged[f"all-acc/node-{GOOD_B}"] == pytest.approx(b_all)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({wire.PRIOR_LOCAL_ACC: 1.5}, "must be finite and in"),
+        ({wire.PRIOR_NEIGHBOUR_ACC: -0.1}, "must be finite and in"),
+        ({wire.PRIOR_LOCAL_ACC: 0.9, wire.PRIOR_NEIGHBOUR_ACC: 0.0}, "below zero-shot"),
+    ],
+)
+def test_evaluate_refuses_class_prior_figures_out_of_range_or_below_zero_shot(
+    change: dict[str, float], message: str
+) -> None:
+    # Prepare: zero-shot 0.45 / 0.1; a frontier that includes b = 0 cannot be below it
+    reply = _eval_reply(GOOD_A, 0.9, 10, 0.2)
+    metrics = reply.content.metric_records[wire.METRICS_RECORD]
+    for key, value in change.items():
+        metrics[key] = value
+
+    # Execute / Assert
+    with pytest.raises(wire.InvalidReply, match=message):
+        wire.parse_evaluate_reply(reply)
 
 
 @pytest.mark.parametrize(

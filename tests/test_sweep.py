@@ -34,7 +34,8 @@ def _complete_doc(summary: dict, *, clients: int = 10, rounds: int = 3) -> dict:
 
 
 def _fake_result(
-    out: Path, cell: Cell, local: float, neighbour: float, *, doc: dict | None = None
+    out: Path, cell: Cell, local: float, neighbour: float, *, doc: dict | None = None,
+    more: dict | None = None,
 ) -> None:
     run = out / "runs" / cell.name
     run.mkdir(parents=True)
@@ -42,6 +43,7 @@ def _fake_result(
         "last10-local-acc": local,
         "last10-neighbour-acc": neighbour,
         "final-epsilon": 0.0 if math.isinf(cell.epsilon) else cell.epsilon,
+        **(more or {}),
     }
     (run / RESULTS_FILE).write_text(json.dumps({**_complete_doc(summary), **(doc or {})}))
 
@@ -94,19 +96,31 @@ def test_tables_have_every_cell_with_mean_and_std_over_seeds(tmp_path: Path) -> 
         methods=(Method.PROMPTFL, Method.DPFPL), epsilons=(1.0, math.inf), seeds=(0, 1)
     )
     values = {0: (0.80, 0.60), 1: (0.90, 0.70)}
-    for cell in spec.cells():
-        _fake_result(tmp_path, cell, *values[cell.seed])
+    for cell in spec.cells():  # harmonic, all-class and the references: the seed's too
+        s = cell.seed
+        refs = {"zeroshot": {"harmonic-acc": 0.5 + 0.1 * s, "local-acc": 0.5},
+                "prior": {"harmonic-acc": 0.6 + 0.1 * s, "local-acc": 0.7}}
+        _fake_result(tmp_path, cell, *values[s], doc=refs,
+                     more={"last10-harmonic-acc": 0.6 + 0.1 * s, "last10-all-acc": 0.62 + 0.1 * s})
 
     write_tables(spec, tmp_path)
 
     md = (tmp_path / "table.md").read_text()
     assert "| digits | 1 | 85.0 ± 7.1 (n=2) | 85.0 ± 7.1 (n=2) |" in md  # local, both methods
     assert "| digits | no DP | 65.0 ± 7.1 (n=2) | 65.0 ± 7.1 (n=2) |" in md  # neighbour
-    assert "| Zero-shot CLIP | 85.0 ± 7.1 (n=2) | 65.0 ± 7.1 (n=2) |" in md
+    assert ("| Zero-shot CLIP | 65.0 ± 7.1 (n=2) | 85.0 ± 7.1 (n=2) | 65.0 ± 7.1 (n=2) "
+            "| 67.0 ± 7.1 (n=2) |") in md
     assert "left out" not in md
+    # ... the headline's table, and the references once per seed (not once per cell)
+    harmonic = md.split("## Harmonic mean")[1].split("##")[0]
+    assert "| digits | 1 | 65.0 ± 7.1 (n=2) | 65.0 ± 7.1 (n=2) |" in harmonic
+    assert "| Zero-shot template | 55.0 ± 7.1 (n=2) | 50.0 ± 0.0 (n=2) | - | - |" in md
+    assert "| Class-prior frontier (zero-shot + best own-class bias) | 65.0 ± 7.1 (n=2) |" in md
     rows = (tmp_path / "table.csv").read_text().splitlines()
     assert rows[0].startswith("dataset,method,epsilon,rank,seeds,seeds_planned,local_mean")
-    assert "digits,dpfpl,1,8,2,2,0.8500,0.0707,0.6500,0.0707,1.0000" in rows
+    assert rows[0].endswith("epsilon_spent,harmonic_mean,harmonic_std,all_mean,all_std")
+    assert ("digits,dpfpl,1,8,2,2,0.8500,0.0707,0.6500,0.0707,1.0000,"
+            "0.6500,0.0707,0.6700,0.0707") in rows
     assert len(rows) == 1 + 2 * 2 + 2  # header, methods x epsilons, two reference rows
     assert (tmp_path / "accuracy_vs_epsilon.png").stat().st_size > 0
 

@@ -50,13 +50,17 @@ def answer_train(trainer: ClientTrainer, msg: Message) -> RecordDict:
 
 
 def answer_evaluate(trainer: ClientTrainer, msg: Message) -> RecordDict:
-    """Local and neighbour accuracy of the personalised prompt with the broadcast p_G."""
+    """Local and neighbour accuracy of the personalised prompt with the broadcast p_G,
+    and of the zero-shot and class-prior references on the same images.
+    """
     metrics = trainer.evaluate(shared_prompt(trainer, msg)[0])
     return wire.evaluate_reply_content(
         local_acc=metrics["local-acc"],
         neighbour_acc=metrics["neighbour-acc"],
         zeroshot_local_acc=metrics["zeroshot-local-acc"],
         zeroshot_neighbour_acc=metrics["zeroshot-neighbour-acc"],
+        prior_local_acc=metrics["prior-local-acc"],
+        prior_neighbour_acc=metrics["prior-neighbour-acc"],
         local_examples=int(metrics["local-examples"]),
         neighbour_examples=int(metrics["neighbour-examples"]),
         partition_id=trainer.partition_id,

@@ -128,9 +128,10 @@ class RunRecorder:
             self.doc["reason"] = reason
         self.doc["summary"] = summarise(self.doc["rounds"])
         self.doc["summary"].update(extra or {})
-        zeroshot = zeroshot_reference(self.doc["rounds"])
-        if zeroshot:
-            self.doc["zeroshot"] = zeroshot
+        for name, prefix in REFERENCES.items():
+            figures = reference(self.doc["rounds"], prefix)
+            if figures:
+                self.doc[name] = figures
         self._write()
         self._write_csv()
         try:
@@ -172,10 +173,19 @@ def _plain(value: Any) -> Any:
     )
 
 
+ACCURACIES = ("local-acc", "neighbour-acc", "harmonic-acc", "all-acc")
+"""A run's accuracies: local, neighbour, their harmonic mean (the headline: the mean
+over clients of each client's, ``method.accuracy``) and all-class accuracy."""
+REFERENCES = {"zeroshot": "zeroshot-", "prior": "prior-"}
+"""results.json's reference blocks beside the run's accuracies -> their round-key prefix:
+the zero-shot template and the class-prior frontier (zero-shot with the best own-class
+bias per client, ``method.class_prior``): the lines a learned prompt must beat."""
+
+
 def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Final and last-10-round means of the accuracies; the final epsilons."""
     summary: dict[str, Any] = {"rounds": len(rounds)}
-    for key in ("local-acc", "neighbour-acc"):
+    for key in ACCURACIES:
         values = [r[key] for r in rounds if isinstance(r.get(key), float) and r[key] == r[key]]
         if values:
             summary[f"final-{key}"] = values[-1]
@@ -188,18 +198,19 @@ def summarise(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     return summary
 
 
-def zeroshot_reference(rounds: list[dict[str, Any]]) -> dict[str, float]:
-    """The template's accuracies, as ``local-acc`` / ``neighbour-acc``: the line to beat.
+def reference(rounds: list[dict[str, Any]], prefix: str) -> dict[str, float]:
+    """A reference's accuracies (round keys ``<prefix>local-acc``, ...) under the run's
+    names (``local-acc``, ...): the line to beat.
 
     Clients report them with every evaluation (the same test images every round, so
     they are constant up to which clients answered); the mean over rounds is kept.
     """
-    reference = {}
-    for key in ("local-acc", "neighbour-acc"):
-        values = [r[f"zeroshot-{key}"] for r in rounds if _finite(r.get(f"zeroshot-{key}"))]
+    figures = {}
+    for key in ACCURACIES:
+        values = [r[f"{prefix}{key}"] for r in rounds if _finite(r.get(f"{prefix}{key}"))]
         if values:
-            reference[key] = sum(values) / len(values)
-    return reference
+            figures[key] = sum(values) / len(values)
+    return figures
 
 
 def _finite(value: Any) -> bool:
@@ -227,7 +238,7 @@ def accuracy_meaning(doc: dict[str, Any]) -> str:
 
 def summary_table(doc: dict[str, Any]) -> str:
     """A plain-text table of the run: one line per round and the summary."""
-    cols = ["round", "local-acc", "neighbour-acc", "epsilon"]
+    cols = ["round", *ACCURACIES, "epsilon"]
     if any("train-loss" in row for row in doc["rounds"]):  # recorded only without DP
         cols.insert(1, "train-loss")
     lines = ["  ".join(f"{c:>13}" for c in cols)]
@@ -253,7 +264,8 @@ def summary_table(doc: dict[str, Any]) -> str:
             lines.extend(privacy_lines(value))
         else:
             lines.append(f"{key}: {value:.4g}" if isinstance(value, float) else f"{key}: {value}")
-    lines.extend(f"zeroshot-{k}: {v:.4g}" for k, v in doc.get("zeroshot", {}).items())
+    for name in REFERENCES:
+        lines.extend(f"{name}-{k}: {v:.4g}" for k, v in doc.get(name, {}).items())
     return "\n".join(lines)
 
 
@@ -278,6 +290,8 @@ CURVE_STYLES = {
     # usually coincide) must still be told apart, in colour and in greyscale
     "local-acc": ("tab:blue", "-", "o"),
     "neighbour-acc": ("tab:orange", "--", "s"),
+    "harmonic-acc": ("tab:red", "-", "^"),
+    "all-acc": ("tab:purple", "-.", "v"),
     "epsilon": ("tab:green", "-", "D"),
     "eps-local": ("tab:blue", "-", "o"),
     "eps-global": ("tab:orange", "--", "s"),
@@ -288,7 +302,9 @@ TARGET_KEYS = {"epsilon": "epsilon", "epsilon-local": "eps-local", "epsilon-glob
 
 
 def plot_run(doc: dict[str, Any], out_dir: Path) -> None:
-    """accuracy.png (local and neighbour per round) and epsilon.png (spent and target)."""
+    """accuracy.png (local, neighbour, harmonic mean and all-class per round, with the
+    references) and epsilon.png (spent and target).
+    """
     import matplotlib.pyplot as plt
 
     for name, fig in draw_run(doc).items():
@@ -308,7 +324,7 @@ def draw_run(doc: dict[str, Any]) -> dict[str, Figure]:
     title = f"{config.get('method')} / dp-mode {config.get('dp-mode')}"
     figures = {}
     for name, keys, ylabel in (
-        ("accuracy.png", ("local-acc", "neighbour-acc"), f"accuracy ({accuracy_meaning(doc)})"),
+        ("accuracy.png", ACCURACIES, f"accuracy ({accuracy_meaning(doc)})"),
         ("epsilon.png", ("epsilon", "eps-local", "eps-global"), "epsilon spent"),
     ):
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -321,14 +337,14 @@ def draw_run(doc: dict[str, Any]) -> dict[str, Figure]:
         if name == "epsilon.png":
             _draw_targets(ax, config)
         else:
-            _draw_zeroshot(ax, doc.get("zeroshot"))
+            _draw_references(ax, doc)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("round")
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
-            ax.legend()
+            ax.legend(fontsize=8)
         fig.tight_layout()
         figures[name] = fig
     return figures
@@ -350,9 +366,15 @@ def _draw_targets(ax: Any, config: dict[str, Any]) -> None:
                    label=f"target {' = '.join(keys)} = {target:g}")
 
 
-def _draw_zeroshot(ax: Any, zeroshot: dict[str, Any] | None) -> None:
-    """Zero-shot CLIP's accuracies (the hand-written prompt) as the reference to beat."""
-    for key, value in (zeroshot or {}).items():
+def _draw_references(ax: Any, doc: dict[str, Any]) -> None:
+    """The references to beat as horizontal lines: zero-shot CLIP's accuracies (the
+    hand-written prompt), and the class-prior frontier's harmonic mean (the headline's).
+    """
+    for key, value in doc.get("zeroshot", {}).items():
         if key in CURVE_STYLES and isinstance(value, (int, float)):
             ax.axhline(float(value), color=CURVE_STYLES[key][0], linestyle=":",
                        linewidth=1.2, label=f"zero-shot {key}")
+    prior = doc.get("prior", {}).get("harmonic-acc")
+    if isinstance(prior, (int, float)):
+        ax.axhline(float(prior), color=CURVE_STYLES["harmonic-acc"][0], linestyle=(0, (5, 1)),
+                   linewidth=1.6, label="class-prior frontier harmonic-acc")

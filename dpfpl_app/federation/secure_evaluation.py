@@ -3,7 +3,8 @@
 The server sends the round's prompt through a secure round whose masked stage is an
 evaluate message: each node evaluates, keeps its own figures (``evaluation_sum``), and
 adds only its counts to the sum. The server learns the sum and nothing per node, and
-reports the federation-wide accuracies it gives (correct / examples over the sample).
+reports the federation-wide accuracies it gives (correct / examples over the sample),
+and the mean over the sampled nodes of their harmonic means (``evaluation_sum``).
 
 A masked reply that carries anything beyond its masked counts (a ``metrics`` record of
 per-node figures, say) is refused as a fault and left out; so is its node from the
@@ -31,24 +32,27 @@ ATTEMPTS = 3  # a discarded evaluation sum is asked this many times in all
 MIN_NODES = 3  # a sum of two reveals each input to the other (as for training)
 EVAL_ATTEMPTS = "eval-attempts"  # round metric: secure sums the evaluation took
 MASKED_RECORDS = frozenset({PAYLOAD_CONFIG, PAYLOAD_ARRAYS})
-FIGURES = {  # round metric key -> the accuracy of the sum (``evaluation_sum.RATIOS``)
-    wire.LOCAL_ACC: "local-acc",
-    wire.NEIGHBOUR_ACC: "neighbour-acc",
-    wire.ZEROSHOT_LOCAL_ACC: "zeroshot-local-acc",
-    wire.ZEROSHOT_NEIGHBOUR_ACC: "zeroshot-neighbour-acc",
-}
-WEIGHTED = {  # the plain run's example-weighted twin of each (here the same figure)
+WEIGHTED = {  # each ratio of the sum -> the plain run's example-weighted twin (the same)
     wire.LOCAL_ACC: wire.LOCAL_ACC_WEIGHTED,
     wire.NEIGHBOUR_ACC: wire.NEIGHBOUR_ACC_WEIGHTED,
     wire.ZEROSHOT_LOCAL_ACC: wire.ZEROSHOT_LOCAL_ACC_WEIGHTED,
     wire.ZEROSHOT_NEIGHBOUR_ACC: wire.ZEROSHOT_NEIGHBOUR_ACC_WEIGHTED,
+    wire.PRIOR_LOCAL_ACC: wire.PRIOR_LOCAL_ACC_WEIGHTED,
+    wire.PRIOR_NEIGHBOUR_ACC: wire.PRIOR_NEIGHBOUR_ACC_WEIGHTED,
+    wire.ALL_ACC: wire.ALL_ACC_WEIGHTED,
+    wire.ZEROSHOT_ALL_ACC: wire.ZEROSHOT_ALL_ACC_WEIGHTED,
+    wire.PRIOR_ALL_ACC: wire.PRIOR_ALL_ACC_WEIGHTED,
 }
+HARMONIC = (wire.HARMONIC_ACC, wire.ZEROSHOT_HARMONIC_ACC, wire.PRIOR_HARMONIC_ACC)
+"""Means over the sampled nodes of their harmonic means: as in a plain run, no twin."""
 SECURE_EVALUATION_NOTE = (
     "secure evaluation: each node adds its counts of correct predictions and test examples "
     "to a SecAgg+ sum over every sampled node; the server learns only the sums, so every "
     "accuracy here is federation-wide, sum of correct / sum of examples (the example-"
-    "weighted mean over clients; a plain run's local-acc is the unweighted mean). Each "
-    "node's own figures are in evaluation.jsonl in its state directory"
+    "weighted mean over clients; a plain run's local-acc is the unweighted mean). The "
+    "harmonic means (harmonic-acc and its zero-shot and class-prior references) are, as "
+    "in a plain run, the mean over clients of each client's own, summed in fixed point. "
+    "Each node's own figures are in evaluation.jsonl in its state directory"
 )
 
 
@@ -64,14 +68,14 @@ class EvaluationOutcome:
 
     def metrics(self) -> dict[str, float | int]:
         """The round's evaluation metrics: counts of nodes, never a node's figure."""
-        accuracies = {key: self.figures[name] for key, name in FIGURES.items()
-                      if name in self.figures}
+        ratios = {key: self.figures[key] for key in WEIGHTED if key in self.figures}
         return {
             wire.EVAL_ACCEPTED: self.nodes,
             wire.EVAL_REJECTED: self.sampled - self.nodes,
             EVAL_ATTEMPTS: self.attempts,
-            **accuracies,
-            **{WEIGHTED[key]: value for key, value in accuracies.items()},
+            **ratios,
+            **{WEIGHTED[key]: value for key, value in ratios.items()},
+            **{key: self.figures[key] for key in HARMONIC if key in self.figures},
         }
 
 

@@ -128,7 +128,8 @@ def log_locations(out: Path, cfg: RunConfig, context: Context) -> None:
     log(INFO, "cache (%s): %s", CACHE_ENV, cache_root().resolve())
 
 
-EVALUATED = ("local-acc", "neighbour-acc", "zeroshot-local-acc", "zeroshot-neighbour-acc")
+EVALUATED = ("local-acc", "neighbour-acc", "harmonic-acc", "zeroshot-harmonic-acc",
+             "prior-harmonic-acc")
 
 
 def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) -> Path:
@@ -147,7 +148,8 @@ def _run(grid: Grid, context: Context, cfg: RunConfig, recorder: RunRecorder) ->
         recorder.record(server_round, metrics)
         save_checkpoint(out, strategy.state_dict(), config=cfg)
         accuracy = (
-            "local-acc {:.3f}  neighbour-acc {:.3f}  (zero-shot {:.3f} / {:.3f})".format(
+            "local-acc {:.3f}  neighbour-acc {:.3f}  harmonic {:.3f}  (zero-shot {:.3f}, "
+            "class prior {:.3f})".format(
                 *(metrics.get(k, math.nan) for k in EVALUATED)
             )
             if wire.EVAL_ACCEPTED in metrics

@@ -18,6 +18,7 @@ Protocol (all tensors float32, ``n_ctx x d``)::
     client -> server, evaluate
         "metrics": MetricRecord {"num-examples", "local-acc", "neighbour-acc",
                                  "zeroshot-local-acc", "zeroshot-neighbour-acc",
+                                 "prior-local-acc", "prior-neighbour-acc",
                                  "local-examples", "neighbour-examples",
                                  "partition-id" (the node's own config: public)}
                    exactly these keys (``EVALUATE_METRIC_KEYS``)
@@ -44,6 +45,7 @@ import torch
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
 from dpfpl_app.config import Aggregation
+from dpfpl_app.method.accuracy import harmonic_mean
 
 # --- record names -------------------------------------------------------------------
 ARRAYS_RECORD = "arrays"
@@ -72,10 +74,15 @@ PARTITION_ID = "partition-id"
 # learned prompt must beat (test-set accuracies, like local-acc: not DP releases)
 ZEROSHOT_LOCAL_ACC = "zeroshot-local-acc"
 ZEROSHOT_NEIGHBOUR_ACC = "zeroshot-neighbour-acc"
+# the class-prior frontier on the same images (``method.class_prior``): zero-shot plus the
+# own-class bias with the best harmonic mean, chosen per client on its test images; of the
+# same kind as the accuracies above (test data only, nothing about the training data)
+PRIOR_LOCAL_ACC = "prior-local-acc"
+PRIOR_NEIGHBOUR_ACC = "prior-neighbour-acc"
 EVALUATE_METRIC_KEYS = frozenset(
     {
         NUM_EXAMPLES, LOCAL_ACC, NEIGHBOUR_ACC, ZEROSHOT_LOCAL_ACC, ZEROSHOT_NEIGHBOUR_ACC,
-        LOCAL_EXAMPLES, NEIGHBOUR_EXAMPLES, PARTITION_ID,
+        PRIOR_LOCAL_ACC, PRIOR_NEIGHBOUR_ACC, LOCAL_EXAMPLES, NEIGHBOUR_EXAMPLES, PARTITION_ID,
     }
 )
 
@@ -90,6 +97,20 @@ LOCAL_ACC_WEIGHTED = "local-acc-weighted"
 NEIGHBOUR_ACC_WEIGHTED = "neighbour-acc-weighted"
 ZEROSHOT_LOCAL_ACC_WEIGHTED = "zeroshot-local-acc-weighted"
 ZEROSHOT_NEIGHBOUR_ACC_WEIGHTED = "zeroshot-neighbour-acc-weighted"
+PRIOR_LOCAL_ACC_WEIGHTED = "prior-local-acc-weighted"
+PRIOR_NEIGHBOUR_ACC_WEIGHTED = "prior-neighbour-acc-weighted"
+# the headline: the mean over clients of each client's harmonic mean of local and
+# neighbour accuracy (``method.accuracy``), for the prompt, zero-shot and the prior
+HARMONIC_ACC = "harmonic-acc"
+ZEROSHOT_HARMONIC_ACC = "zeroshot-harmonic-acc"
+PRIOR_HARMONIC_ACC = "prior-harmonic-acc"
+# accuracy over each client's whole test view (local and neighbour images, all classes)
+ALL_ACC = "all-acc"
+ZEROSHOT_ALL_ACC = "zeroshot-all-acc"
+PRIOR_ALL_ACC = "prior-all-acc"
+ALL_ACC_WEIGHTED = "all-acc-weighted"
+ZEROSHOT_ALL_ACC_WEIGHTED = "zeroshot-all-acc-weighted"
+PRIOR_ALL_ACC_WEIGHTED = "prior-all-acc-weighted"
 EVAL_ACCEPTED = "eval-accepted"
 EVAL_REJECTED = "eval-rejected"
 
@@ -118,6 +139,8 @@ class EvaluateReply:
     neighbour_acc: float
     zeroshot_local_acc: float
     zeroshot_neighbour_acc: float
+    prior_local_acc: float
+    prior_neighbour_acc: float
     local_examples: int
     neighbour_examples: int
     partition_id: int
@@ -197,6 +220,8 @@ def evaluate_reply_content(
     neighbour_acc: float,
     zeroshot_local_acc: float,
     zeroshot_neighbour_acc: float,
+    prior_local_acc: float,
+    prior_neighbour_acc: float,
     local_examples: int,
     neighbour_examples: int,
     partition_id: int,
@@ -220,6 +245,8 @@ def evaluate_reply_content(
                     ZEROSHOT_NEIGHBOUR_ACC: (
                         float(zeroshot_neighbour_acc) if neighbour_examples else 0.0
                     ),
+                    PRIOR_LOCAL_ACC: float(prior_local_acc) if local_examples else 0.0,
+                    PRIOR_NEIGHBOUR_ACC: float(prior_neighbour_acc) if neighbour_examples else 0.0,
                     LOCAL_EXAMPLES: int(local_examples),
                     NEIGHBOUR_EXAMPLES: int(neighbour_examples),
                     PARTITION_ID: int(partition_id),
@@ -309,17 +336,34 @@ def parse_evaluate_reply(msg: Message) -> EvaluateReply:
             f"evaluate metrics {sorted(metrics.keys())} are not exactly "
             f"{sorted(EVALUATE_METRIC_KEYS)}"
         )
-    return EvaluateReply(
+    reply = EvaluateReply(
         node_id=msg.metadata.src_node_id,
         num_examples=_int_metric(metrics, NUM_EXAMPLES, minimum=0),
         local_acc=_float_metric(metrics, LOCAL_ACC, low=0.0, high=1.0),
         neighbour_acc=_float_metric(metrics, NEIGHBOUR_ACC, low=0.0, high=1.0),
         zeroshot_local_acc=_float_metric(metrics, ZEROSHOT_LOCAL_ACC, low=0.0, high=1.0),
         zeroshot_neighbour_acc=_float_metric(metrics, ZEROSHOT_NEIGHBOUR_ACC, low=0.0, high=1.0),
+        prior_local_acc=_float_metric(metrics, PRIOR_LOCAL_ACC, low=0.0, high=1.0),
+        prior_neighbour_acc=_float_metric(metrics, PRIOR_NEIGHBOUR_ACC, low=0.0, high=1.0),
         local_examples=_int_metric(metrics, LOCAL_EXAMPLES, minimum=0),
         neighbour_examples=_int_metric(metrics, NEIGHBOUR_EXAMPLES, minimum=0),
         partition_id=_int_metric(metrics, PARTITION_ID, minimum=0),
     )
+    _check_prior_frontier(reply)
+    return reply
+
+
+def _check_prior_frontier(reply: EvaluateReply) -> None:
+    """The frontier includes b = 0 (zero-shot itself): its harmonic mean is never lower."""
+    if not (reply.local_examples and reply.neighbour_examples):
+        return
+    prior = harmonic_mean(reply.prior_local_acc, reply.prior_neighbour_acc)
+    zeroshot = harmonic_mean(reply.zeroshot_local_acc, reply.zeroshot_neighbour_acc)
+    if prior < zeroshot - 1e-9:
+        raise InvalidReply(
+            f"class-prior harmonic mean {prior:.6g} is below zero-shot's {zeroshot:.6g}: "
+            "the frontier includes zero-shot (bias 0), so the reply is inconsistent"
+        )
 
 
 def _check_no_error(msg: Message) -> None:

@@ -33,6 +33,7 @@ from dpfpl_app.backbones.backbone import FrozenClip
 from dpfpl_app.config import DPMode, Method, RunConfig
 from dpfpl_app.data.federated_data import ClientData
 from dpfpl_app.method import domain_clusters
+from dpfpl_app.method.class_prior import prior_frontier
 from dpfpl_app.method.gradients import class_logits
 from dpfpl_app.method.prompt_learner import LearnerSettings, PromptLearner, ctx_init_words
 from dpfpl_app.method.text_encoder import CoOpTextEncoder, template_context
@@ -286,8 +287,9 @@ class ClientTrainer:
 
     @torch.no_grad()
     def evaluate(self, global_prompt: Tensor) -> dict[str, float]:
-        """Accuracies of the prompt and of the zero-shot template, and the exact counts
-        behind them (``<name>-correct``, ``*-examples``): a secure run sums the counts.
+        """Accuracies of the prompt, of the zero-shot template and of the class-prior
+        frontier (``class_prior``: zero-shot with the best own-class bias), and the exact
+        counts behind them (``<name>-correct``, ``*-examples``): a secure run sums them.
         """
         self._receive(global_prompt)
         d = self.data
@@ -304,11 +306,23 @@ class ClientTrainer:
             "zeroshot-local": _hits(zeroshot_logits, local, d.local_labels),
             "zeroshot-neighbour": _hits(zeroshot_logits, neighbour, d.neighbour_labels),
         }
+        # the class-prior reference: zero-shot plus the best own-class bias (test data only)
+        prior = prior_frontier(
+            zeroshot_logits(local), d.local_labels,
+            zeroshot_logits(neighbour), d.neighbour_labels, d.classes,
+        )
+        correct = {
+            **{name: int(hit.sum()) for name, hit in hits.items()},
+            "prior-local": prior.local_correct,
+            "prior-neighbour": prior.neighbour_correct,
+        }
+        examples = {"local": d.local_labels.numel(), "neighbour": d.neighbour_labels.numel()}
         return {
-            **{f"{name}-acc": _accuracy(hit) for name, hit in hits.items()},
-            **{f"{name}-correct": int(hit.sum()) for name, hit in hits.items()},
-            "local-examples": float(d.local_labels.numel()),
-            "neighbour-examples": float(d.neighbour_labels.numel()),
+            **{f"{name}-acc": _ratio(n, examples[name.rsplit("-", 1)[-1]])
+               for name, n in correct.items()},
+            **{f"{name}-correct": n for name, n in correct.items()},
+            "local-examples": float(examples["local"]),
+            "neighbour-examples": float(examples["neighbour"]),
         }
 
     # ----- persistence (node-local only) ------------------------------------------------
@@ -373,8 +387,8 @@ def _hits(logits: Callable[[Tensor], Tensor], features: Tensor, labels: Tensor) 
     return logits(features).argmax(dim=1) == labels
 
 
-def _accuracy(hits: Tensor) -> float:
-    return float("nan") if hits.numel() == 0 else float(hits.float().mean())
+def _ratio(correct: int, examples: int) -> float:
+    return float("nan") if examples == 0 else correct / examples
 
 
 def init_generator(seed: int, partition_id: int) -> torch.Generator:

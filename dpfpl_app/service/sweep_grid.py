@@ -32,7 +32,14 @@ LABELS = {
     Method.LOCAL: "CoOp (local only)",
     Method.ZEROSHOT: "Zero-shot CLIP",
 }
-MEASURES = (("local", "local-acc"), ("neighbour", "neighbour-acc"))
+MEASURES = (("local", "local-acc"), ("neighbour", "neighbour-acc"),
+            ("harmonic", "harmonic-acc"), ("all", "all-acc"))
+"""(short name, results key): local, neighbour, their harmonic mean (the headline, mean
+over clients of each client's) and all-class accuracy; a run recorded before the last
+two existed has them missing, not zero."""
+REFERENCE_BLOCKS = (("zeroshot", "Zero-shot template"),
+                    ("prior", "Class-prior frontier (zero-shot + best own-class bias)"))
+"""results.json's reference blocks (``federation.results.REFERENCES``) and their labels."""
 SPEC_FILE = "sweep.json"
 FAILED_DIR = "failed"  # the Flower log of each cell whose last attempt failed
 

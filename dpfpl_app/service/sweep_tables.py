@@ -2,7 +2,11 @@
 
 The layout is the paper's (rows dataset x epsilon, columns the methods, mean +- std over
 seeds of the last-10-round mean accuracy), so the same seeds give byte-identical tables.
-Each cell's results are read once; a cell that does not count is listed with the reason.
+Beside local and neighbour accuracy come their harmonic mean (the headline: a class prior
+cannot win it) and all-class accuracy, and the references every learned prompt must beat:
+zero-shot and the class-prior frontier (``federation.results.REFERENCES``), which depend
+on the seed's partition only. Each cell's results are read once; a cell that does not
+count is listed with the reason.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from dpfpl_app.federation.results import LAST_ROUNDS
 from dpfpl_app.service.sweep_grid import (
     LABELS,
     MEASURES,
+    REFERENCE_BLOCKS,
     REFERENCE_METHODS,
     SHARED_METHODS,
     Cell,
@@ -55,13 +60,39 @@ def aggregate(spec: SweepSpec, done: dict[Cell, dict[str, Any]]) -> list[Aggrega
     for (method, eps, rank), summaries in groups.items():
         means, stds = {}, {}
         for short, key in MEASURES:
-            values = [s[f"last{LAST_ROUNDS}-{key}"] for s in summaries]
-            means[short] = statistics.fmean(values)
-            stds[short] = statistics.stdev(values) if len(values) > 1 else 0.0
+            values = [s.get(f"last{LAST_ROUNDS}-{key}") for s in summaries]
+            if all(isinstance(v, float | int) for v in values):  # else: recorded before it
+                means[short], stds[short] = _mean_std(values)
         spent = max(s.get("final-epsilon", 0.0) for s in summaries)
         planned = len(spec.seeds)
         rows.append(Aggregate(method, eps, rank, len(summaries), planned, means, stds, spent))
     return rows
+
+
+def references(done: dict[Cell, dict[str, Any]]) -> dict[str, tuple[dict, dict, int]]:
+    """Each reference block's (means, stds, seeds) over seeds, per measure.
+
+    A reference depends on the seed's partition only, so each seed counts once (its
+    first cell by name that carries the block), whatever the method and epsilon.
+    """
+    out = {}
+    for block, _ in REFERENCE_BLOCKS:
+        per_seed: dict[int, dict[str, float]] = {}
+        for cell in sorted(done, key=lambda c: c.name):
+            if isinstance(done[cell].get(block), dict):
+                per_seed.setdefault(cell.seed, done[cell][block])
+        means, stds = {}, {}
+        for short, key in MEASURES:
+            values = [figures.get(key) for figures in per_seed.values()]
+            if values and all(isinstance(v, float | int) for v in values):
+                means[short], stds[short] = _mean_std(values)
+        if means:
+            out[block] = (means, stds, len(per_seed))
+    return out
+
+
+def _mean_std(values: list[Any]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def _eps_label(eps: float) -> str:
@@ -70,7 +101,7 @@ def _eps_label(eps: float) -> str:
 
 def _cell(agg: Aggregate | None, measure: str) -> str:
     """Mean ± std with the seed count; one seed has no std, and missing seeds show."""
-    if agg is None:
+    if agg is None or measure not in agg.means:
         return "-"
     mean = f"{100 * agg.means[measure]:.1f}"
     spread = f" ± {100 * agg.stds[measure]:.1f}" if agg.seeds > 1 else ""
@@ -88,7 +119,7 @@ def write_tables(spec: SweepSpec, out_dir: Path) -> None:
         else:
             done[cell] = doc
     rows = aggregate(spec, done)
-    (out_dir / "table.md").write_text(markdown_table(spec, rows, failed))
+    (out_dir / "table.md").write_text(markdown_table(spec, rows, failed, references(done)))
     (out_dir / "table.csv").write_text(csv_table(spec, rows))
     try:
         plot_sweep(spec, rows, out_dir)
@@ -97,9 +128,14 @@ def write_tables(spec: SweepSpec, out_dir: Path) -> None:
 
 
 def markdown_table(
-    spec: SweepSpec, rows: Iterable[Aggregate], failed: dict[str, str] | None = None
+    spec: SweepSpec,
+    rows: Iterable[Aggregate],
+    failed: dict[str, str] | None = None,
+    refs: dict[str, tuple[dict, dict, int]] | None = None,
 ) -> str:
-    """The paper-style tables; ``failed`` (cell name -> reason) lists cells left out."""
+    """The paper-style tables; ``failed`` (cell name -> reason) lists cells left out,
+    ``refs`` (``references``) the zero-shot and class-prior lines.
+    """
     index = {(a.method, a.epsilon, a.rank): a for a in rows}
     rank = spec.ranks[0]
 
@@ -120,7 +156,13 @@ def markdown_table(
     for method, values in spec.method_overrides.items():
         given = ", ".join(f"{k}={v}" for k, v in values.items())
         lines.append(f"{LABELS[method]} only: {given}.")
-    for short, title in (("local", "Local accuracy"), ("neighbour", "Neighbour accuracy")):
+    titles = {
+        "harmonic": "Harmonic mean of local and neighbour accuracy (headline; mean over clients)",
+        "local": "Local accuracy",
+        "neighbour": "Neighbour accuracy",
+        "all": "All-class accuracy in the client's domain",
+    }
+    for short, title in titles.items():
         header = ["dataset", "epsilon", *(LABELS[m] for m in spec.methods)]
         lines += ["", f"## {title}", "", "| " + " | ".join(header) + " |"]
         lines.append("|" + "---|" * len(header))
@@ -129,11 +171,23 @@ def markdown_table(
             lines.append(f"| {spec.dataset} | {_eps_label(eps)} | " + " | ".join(cells) + " |")
     if spec.references:
         lines += ["", "## Reference rows (no training of shared prompts, no DP)", ""]
-        lines += ["| method | local | neighbour |", "|---|---|---|"]
+        lines += ["| method | harmonic | local | neighbour | all-class |", "|---|---|---|---|---|"]
         for method in REFERENCE_METHODS:
             agg = find(method, math.inf)
-            local, neighbour = _cell(agg, "local"), _cell(agg, "neighbour")
-            lines.append(f"| {LABELS[method]} | {local} | {neighbour} |")
+            lines.append(f"| {LABELS[method]} | " + " | ".join(
+                _cell(agg, short) for short in ("harmonic", "local", "neighbour", "all")
+            ) + " |")
+    if refs:
+        lines += ["", "## References on the same test images (per seed's partition)", ""]
+        lines += ["| reference | harmonic | local | neighbour | all-class |",
+                  "|---|---|---|---|---|"]
+        for block, label in REFERENCE_BLOCKS:
+            if block in refs:
+                means, stds, seeds = refs[block]
+                lines.append(f"| {label} | " + " | ".join(
+                    _reference_cell(means, stds, seeds, short)
+                    for short in ("harmonic", "local", "neighbour", "all")
+                ) + " |")
     if len(spec.ranks) > 1:
         eps = spec.ablation_eps
         lines += ["", f"## Rank ablation at epsilon {_eps_label(eps)} (local / neighbour)", ""]
@@ -151,6 +205,13 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
+def _reference_cell(means: dict, stds: dict, seeds: int, measure: str) -> str:
+    if measure not in means:
+        return "-"
+    spread = f" ± {100 * stds[measure]:.1f}" if seeds > 1 else ""
+    return f"{100 * means[measure]:.1f}{spread} (n={seeds})"
+
+
 def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -158,7 +219,8 @@ def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
         [
             "dataset", "method", "epsilon", "rank", "seeds", "seeds_planned", "local_mean",
             "local_std",
-            "neighbour_mean", "neighbour_std", "epsilon_spent",
+            "neighbour_mean", "neighbour_std", "epsilon_spent", "harmonic_mean",
+            "harmonic_std", "all_mean", "all_std",
         ]
     )
     order = {m: i for i, m in enumerate((*SHARED_METHODS, Method.SECFPP, *REFERENCE_METHODS))}
@@ -175,6 +237,8 @@ def csv_table(spec: SweepSpec, rows: Iterable[Aggregate]) -> str:
                 f"{a.means['local']:.4f}", f"{a.stds['local']:.4f}",
                 f"{a.means['neighbour']:.4f}", f"{a.stds['neighbour']:.4f}",
                 *spent(a),
+                *(f"{stat[short]:.4f}" if short in stat else ""
+                  for short in ("harmonic", "all") for stat in (a.means, a.stds)),
             ]
         )
     return buffer.getvalue()
@@ -195,7 +259,7 @@ def plot_sweep(spec: SweepSpec, rows: list[Aggregate], out_dir: Path) -> None:
         ]
     ticks = [*finite, no_dp_x] if len(finite) < len(set(spec.epsilons)) else finite
     labels = [*(f"{e:g}" for e in finite), "no DP"][: len(ticks)]
-    _two_panels(
+    _panels(
         out_dir / "accuracy_vs_epsilon.png", by_method, f"{spec.dataset}:",
         "epsilon (both channels composed)", log_ticks=(ticks, labels),
     )
@@ -207,28 +271,32 @@ def plot_sweep(spec: SweepSpec, rows: list[Aggregate], out_dir: Path) -> None:
         for m, label in ((Method.DPFPL, "with residual (DP-FPL)"),
                          (Method.DPLORA, "without residual (DP-LoRA)"))
     }
-    _two_panels(
+    _panels(
         out_dir / "rank_ablation.png", by_rank, f"{spec.dataset}, epsilon {_eps_label(eps)}:",
         "rank",
     )
 
 
-def _two_panels(
+def _panels(
     path: Path,
     series: dict[str, list[tuple[float, Aggregate]]],
     title: str,
     xlabel: str,
     log_ticks: tuple[list[float], list[str]] | None = None,
 ) -> None:
-    """Local and neighbour accuracy side by side, one line (mean +- std) per series."""
+    """Harmonic mean, local and neighbour accuracy side by side, one line (mean +- std)
+    per series (a run recorded before the harmonic mean existed leaves its panel empty).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, short in zip(axes, ("local", "neighbour"), strict=True):
-        for label, points in series.items():
+    panels = ("harmonic", "local", "neighbour")
+    fig, axes = plt.subplots(1, len(panels), figsize=(15, 4), sharey=True)
+    for ax, short in zip(axes, panels, strict=True):
+        for label, all_points in series.items():
+            points = [(x, a) for x, a in all_points if short in a.means]
             if points:
                 ax.errorbar(
                     [x for x, _ in points], [100 * a.means[short] for _, a in points],
@@ -242,7 +310,7 @@ def _two_panels(
         ax.set_title(f"{title} {short} accuracy")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("accuracy (%)")
-    axes[1].legend(fontsize=8)
+    axes[-1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
