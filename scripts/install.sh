@@ -28,3 +28,15 @@ else
         ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"}
 fi
 python -m pip install --quiet -c "$constraints" -e ".[test]"
+# The glyph testbed (the main job's data) renders characters from Debian's font packages
+# (dpfpl_app/data/glyphs.py, FONT_PACKAGES); installed here when apt-get can, else named.
+fonts="fonts-dejavu-core fonts-liberation2 fonts-freefont-ttf fonts-urw-base35 fonts-cmu fonts-ebgaramond"
+# shellcheck disable=SC2086
+if ! dpkg -s $fonts >/dev/null 2>&1; then
+    if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+        (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $fonts \
+            >/dev/null) || echo "install.sh: could not install $fonts (the glyph testbed needs them)"
+    else
+        echo "install.sh: the glyph testbed needs Debian's $fonts (apt-get install them)"
+    fi
+fi

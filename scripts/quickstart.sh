@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install, then run the offline main job: DP-FPL, 10 clients, digits, per-sample DP.
+# Install, then run the offline main job (configs/main-job.toml): DP-FPL, 10 clients with
+# 10 of the glyph testbed's 100 classes each, per-sample DP.
 # Extra arguments go to `flwr run` (e.g. --run-config "num-server-rounds=5").
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,10 +8,11 @@ bash scripts/install.sh
 . .venv/bin/activate
 # flwr run would otherwise install the app's dependencies into a fresh env per run
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
-dpfpl build-backbone dpfpl-tiny-digits
+dpfpl build-backbone dpfpl-tiny-glyphs
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
-flwr run . --stream --federation-config "num-supernodes=10" "$@" | tee "$log"
+flwr run . --stream --federation-config "num-supernodes=10" \
+    --run-config "$(python scripts/run_config_args.py configs/main-job.toml)" "$@" | tee "$log"
 # Summarise the run started above, not the newest folder: a SuperLink left running by an
 # earlier `flwr run` writes runs under its own working directory, which the ServerApp
 # logs as an absolute path.

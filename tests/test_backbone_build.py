@@ -29,7 +29,11 @@ from dpfpl_app.backbones.backbone_build import (
     weights_sha256,
 )
 from dpfpl_app.backbones.pretraining import zero_shot_accuracy
-from dpfpl_app.backbones.tokenizer_build import CONTEXT_LENGTH, build_tokenizer
+from dpfpl_app.backbones.tokenizer_build import (
+    CONTEXT_LENGTH,
+    LEGACY_VOCABULARY,
+    build_tokenizer,
+)
 from dpfpl_app.cache import cache_root
 from dpfpl_app.data.image_processing import (
     GRAY_MEAN,
@@ -98,8 +102,11 @@ def test_tokenizer_pads_to_context_length_with_eos_largest(tokenizer_dir: Path) 
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASETS))
-def test_class_names_fit_a_coop_prompt(tokenizer_dir: Path, dataset: str) -> None:
-    # Prepare
+def test_class_names_fit_a_coop_prompt(tokenizer_dir: Path, dataset: str,
+                                      tmp_path: Path) -> None:
+    # Prepare: the tokenizer of the backbone that learns this dataset
+    if dataset not in LEGACY_VOCABULARY:
+        tokenizer_dir = build_tokenizer(tmp_path, (dataset,))
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     for name in DATASETS[dataset].class_names:
         prompt = " ".join(["x"] * N_CTX) + f" {name}."

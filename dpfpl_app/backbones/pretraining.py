@@ -23,7 +23,7 @@ from dpfpl_app.data.image_processing import (
     images_to_pixel_values,
     load_image_processor,
 )
-from dpfpl_app.data.offline_data import LabelledImages, get_dataset, index_hash, load_with_split
+from dpfpl_app.data.offline_data import LabelledImages, get_dataset
 
 if TYPE_CHECKING:
     from transformers import CLIPModel, CLIPTokenizer
@@ -107,8 +107,7 @@ def pretrain_data(datasets: tuple[str, ...], processor: Any,
     class_offset = row = 0
     for name in datasets:
         spec = get_dataset(name)
-        data, pretrain, _ = load_with_split(name)
-        pool = data.subset(pretrain)
+        pool = spec.pretrain_pool()
         pixels.append(images_to_pixel_values(processor, pool.images))
         slices.append(slice(row, row + len(pool)))
         row += len(pool)
@@ -118,10 +117,7 @@ def pretrain_data(datasets: tuple[str, ...], processor: Any,
             count.append(len(spec.caption_templates))
             captions += [template.format(class_name) for template in spec.caption_templates]
             caption_class += [class_id] * len(spec.caption_templates)
-        provenance[name] = {
-            "pretrain_count": len(pretrain), "federated_count": len(data) - len(pretrain),
-            "pretrain_index_sha256": index_hash(pretrain),
-            "pretrain_fraction": spec.pretrain_fraction, "split_seed": spec.split_seed}
+        provenance[name] = spec.provenance()
         class_offset += len(spec.class_names)
     tokens = tokenizer(captions, padding=True, return_tensors="pt")
     pretrain_data = PretrainData(

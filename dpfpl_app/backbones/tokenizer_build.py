@@ -23,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dpfpl_app.data.offline_data import DATASETS
+from dpfpl_app.data.offline_data import get_dataset
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -54,10 +54,14 @@ GENERIC_TEMPLATES: tuple[str, ...] = (
 _ALPHABET_LINE = "a b c d e f g h i j k l m n o p q r s t u v w x y z 0 1 2 3 4 5 6 7 8 9"
 
 
-def caption_corpus() -> list[str]:
-    """All captions the tokenizer is trained on: every class name in every template."""
+LEGACY_VOCABULARY: tuple[str, ...] = ("digits", "fashion-mnist")
+"""The corpus of the first backbones' tokenizers (see ``BackboneSpec.vocabulary``)."""
+
+
+def caption_corpus(datasets: tuple[str, ...] = LEGACY_VOCABULARY) -> list[str]:
+    """The captions a tokenizer learns from: each class name of ``datasets`` in each template."""
     corpus: list[str] = []
-    for spec in DATASETS.values():
+    for spec in (get_dataset(name) for name in datasets):
         for template in spec.caption_templates + GENERIC_TEMPLATES:
             corpus.extend(template.format(name) for name in spec.class_names)
     corpus.append(_ALPHABET_LINE)
@@ -149,7 +153,7 @@ def build_vocabulary(corpus: list[str]) -> tuple[dict[str, int], list[tuple[str,
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def build_tokenizer(out_dir: Path) -> Path:
+def build_tokenizer(out_dir: Path, vocabulary: tuple[str, ...] = LEGACY_VOCABULARY) -> Path:
     """Write a CLIP tokenizer (``vocab.json``, ``merges.txt``, HF tokenizer files) to ``out_dir``.
 
     Loadable with ``CLIPTokenizer.from_pretrained(out_dir)`` and ``AutoTokenizer``;
@@ -166,7 +170,7 @@ def build_tokenizer(out_dir: Path) -> Path:
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_vocabulary(caption_corpus())
+    vocab, merges = build_vocabulary(caption_corpus(vocabulary))
     # transformers annotates merges as strings, but the BPE model takes (left, right) pairs.
     tokenizer = CLIPTokenizer(vocab=vocab, merges=merges,  # type: ignore[arg-type]
                               model_max_length=CONTEXT_LENGTH)

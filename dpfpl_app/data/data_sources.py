@@ -33,6 +33,8 @@ class ImageSet:
     fingerprint: str
     reader: RgbReader = field(repr=False, compare=False)
     rows: np.ndarray = field(repr=False, compare=False)
+    # a source that renders each domain itself (the glyph testbed): style name -> reader
+    restyle: Callable[[str], RgbReader] | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -49,10 +51,12 @@ class ImageSet:
             fingerprint=digest,
             reader=self.reader,
             rows=self.rows[idx],
+            restyle=self.restyle,
         )
 
     def styled(self, style: str) -> ImageSet:
-        """The same images through an ``image_styles`` style (grayscale-as-RGB sources).
+        """The same images through an ``image_styles`` style (grayscale-as-RGB sources), or,
+        for a source that renders its own domains, the same rows drawn in domain ``style``.
 
         The fingerprint names the style, so styled features are cached apart.
         """
@@ -66,7 +70,8 @@ class ImageSet:
             return list(gray_to_rgb(apply_style(style, np.stack(gray)))) if gray else []
 
         digest = hashlib.sha256(f"{self.fingerprint}|style={style}".encode()).hexdigest()
-        return ImageSet(self.labels, self.class_names, self.name, digest, read, self.rows)
+        reader = read if self.restyle is None else self.restyle(style)
+        return ImageSet(self.labels, self.class_names, self.name, digest, reader, self.rows)
 
     def rgb(self, start: int, stop: int) -> list[np.ndarray]:
         """Images ``start:stop`` as ``uint8`` RGB arrays ``(H, W, 3)``."""

@@ -22,7 +22,7 @@ from dpfpl_app.config import Holdout, Partitioner, RunConfig
 from dpfpl_app.data.data_sources import ImageSet, SourceSpec, load_splits
 from dpfpl_app.data.features import FeatureCache
 from dpfpl_app.data.image_styles import STYLED_DATASETS
-from dpfpl_app.data.offline_data import DATASETS, federated_pool
+from dpfpl_app.data.offline_data import DATASETS
 from dpfpl_app.data.partition import Partitioning, client_partitions, domain_partitions
 
 
@@ -84,9 +84,7 @@ def load_federated_data(spec: SourceSpec, *, test_fraction: float, seed: int) ->
     styled = STYLED_DATASETS.get(spec.dataset)
     base = styled.base if styled else spec.dataset
     if base in DATASETS:
-        pool = ImageSet.from_arrays(
-            federated_pool(base, directory=Path(spec.data_dir) if spec.data_dir else None)
-        )
+        pool = DATASETS[base].image_set(Path(spec.data_dir) if spec.data_dir else None)
         test = None
     else:
         pool, test = load_splits(spec)

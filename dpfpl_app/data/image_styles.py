@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from dpfpl_app.data.glyphs import DOMAIN_NAMES
+
 Style = Callable[[np.ndarray], np.ndarray]
 
 
@@ -103,6 +105,10 @@ STYLED_DATASETS: dict[str, StyledDataset] = {
     "domain-digits": StyledDataset(
         base="digits", styles=("blur", "invert", "rotate"), split_by_domain=True
     ),
+    # the many-class testbed: 100 glyph classes, client i drawn in font domain i % 6
+    "font-glyphs": StyledDataset(base="glyphs", styles=DOMAIN_NAMES),
+    # SecFPP's many-class benchmark: classes split within each font domain's clients
+    "domain-glyphs": StyledDataset(base="glyphs", styles=DOMAIN_NAMES, split_by_domain=True),
 }
 """Styled dataset names (run-config ``dataset``) -> base offline dataset and styles."""
 

@@ -19,9 +19,14 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+from dpfpl_app.data.glyphs import GLYPHS, GlyphDataset
+
+if TYPE_CHECKING:
+    from dpfpl_app.data.data_sources import ImageSet
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +257,47 @@ class OfflineDataset:
     split_seed: int
     caption_templates: tuple[str, ...]
 
+    def split(self, directory: Path | None = None) -> tuple[LabelledImages, np.ndarray, np.ndarray]:
+        """The whole dataset and its fixed ``(pretrain_indices, federated_indices)`` split."""
+        data = self.load(directory)
+        pretrain, federated = split_pretrain_federated(
+            len(data), pretrain_fraction=self.pretrain_fraction, seed=self.split_seed,
+            labels=data.labels, groups=image_groups(data.images))
+        return data, pretrain, federated
 
-DATASETS: dict[str, OfflineDataset] = {
+    def pretrain_pool(self, directory: Path | None = None) -> LabelledImages:
+        data, pretrain, _ = self.split(directory)
+        return data.subset(pretrain)
+
+    def federated_pool(self, directory: Path | None = None) -> LabelledImages:
+        data, _, federated = self.split(directory)
+        return data.subset(federated)
+
+    def recipe(self) -> dict[str, Any]:
+        """What decides which images the backbone learns from (compared on every cache hit)."""
+        return {"pretrain_fraction": self.pretrain_fraction, "split_seed": self.split_seed}
+
+    def provenance(self) -> dict[str, Any]:
+        """The recipe plus what it selected: counts and a fingerprint of the pretraining rows."""
+        data, pretrain, _ = self.split()
+        return {**self.recipe(), "pretrain_count": len(pretrain),
+                "federated_count": len(data) - len(pretrain),
+                "pretrain_index_sha256": index_hash(pretrain)}
+
+    def zero_shot_sets(self, limit: int) -> dict[str, LabelledImages]:
+        """Federated images (at most ``limit``, evenly spaced) the build scores zero-shot."""
+        pool = self.federated_pool()
+        keep = np.unique(np.linspace(0, len(pool) - 1, limit).astype(np.int64))
+        return {"": pool.subset(keep)}
+
+    def image_set(self, directory: Path | None = None) -> ImageSet:
+        """The federated pool as the ``ImageSet`` runs train and test on."""
+        from dpfpl_app.data.data_sources import ImageSet
+
+        return ImageSet.from_arrays(self.federated_pool(directory))
+
+
+DATASETS: dict[str, OfflineDataset | GlyphDataset] = {
     "digits": OfflineDataset(
         name="digits",
         class_names=DIGIT_CLASS_NAMES,
@@ -290,11 +334,12 @@ DATASETS: dict[str, OfflineDataset] = {
             "a {}.",
         ),
     ),
+    "glyphs": GLYPHS,
 }
 """The offline datasets and their one pretraining/federated split policy."""
 
 
-def get_dataset(name: str) -> OfflineDataset:
+def get_dataset(name: str) -> OfflineDataset | GlyphDataset:
     """Look up an offline dataset by name, with an error listing the known names."""
     if name not in DATASETS:
         raise ValueError(f"unknown offline dataset {name!r}; known names: {sorted(DATASETS)}.")
@@ -372,19 +417,16 @@ def index_hash(indices: np.ndarray) -> str:
 def load_with_split(
     name: str, *, directory: Path | None = None
 ) -> tuple[LabelledImages, np.ndarray, np.ndarray]:
-    """Load a whole dataset and its fixed split: ``(data, pretrain_indices, federated_indices)``."""
+    """Load a whole array dataset and its fixed split: ``(data, pretrain, federated)``."""
     spec = get_dataset(name)
-    data = spec.load(directory)
-    pretrain, federated = split_pretrain_federated(
-        len(data), pretrain_fraction=spec.pretrain_fraction, seed=spec.split_seed,
-        labels=data.labels, groups=image_groups(data.images))
-    return data, pretrain, federated
+    if not isinstance(spec, OfflineDataset):
+        raise ValueError(f"{name!r} is rendered per domain and has no single array to split")
+    return spec.split(directory)
 
 
 def pretrain_pool(name: str, *, directory: Path | None = None) -> LabelledImages:
     """Images reserved for backbone pretraining; federated code must not use these."""
-    data, pretrain, _ = load_with_split(name, directory=directory)
-    return data.subset(pretrain)
+    return get_dataset(name).pretrain_pool(directory)
 
 
 def federated_pool(name: str, *, directory: Path | None = None) -> LabelledImages:
@@ -393,10 +435,9 @@ def federated_pool(name: str, *, directory: Path | None = None) -> LabelledImage
     Parameters
     ----------
     name
-        ``"digits"`` or ``"fashion-mnist"``.
+        A key of :data:`DATASETS`.
     directory
-        Fashion-MNIST directory (see :func:`load_fashion_mnist`); ignored for digits.
+        Fashion-MNIST directory (see :func:`load_fashion_mnist`); ignored by the others.
 
     """
-    data, _, federated = load_with_split(name, directory=directory)
-    return data.subset(federated)
+    return get_dataset(name).federated_pool(directory)

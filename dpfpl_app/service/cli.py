@@ -134,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="dpfpl-tiny-digits",
         help="offline backbone to build into $DPFPL_CACHE/backbones (default: %(default)s; "
-        "others: dpfpl-tiny-digits-fashion, random-plumbing-clip)",
+        "others: dpfpl-tiny-glyphs, dpfpl-tiny-digits-fashion, random-plumbing-clip)",
     )
     p.set_defaults(func=_build_backbone)
 
