@@ -280,7 +280,7 @@ def test_index_hash_ignores_order_but_not_content() -> None:
 
 
 def test_unknown_dataset_lists_known_names() -> None:
-    with pytest.raises(ValueError, match=r"known names: \['digits', 'fashion-mnist'\]"):
+    with pytest.raises(ValueError, match=r"known names: \['digits', 'fashion-mnist', 'glyphs'\]"):
         federated_pool("cifar10")
 
 
