@@ -170,9 +170,11 @@ def test_compose_has_three_organisations_each_with_own_key_state_and_data(certs:
         assert app_secrets[config["secagg-registry"]] == "registry.pub"
         # messages go to the node's worker, which lives beside the state it writes (in
         # the ClientApp's container: its socket is in the mounted state directory), and
-        # that container's SuperExec looks for messages every 0.2 s
+        # that container's SuperExec looks for messages every 0.2 s and its ClientApp
+        # processes send no usage event (no 4 s wait at each one's exit)
         assert config["node-worker"] == "true" and "worker-dir" not in config
         assert app["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"
+        assert app["environment"]["FLWR_TELEMETRY_ENABLED"] == "0"
         assert _flag(app, "--runtime-api-address") == f"supernode-{i}:{_flag(node, '--port')}"
         mounts = _mounts(app)
         host_state, mode = mounts[config["state-dir"]]
@@ -230,6 +232,7 @@ def test_org_compose_connects_one_organisation_with_its_own_key(certs: Path) -> 
     assert _secret_paths(doc, app)[config["secagg-signing-key"]] == ORG_ENV["ORG"]
     assert _secret_paths(doc, app)[config["secagg-registry"]] == "registry.pub"
     assert app["environment"]["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] == "0.2"
+    assert app["environment"]["FLWR_TELEMETRY_ENABLED"] == "0"
     assert _mounts(app)[config["state-dir"]] == (f"./volumes/{ORG_ENV['ORG']}/state", "rw")
     assert doc["networks"]["org"]["internal"] is True and app["networks"] == ["org"]
     _check_secrets_exist_and_are_used(doc, certs)
