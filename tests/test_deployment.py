@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import stat
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ from deploy_federation import (
     three_organisations,
 )
 from deploy_processes import (
+    BASE_NICENESS_ENV,
     CONNECTION,
+    TEST_NICENESS,
     Federation,
     Node,
     all_text,
@@ -75,6 +78,21 @@ def test_unregistered_supernode_is_refused(federation: Federation) -> None:
     link_log = (federation.logs / "superlink-1.log").read_text()
     assert "No SuperNode found with the given public key" in link_log
     assert federation.online_node_ids() == {n.node_id for n in federation.nodes}
+
+
+def test_flower_processes_run_ahead_of_the_tests_computing_beside_them(
+    federation: Federation,
+) -> None:
+    # Flower restarts a ClientApp not started within 30 s (docs/flower-limits.md): its
+    # processes must not queue behind the computing tests on a loaded machine
+    if os.geteuid() != 0:
+        pytest.skip("lowering a process's niceness needs root (CI runs as root)")
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert mine == int(os.environ[BASE_NICENESS_ENV]) + TEST_NICENESS
+    assert federation.superlink is not None
+    flower = [federation.superlink.pid] + [node.process.pid for node in federation.nodes
+                                           if node.process is not None]
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in flower] == [mine - TEST_NICENESS] * 4
 
 
 # --- issue 5: faults, part 1 (the SuperLink side) ----------------------------------------
