@@ -222,9 +222,13 @@ class Federation:
     def cli(
         self, args: list[str], *, timeout: float = CLI_TIMEOUT_S
     ) -> subprocess.CompletedProcess:
-        """Run ``flwr ARGS`` as the operator; output is appended to ``logs/cli.log``."""
+        """Run ``flwr ARGS`` as the operator; output is appended to ``logs/cli.log``.
+
+        At Flower's priority, like the SuperLink it asks: a niced `flwr log` starved for
+        its 60 s on a loaded machine returned nothing (``TEST_NICENESS``).
+        """
         out = subprocess.run(
-            ["timeout", str(int(timeout)), str(BIN / "flwr"), *args],
+            [*flower_priority(), "timeout", str(int(timeout)), str(BIN / "flwr"), *args],
             cwd=REPO,
             env=self.env(),
             capture_output=True,
