@@ -1,18 +1,16 @@
 """Session fixtures for the offline CLIP backbones (built once, reused by every test), and
-the test processes' CPU priority beside the deployment tests' Flower processes.
+each test's CPU priority (``priority`` says why real-process tests go first).
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from deploy_processes import BASE_NICENESS_ENV, TEST_NICENESS
+from priority import niceness_for, set_niceness
 
 from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.backbones.backbone_build import build_random_clip, ensure_backbone
@@ -20,11 +18,16 @@ from dpfpl_app.cache import CACHE_ENV, cache_root
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Run the tests nicer than the session (``deploy_processes.TEST_NICENESS`` says why)."""
-    # the first pytest process records the session's niceness; its workers inherit it
-    base = int(os.environ.setdefault(BASE_NICENESS_ENV, str(os.getpriority(os.PRIO_PROCESS, 0))))
-    with contextlib.suppress(OSError):  # raising one's own niceness needs no privilege
-        os.setpriority(os.PRIO_PROCESS, 0, base + TEST_NICENESS)
+    """Start nicer than the session; ``pytest_runtest_setup`` moves each test to its level."""
+    set_niceness(niceness_for(real_processes=False))  # raising one's niceness needs no root
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """A ``slow`` test (real Flower or Ray processes) at the session's niceness, before
+    its fixtures start any process (they inherit it); every other test nicer.
+    """
+    set_niceness(niceness_for(real_processes=item.get_closest_marker("slow") is not None))
 
 
 @pytest.fixture(scope="session")

@@ -222,13 +222,9 @@ class Federation:
     def cli(
         self, args: list[str], *, timeout: float = CLI_TIMEOUT_S
     ) -> subprocess.CompletedProcess:
-        """Run ``flwr ARGS`` as the operator; output is appended to ``logs/cli.log``.
-
-        At Flower's priority, like the SuperLink it asks: a niced `flwr log` starved for
-        its 60 s on a loaded machine returned nothing (``TEST_NICENESS``).
-        """
+        """Run ``flwr ARGS`` as the operator; output is appended to ``logs/cli.log``."""
         out = subprocess.run(
-            [*flower_priority(), "timeout", str(int(timeout)), str(BIN / "flwr"), *args],
+            ["timeout", str(int(timeout)), str(BIN / "flwr"), *args],
             cwd=REPO,
             env=self.env(),
             capture_output=True,
@@ -432,7 +428,7 @@ class Federation:
 
     def _spawn(self, argv: list[str], log: Any, env: dict[str, str]) -> subprocess.Popen:
         proc = subprocess.Popen(
-            [*flower_priority(), *argv],
+            argv,
             cwd=self.root,
             env=env,
             stdout=log,
@@ -442,35 +438,6 @@ class Federation:
         log.close()  # the child keeps its own descriptor
         self._started.append(proc)
         return proc
-
-
-TEST_NICENESS = 5
-"""How much nicer the test processes run than the session that started them; the
-deployment tests start Flower's processes at the session's own niceness.
-
-Flower 1.42 restarts a ClientApp or ServerApp process that has not reported back within
-30 s of being claimed (hard-coded), and on a saturated 2-core machine the restarted one is
-as slow: a deployment test's round then loops until it times out
-(``docs/flower-limits.md``). So the computing tests beside a deployment wait, not Flower
-(``flower_priority``)."""
-
-
-BASE_NICENESS_ENV = "DPFPL_TEST_BASE_NICENESS"
-"""Where ``conftest`` records the session's niceness for the test processes it starts."""
-
-
-def flower_priority() -> list[str]:
-    """A prefix that starts a Flower process at the test session's own niceness, below
-    the niced test processes (``TEST_NICENESS`` says why).
-
-    Lowering a niceness needs root (as in CI); elsewhere Flower's processes share the
-    tests' niceness, as they did before.
-    """
-    base = int(os.environ.get(BASE_NICENESS_ENV, os.getpriority(os.PRIO_PROCESS, 0)))
-    lower = os.getpriority(os.PRIO_PROCESS, 0) - base
-    if lower <= 0 or os.geteuid() != 0:
-        return []
-    return ["nice", "-n", str(-lower)]
 
 
 def _strip_ansi(text: str) -> str:

@@ -24,9 +24,7 @@ from deploy_federation import (
     three_organisations,
 )
 from deploy_processes import (
-    BASE_NICENESS_ENV,
     CONNECTION,
-    TEST_NICENESS,
     Federation,
     Node,
     all_text,
@@ -34,6 +32,7 @@ from deploy_processes import (
     wait_cli,
     wait_until,
 )
+from priority import niceness_for, thread_niceness
 from safetensors.numpy import load_file
 
 from dpfpl_app.federation.secure_round import ABORT_CODES
@@ -87,12 +86,13 @@ def test_flower_processes_run_ahead_of_the_tests_computing_beside_them(
     # processes must not queue behind the computing tests on a loaded machine
     if os.geteuid() != 0:
         pytest.skip("lowering a process's niceness needs root (CI runs as root)")
-    mine = os.getpriority(os.PRIO_PROCESS, 0)
-    assert mine == int(os.environ[BASE_NICENESS_ENV]) + TEST_NICENESS
+    session = niceness_for(real_processes=True)
+    assert session < niceness_for(real_processes=False)
+    assert set(thread_niceness()) == {session}
     assert federation.superlink is not None
     flower = [federation.superlink.pid] + [node.process.pid for node in federation.nodes
                                            if node.process is not None]
-    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in flower] == [mine - TEST_NICENESS] * 4
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in flower] == [session] * 4
 
 
 # --- issue 5: faults, part 1 (the SuperLink side) ----------------------------------------
