@@ -11,10 +11,10 @@ export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 # process otherwise waits up to 4 s for its event to be sent before it exits)
 export FLWR_TELEMETRY_ENABLED=0
 dpfpl build-backbone dpfpl-tiny-digits
-# Three test processes on two cores (DPFPL_TEST_PROCESSES=0: one): the two deployment
-# modules mostly wait on real processes and Flower's heartbeats while the third computes.
-# --dist loadfile keeps each file in one process, so a module's federation of real
-# processes is started once; --no-loadscope-reorder keeps the order tests/conftest.py
-# gives (the long real-process modules first).
-python -m pytest -q -n "${DPFPL_TEST_PROCESSES:-3}" --dist loadfile --no-loadscope-reorder \
+# Two test processes on two cores (DPFPL_TEST_PROCESSES=0: one): --dist loadfile keeps each
+# file in one process, so a module's federation of real processes is started once, and
+# tests/scheduling.py gives both deployment modules to one process, one after the other
+# (side by side they overloaded the machine); --no-loadscope-reorder keeps the order
+# tests/conftest.py gives (the long real-process modules first).
+python -m pytest -q -n "${DPFPL_TEST_PROCESSES:-2}" --dist loadfile --no-loadscope-reorder \
     --durations=25 "$@"

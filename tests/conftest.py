@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from priority import niceness_for, set_niceness
+from scheduling import DeploymentsOneAfterTheOther
 
 from dpfpl_app.backbones.backbone import FrozenClip, load_frozen_clip
 from dpfpl_app.backbones.backbone_build import build_random_clip, ensure_backbone
@@ -91,3 +92,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     sat idle. The sort is stable, so the order inside each group is unchanged.
     """
     items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """Under ``--dist loadfile``, the deployment modules in one process (``scheduling``)."""
+    if config.getoption("dist") != "loadfile":
+        return None
+    return DeploymentsOneAfterTheOther(config, log)
