@@ -212,3 +212,35 @@ def test_a_state_database_left_broken_by_a_killed_start_cannot_stop_the_superlin
     finally:
         flower.stop()
     assert not flower.superlink_pids()
+
+
+@pytest.mark.parametrize("ray_failed", [True, False])
+def test_only_a_run_that_ray_failed_to_start_is_submitted_once_more(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ray_failed: bool
+) -> None:
+    # Prepare: the first run fails; its log says Ray did not start, or something else
+    from dpfpl_app.federation.flwr_local import RAY_START_FAILURE
+
+    flower = LocalFlower(tmp_path, tmp_path / "home")
+    answers = _Answers(
+        {"success": True, "runs": []},
+        {"success": True, "run-id": "7"},
+        {"success": True, "runs": [{"status": "finished:failed"}]},
+        {"success": True, "runs": []},
+        {"success": True, "run-id": "8"},
+        {"success": True, "runs": [{"status": "finished:completed"}]},
+    )
+    _quiet(monkeypatch, flower, answers)
+    why = f"Exception: {RAY_START_FAILURE}." if ray_failed else "ValueError: bad shape"
+    monkeypatch.setattr(flower, "log", lambda run_id: {7: why}[run_id])
+
+    # Execute
+    outcome = flower.run({"seed": 0}, num_supernodes=2, timeout_s=600)
+
+    # Assert: Ray's start-up deadline costs one more submission; a real failure stands
+    if ray_failed:
+        assert outcome == (8, "finished:completed")
+        assert answers.asked == ["list", "run", "list", "list", "run", "list"]
+    else:
+        assert outcome == (7, "finished:failed")
+        assert answers.asked == ["list", "run", "list"]
