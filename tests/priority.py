@@ -57,8 +57,10 @@ def set_niceness(value: int) -> bool:
 
 
 def thread_niceness() -> list[int]:
-    """The niceness of each thread of this process."""
+    """The niceness of each thread of this process (of the process, without ``/proc``)."""
     tasks = Path("/proc/self/task")
+    if not tasks.is_dir():
+        return [os.getpriority(os.PRIO_PROCESS, 0)]
     out = []
     for task in tasks.iterdir():
         with contextlib.suppress(ProcessLookupError):
