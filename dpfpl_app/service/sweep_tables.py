@@ -33,6 +33,7 @@ from dpfpl_app.service.sweep_grid import (
     SweepSpec,
     read_cell,
 )
+from dpfpl_app.service.sweep_pairs import pairs_markdown
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,9 @@ def _cell(agg: Aggregate | None, measure: str) -> str:
 
 
 def write_tables(spec: SweepSpec, out_dir: Path) -> None:
-    """table.md, table.csv and the plots, from the finished cells only."""
+    """table.md, pairs.md (``sweep_pairs``), table.csv and the plots, from the finished
+    cells only.
+    """
     done, failed = {}, {}
     for cell in spec.cells():  # each results.json read once
         doc, reason = read_cell(out_dir, cell, spec.clients)
@@ -120,6 +123,7 @@ def write_tables(spec: SweepSpec, out_dir: Path) -> None:
             done[cell] = doc
     rows = aggregate(spec, done)
     (out_dir / "table.md").write_text(markdown_table(spec, rows, failed, references(done)))
+    (out_dir / "pairs.md").write_text(pairs_markdown(spec, done))
     (out_dir / "table.csv").write_text(csv_table(spec, rows))
     try:
         plot_sweep(spec, rows, out_dir)
