@@ -1,15 +1,22 @@
 """Equal-budget learning-rate search per method on a validation split (never the test set).
 
 Every method gets the same grid (``--lrs``; lr-local = lr-global = lr, the rest as in
-pyproject), the same rounds and the same seed; each run evaluates on
+pyproject and ``--set``), the same rounds and the same seed; each run evaluates on
 ``holdout = "validation"``, a per-class split of the training pool
-(``federated_data.validation_data``). The runs are ``dpfpl sweep`` cells, real ``flwr
-run`` simulations, one sweep directory per rate under ``--out`` (resumable, ``--parallel``
-cells side by side). The DP methods run at ``--epsilon`` (per-sample); local-only CoOp,
-a reference row without DP in the protocol's tables, is tuned without DP too.
+(``federated_data.validation_data``). The criterion is the validation harmonic mean of
+local and neighbour accuracy (a class prior cannot win it). Local-only CoOp, the "does
+federation help at all?" reference, runs at the same epsilon as the federated methods.
+The runs are ``dpfpl sweep`` cells, real ``flwr run`` simulations, one sweep directory
+per rate under ``--out`` (resumable, ``--parallel`` cells side by side).
 
-    python benchmarks/tune_lr.py --dataset styled-digits --lrs 0.003,0.01,0.03 \
-        --out benchmarks/results/tune-styled-digits --parallel 2
+    python benchmarks/tune_lr.py --dataset font-glyphs --lrs 0.1,0.03,0.3 \
+        --set model=dpfpl-tiny-glyphs --set max-sample-rate=0.06 \
+        --out benchmarks/results/tune-glyphs --parallel 2
+
+It writes ``search.md`` (every run's validation figures), ``search.json`` and
+``method-config.toml`` (the choices, as ``dpfpl sweep --method-config`` reads them).
+(The styled-digits search of 2026-12-01 in ``results/tune-styled-digits`` predates both
+rules: it chose by local accuracy and tuned local CoOp without DP.)
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -36,23 +43,18 @@ from dpfpl_app.service.sweep_grid import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL, ACC = f"val-last{LAST_ROUNDS}-local-acc", f"val-last{LAST_ROUNDS}-neighbour-acc"
+MEASURED = {name: f"val-last{LAST_ROUNDS}-{name}-acc"
+            for name in ("harmonic", "local", "neighbour")}
+CRITERION = MEASURED["harmonic"]
 
 
 def specs(args: argparse.Namespace, lr: float) -> dict[str, SweepSpec]:
-    """The sweeps of one rate, by directory name: the DP methods, and local CoOp."""
+    """The sweep of one rate, by directory name: every method at ``--epsilon``."""
     overrides = {**dict(args.set), "holdout": "validation", "num-server-rounds": args.rounds,
                  "lr-local": lr, "lr-global": lr}
-    common = {"dataset": args.dataset, "seeds": (args.seed,), "clients": args.clients,
-              "references": False, "overrides": overrides}
-    shared = tuple(m for m in args.methods if m is not Method.LOCAL)
-    out = {}
-    if shared:
-        out[f"lr-{lr:g}"] = SweepSpec(methods=shared, epsilons=(args.epsilon,), **common)
-    if Method.LOCAL in args.methods:
-        out[f"lr-{lr:g}-local"] = SweepSpec(methods=(Method.LOCAL,), epsilons=(math.inf,),
-                                            **common)
-    return out
+    return {f"lr-{lr:g}": SweepSpec(
+        dataset=args.dataset, methods=tuple(args.methods), epsilons=(args.epsilon,),
+        seeds=(args.seed,), clients=args.clients, references=False, overrides=overrides)}
 
 
 def rows_of(spec: SweepSpec, out_dir: Path, lr: float) -> list[dict[str, object]]:
@@ -65,8 +67,8 @@ def rows_of(spec: SweepSpec, out_dir: Path, lr: float) -> list[dict[str, object]
         summary = doc["summary"]
         rows.append({
             "method": cell.method.value, "lr": lr, "epsilon": str(cell.epsilon),
-            LOCAL: summary.get(f"last{LAST_ROUNDS}-local-acc"),
-            ACC: summary.get(f"last{LAST_ROUNDS}-neighbour-acc"),
+            **{key: summary.get(f"last{LAST_ROUNDS}-{name}-acc")
+               for name, key in MEASURED.items()},
             "val-zeroshot": doc.get("zeroshot"),
             "cell": f"{out_dir.name}/runs/{cell.name}",
         })
@@ -96,10 +98,10 @@ def searched(args: argparse.Namespace) -> tuple[list[dict[str, object]], list[fl
 
 
 def best(rows: list[dict[str, object]]) -> dict[str, float]:
-    """Each method's rate with the highest validation local accuracy (ties: the lower)."""
+    """Each method's rate with the highest validation harmonic mean (ties: the lower)."""
     chosen: dict[str, tuple[float, float]] = {}
     for r in sorted(rows, key=lambda r: float(r["lr"])):  # type: ignore[arg-type]
-        score = float(r[LOCAL])  # type: ignore[arg-type]
+        score = float(r[CRITERION])  # type: ignore[arg-type]
         method = str(r["method"])
         if method not in chosen or score > chosen[method][1]:
             chosen[method] = (float(r["lr"]), score)  # type: ignore[arg-type]
@@ -116,13 +118,21 @@ def markdown(rows: list[dict[str, object]], lrs: list[float], meta: str) -> str:
         cells = []
         for lr in lrs:
             r = index.get((method, lr))
-            cells.append("-" if r is None else
-                         f"{100 * float(r[LOCAL]):.1f} / {100 * float(r[ACC]):.1f}")  # type: ignore[arg-type]
+            cells.append("-" if r is None else " / ".join(
+                f"{100 * float(r[key]):.1f}" for key in MEASURED.values()))  # type: ignore[arg-type]
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {chosen[method]:g} |")
     zeroshot = next((r["val-zeroshot"] for r in rows if r.get("val-zeroshot")), None)
     if isinstance(zeroshot, dict):
-        lines += ["", f"Zero-shot on the same validation images: "
-                  f"{100 * zeroshot['local-acc']:.1f} / {100 * zeroshot['neighbour-acc']:.1f}."]
+        lines += ["", "Zero-shot on the same validation images: " + " / ".join(
+            f"{100 * zeroshot[f'{name}-acc']:.1f}" for name in MEASURED) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def method_config(chosen: dict[str, float], meta: str) -> str:
+    """The choices as ``dpfpl sweep --method-config`` reads them: a table per method."""
+    lines = [f"# {line}" for line in textwrap.wrap(meta, 88)]
+    for method, lr in chosen.items():
+        lines += ["", f"[{method}]", f"lr-local = {lr!r}", f"lr-global = {lr!r}"]
     return "\n".join(lines) + "\n"
 
 
@@ -154,15 +164,16 @@ def main() -> None:
         f"Written by `python benchmarks/tune_lr.py` on {time.strftime('%Y-%m-%d')}: "
         f"{args.dataset}, {args.clients} clients, {args.rounds} rounds, seed {args.seed}, "
         f"holdout = validation (a split of the training pool; no test image is seen). "
-        f"DP methods at per-sample epsilon {args.epsilon:g}; local CoOp without DP. "
-        f"Validation accuracy (%), mean over the last {LAST_ROUNDS} rounds, local / "
-        f"neighbour; chosen: the highest local accuracy. "
+        f"Every method, local-only CoOp included, at per-sample epsilon {args.epsilon:g}. "
+        f"Validation accuracy (%), mean over the last {LAST_ROUNDS} rounds, harmonic / "
+        f"local / neighbour; chosen: the highest harmonic mean. "
         f"{len(rows)} runs; this invocation took {(time.monotonic() - started) / 60:.0f} min."
     )
     (args.out / "search.json").write_text(json.dumps(
         {"meta": meta, "rows": rows, "chosen": best(rows), "failed": [c.name for c in failed]},
         indent=1))
     (args.out / "search.md").write_text(markdown(rows, lrs, meta))
+    (args.out / "method-config.toml").write_text(method_config(best(rows), meta))
     print((args.out / "search.md").read_text())
     if failed:
         sys.exit(f"{len(failed)} runs failed: {', '.join(c.name for c in failed)}; rerun")
