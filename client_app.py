@@ -1,4 +1,10 @@
-"""dpfpl ClientApp: wires Flower messages to a client's trainer; the method is in dpfpl_app."""
+"""dpfpl ClientApp: wires Flower messages to a client's trainer; the method is in dpfpl_app.
+
+In a deployment Flower starts a process for every message, and with ``node-worker=true``
+that process only hands the message to the node's worker. So this module imports
+Flower, the worker link and the stage names, nothing else: every handler imports what
+it needs when it runs (``tests/test_secure_imports.py`` keeps it so).
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,11 @@ from typing import TYPE_CHECKING
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from dpfpl_app.config import Aggregation, ConfigError, RunConfig
-from dpfpl_app.federation.evaluation_sum import EVALUATION
-from dpfpl_app.federation.message_timing import MessageTimes
 from dpfpl_app.federation.node_worker_link import delegate_to_worker
-from dpfpl_app.federation.secure_client import CLUSTERING, answer_stage, masked_content
 from dpfpl_app.secagg import Stage
 
 if TYPE_CHECKING:
+    from dpfpl_app.config import Aggregation, RunConfig
     from dpfpl_app.method.client_trainer import ClientTrainer
 
 # node-worker=true in a node's config: every message runs in the node's long-lived worker
@@ -34,6 +37,8 @@ def run_config(context: Context, mode: Aggregation) -> RunConfig:
     A bad key stops here, before torch. So does a plain round on a node whose operator
     requires secure aggregation, and a mode that contradicts an explicit run config.
     """
+    from dpfpl_app.config import Aggregation, ConfigError, RunConfig
+
     cfg = RunConfig.from_flower(context.run_config).resolve_aggregation(mode)
     if cfg.aggregation is not mode:  # auto stays plain for a method that shares nothing
         raise ConfigError(
@@ -57,6 +62,8 @@ def run_config(context: Context, mode: Aggregation) -> RunConfig:
 
 def message_config(msg: Message, context: Context) -> RunConfig:
     """``run_config`` for a train or evaluate message, which states the run's mode."""
+    from dpfpl_app.config import RunConfig
+
     RunConfig.from_flower(context.run_config)  # a bad key stops here, before torch
     from dpfpl_app.federation.wire import read_aggregation
 
@@ -76,6 +83,7 @@ def _handle(
     + local), the one worth releasing.
     """
     from dpfpl_app.federation.client_node import build_trainer, save_state
+    from dpfpl_app.federation.message_timing import MessageTimes
     from dpfpl_app.service.logs import route_app_logs
 
     times = MessageTimes()
@@ -103,6 +111,8 @@ def train(msg: Message, context: Context) -> Message:
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Local and neighbour accuracy of this client's personalised prompt."""
+    from dpfpl_app.config import Aggregation, ConfigError
+
     cfg = message_config(msg, context)
     if cfg.aggregation is Aggregation.SECURE:
         raise ConfigError(
@@ -120,24 +130,38 @@ def evaluate(msg: Message, context: Context) -> Message:
 # is a fresh process (dpfpl_app.federation.secure_client).
 
 
+def secure_config(context: Context) -> RunConfig:
+    """``run_config`` of a secure-round message (every stage is one)."""
+    from dpfpl_app.config import Aggregation
+
+    return run_config(context, Aggregation.SECURE)
+
+
+def _answer_stage(msg: Message, context: Context, stage: str) -> Message:
+    cfg = secure_config(context)
+    from dpfpl_app.federation.secure_client import answer_stage
+
+    return answer_stage(msg, context, cfg, stage)
+
+
 @app.query(Stage.SETUP)
 def secagg_setup(msg: Message, context: Context) -> Message:
     """Check the round's parameters against this node's config; make the round keys."""
-    return answer_stage(msg, context, run_config(context, Aggregation.SECURE), Stage.SETUP)
+    return _answer_stage(msg, context, Stage.SETUP)
 
 
 @app.query(Stage.SHARE_KEYS)
 def secagg_share_keys(msg: Message, context: Context) -> Message:
     """Share the mask secrets among the neighbours, encrypted to each."""
-    cfg = run_config(context, Aggregation.SECURE)
-    return answer_stage(msg, context, cfg, Stage.SHARE_KEYS)
+    return _answer_stage(msg, context, Stage.SHARE_KEYS)
 
 
 @app.train(Stage.COLLECT_MASKED)
 def secagg_collect_masked(msg: Message, context: Context) -> Message:
     """Train one round; reply with the clipped gradient quantised, noised and masked."""
-    cfg = run_config(context, Aggregation.SECURE)
+    cfg = secure_config(context)
     from dpfpl_app.federation.client_messages import secure_contribution
+    from dpfpl_app.federation.secure_client import masked_content
 
     def answer(trainer: ClientTrainer, message: Message) -> RecordDict:
         return masked_content(message, context, cfg, lambda: secure_contribution(trainer, message))
@@ -148,9 +172,11 @@ def secagg_collect_masked(msg: Message, context: Context) -> Message:
 @app.evaluate(Stage.COLLECT_MASKED)
 def secure_evaluate_masked(msg: Message, context: Context) -> Message:
     """Evaluate; add only the counts, masked, to the secure sum (figures stay on the node)."""
-    cfg = run_config(context, Aggregation.SECURE)
+    cfg = secure_config(context)
     from dpfpl_app.federation.client_messages import evaluation_contribution
     from dpfpl_app.federation.client_node import state_directory
+    from dpfpl_app.federation.evaluation_sum import EVALUATION
+    from dpfpl_app.federation.secure_client import masked_content
 
     def answer(trainer: ClientTrainer, message: Message) -> RecordDict:
         directory = state_directory(cfg, context, trainer.partition_id)
@@ -165,9 +191,10 @@ def secure_evaluate_masked(msg: Message, context: Context) -> Message:
 @app.query(Stage.COLLECT_MASKED)
 def secfpp_cluster_masked(msg: Message, context: Context) -> Message:
     """SecFPP clustering: reply with this node's statistics, quantised and masked."""
-    cfg = run_config(context, Aggregation.SECURE)
+    cfg = secure_config(context)
     from dpfpl_app.federation.client_messages import cluster_contribution
     from dpfpl_app.federation.client_node import build_trainer, save_state
+    from dpfpl_app.federation.secure_client import CLUSTERING, masked_content
     from dpfpl_app.service.logs import route_app_logs
 
     route_app_logs()
@@ -184,11 +211,10 @@ def secfpp_cluster_masked(msg: Message, context: Context) -> Message:
 @app.query(Stage.CONSISTENCY)
 def secagg_consistency(msg: Message, context: Context) -> Message:
     """Sign the survivor list the server shows (the malicious-server variant's check)."""
-    cfg = run_config(context, Aggregation.SECURE)
-    return answer_stage(msg, context, cfg, Stage.CONSISTENCY)
+    return _answer_stage(msg, context, Stage.CONSISTENCY)
 
 
 @app.query(Stage.UNMASK)
 def secagg_unmask(msg: Message, context: Context) -> Message:
     """Reveal the shares the protocol allows, then forget the round's secrets."""
-    return answer_stage(msg, context, run_config(context, Aggregation.SECURE), Stage.UNMASK)
+    return _answer_stage(msg, context, Stage.UNMASK)

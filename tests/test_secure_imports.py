@@ -7,6 +7,7 @@ and checks that torch (and the other heavy imports) never got loaded.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,24 @@ def test_key_exchange_handlers_do_not_import_torch() -> None:
         [sys.executable, "-c", SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+
+
+def test_the_per_message_process_imports_only_flower_the_worker_link_and_stage_names() -> None:
+    # With node-worker=true the process Flower starts for each message only hands the
+    # message over: whatever client_app imports at module level, every message pays for
+    code = (
+        "import sys, json; import flwr.app, flwr.clientapp; before = set(sys.modules);"
+        "import client_app; print(json.dumps(sorted(set(sys.modules) - before)))"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    ours = {m for m in json.loads(run.stdout) if m.split(".")[0] in ("dpfpl_app", "client_app")}
+    assert ours == {
+        "client_app", "dpfpl_app", "dpfpl_app.federation", "dpfpl_app.secagg",
+        "dpfpl_app.secagg.wire", "dpfpl_app.federation.message_timing",
+        "dpfpl_app.federation.node_worker_link", "dpfpl_app.federation.worker_protocol",
+    }, sorted(ours)
+    heavy = {"torch", "pydantic", "cryptography", "scipy", "transformers"}
+    assert not heavy & {m.split(".")[0] for m in json.loads(run.stdout)}

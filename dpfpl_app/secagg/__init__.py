@@ -83,15 +83,33 @@ lists the array keys. Client state is a flat dict of the same plain types. Stage
 
 from __future__ import annotations
 
-from .client import ClientRound
-from .dp import DistributedSkellam, rdp_to_epsilon, skellam_rdp
-from .errors import InputOutOfBound, SecAggAbort
-from .params import RoundParams, SecAggConfig
-from .server import AggregateResult, Fault, ServerRound
-from .signing import Identity, Registry, SigningKey
-from .wire import ARRAY_KEYS, Stage
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-__all__ = [
+if TYPE_CHECKING:
+    from .client import ClientRound
+    from .dp import DistributedSkellam, rdp_to_epsilon, skellam_rdp
+    from .errors import InputOutOfBound, SecAggAbort
+    from .params import RoundParams, SecAggConfig
+    from .server import AggregateResult, Fault, ServerRound
+    from .signing import Identity, Registry, SigningKey
+    from .wire import ARRAY_KEYS, Stage
+
+# Each public name and the module that defines it, imported on first use: the ClientApp
+# process Flower starts for every message needs ``Stage`` to register its handlers, and
+# importing the protocol and its cryptography there would cost every message (node
+# worker or not) a fraction of a second for nothing.
+_HOMES = {
+    "ClientRound": "client",
+    "DistributedSkellam": "dp", "rdp_to_epsilon": "dp", "skellam_rdp": "dp",
+    "InputOutOfBound": "errors", "SecAggAbort": "errors",
+    "RoundParams": "params", "SecAggConfig": "params",
+    "AggregateResult": "server", "Fault": "server", "ServerRound": "server",
+    "Identity": "signing", "Registry": "signing", "SigningKey": "signing",
+    "ARRAY_KEYS": "wire", "Stage": "wire",
+}
+
+__all__ = [  # the same names as _HOMES (tests/test_secagg_imports.py)
     "ARRAY_KEYS",
     "AggregateResult",
     "ClientRound",
@@ -109,3 +127,11 @@ __all__ = [
     "rdp_to_epsilon",
     "skellam_rdp",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_HOMES[name]}", __name__), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
