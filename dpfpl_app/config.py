@@ -237,6 +237,13 @@ class RunConfig(BaseModel):
         "training figures only, and the summary's last-10 means cover the last 10 evaluated "
         "rounds (k > 1 nearly halves a plain run's messages)",
     )
+    fold_evaluation: bool = Field(
+        False,
+        description="plain rounds: evaluate round r in the train message of round r+1 (the "
+        "same prompt, the same figures), so a round is one exchange, plus one evaluation "
+        "after the last; needs fraction-evaluate = fraction-train; a secure round keeps "
+        "its own secure evaluation",
+    )
     node_wait_timeout: float = Field(
         120.0, gt=0, description="seconds to wait for min-nodes before failing with a clear error"
     )
@@ -323,6 +330,13 @@ class RunConfig(BaseModel):
                 "results directory and its clients' private state; set run-name to the name "
                 "of the run being resumed"
             )
+        if self.fold_evaluation and self.fraction_evaluate != self.fraction_train:
+            raise ValueError(
+                f"fold-evaluation=true evaluates the nodes sampled for the next round's "
+                f"training, so it needs fraction-evaluate = fraction-train (got "
+                f"{self.fraction_evaluate} and {self.fraction_train}): set them equal, or "
+                "fold-evaluation=false"
+            )
         if self.aggregation is Aggregation.SECURE or self.method.clustered:
             self._check_secure()
         if self.method.clustered:
@@ -343,6 +357,12 @@ class RunConfig(BaseModel):
 
     def _check_secure(self) -> None:
         """What secure aggregation needs (``secure_channel`` says why for each rule)."""
+        if self.fold_evaluation:
+            raise ValueError(
+                "fold-evaluation=true folds a plain evaluation into training; a secure round "
+                "evaluates through its own secure sum: set fold-evaluation=false or "
+                "aggregation='plain' (with 'auto', folding applies to plain runs only)"
+            )
         if not self.method.has_global:
             raise ValueError(
                 f"aggregation='secure' sums the clients' global-prompt gradients, but "
@@ -412,8 +432,12 @@ class RunConfig(BaseModel):
             mode = Aggregation.PLAIN
         if self.method.clustered:  # SecFPP is secure wherever it runs, simulation included
             mode = Aggregation.SECURE
+        # a secure round has its own secure evaluation: folding is for plain runs only
+        fold = self.fold_evaluation and mode is Aggregation.PLAIN
         try:
-            return RunConfig.from_flower({**self.to_flower(), "aggregation": mode.value})
+            return RunConfig.from_flower(
+                {**self.to_flower(), "aggregation": mode.value, "fold-evaluation": fold}
+            )
         except ConfigError as err:
             raise ConfigError(
                 f"aggregation='auto' runs secure aggregation against real SuperNodes, and this "

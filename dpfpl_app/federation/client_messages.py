@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from flwr.app import Message, RecordDict
 
+from dpfpl_app.config import ConfigError
 from dpfpl_app.federation import domain_wire, evaluation_sum, wire
 from dpfpl_app.federation.secure_clustering import CLUSTER_ARRAYS, CLUSTER_RECORD
 from dpfpl_app.method import domain_clusters
@@ -37,16 +38,29 @@ def shared_prompt(trainer: ClientTrainer, msg: Message) -> tuple[torch.Tensor, i
 
 
 def answer_train(trainer: ClientTrainer, msg: Message) -> RecordDict:
-    """One round of local training; the reply content for the server."""
+    """One round of local training; the reply content for the server.
+
+    With fold-evaluation the message may ask for the previous round's evaluation first:
+    the same prompt and the same local state an evaluate message would have met.
+    """
+    config = msg.content[wire.CONFIG_RECORD]
+    evaluation = None
+    if wire.EVALUATE_FIRST in config:
+        if not trainer.cfg.fold_evaluation:
+            raise ConfigError(
+                "the server asks for a folded evaluation, but this node's run config has "
+                "fold-evaluation=false: the ServerApp and this node disagree on the run"
+            )
+        evaluation = answer_evaluate(trainer, msg)
     prompt, _, _ = shared_prompt(trainer, msg)
-    server_round = int(msg.content[wire.CONFIG_RECORD][wire.SERVER_ROUND])
-    outcome = trainer.train_round(prompt, server_round)
-    return wire.train_reply_content(
+    outcome = trainer.train_round(prompt, int(config[wire.SERVER_ROUND]))
+    content = wire.train_reply_content(
         grad=outcome.global_grad,
         train_loss=outcome.loss,
         dp_on=trainer.cfg.dp_on,
         sample_rate=trainer.sample_rate,
     )
+    return content if evaluation is None else wire.fold_evaluation(content, evaluation)
 
 
 def answer_evaluate(trainer: ClientTrainer, msg: Message) -> RecordDict:

@@ -49,11 +49,14 @@ def accept_train_replies(
     prompt: torch.Tensor,
     dp_on: bool,
     rate_bound: float = 1.0,
+    folded: bool = False,
 ) -> list[wire.TrainReply]:
     """The replies that pass the protocol checks; every refusal is logged with its node.
 
     A DP reply whose declared rate exceeds ``rate_bound`` (the run's ``max-sample-rate``)
-    is refused: that node sampled more often than the noise is sized for.
+    is refused: that node sampled more often than the noise is sized for. ``folded``: the
+    messages asked for the previous round's evaluation too (``accept_evaluate_replies``
+    checks that part).
     """
     accepted: list[wire.TrainReply] = []
     seen: set[int] = set()
@@ -61,7 +64,7 @@ def accept_train_replies(
         try:
             reply = wire.parse_train_reply(
                 msg, expected_shape=tuple(prompt.shape), expected_dtype=prompt.dtype,
-                dp_on=dp_on,
+                dp_on=dp_on, folded=folded,
             )
             if reply.node_id in seen:
                 raise wire.InvalidReply("duplicate reply: a node counts once per round")
@@ -79,12 +82,21 @@ def accept_train_replies(
 
 
 def accept_evaluate_replies(
-    replies: list[Message], sent: list[Message], round_: int
+    replies: list[Message], sent: list[Message], round_: int, *, folded: bool = False
 ) -> list[wire.EvaluateReply]:
+    """The evaluations that pass the checks; ``folded``: those inside the next round's
+    train replies (fold-evaluation), for round ``round_``.
+    """
+    parse = wire.parse_folded_evaluation if folded else wire.parse_evaluate_reply
     accepted: list[wire.EvaluateReply] = []
+    seen: set[int] = set()
     for msg in replies:
         try:
-            accepted.append(wire.parse_evaluate_reply(msg))
+            reply = parse(msg)
+            if reply.node_id in seen:
+                raise wire.InvalidReply("duplicate reply: a node counts once per round")
+            seen.add(reply.node_id)
+            accepted.append(reply)
         except wire.InvalidReply as err:
             refuse("evaluate", round_, msg, sent, str(err))
     return accepted

@@ -63,6 +63,11 @@ class DPFPLStrategy(Strategy):
         that held them would let its reader subtract the noise).
     on_round : callable, optional
         ``on_round(round, metrics)`` after each round's evaluation is aggregated.
+    fold_evaluation : bool
+        Plain rounds: an evaluated round r other than the last sends no evaluate
+        message; round r+1's train message asks each node to evaluate first, with the
+        same ``p_G`` the evaluate message would have carried, so a round is one exchange.
+        Round r's figures (and ``on_round(r, ...)``) arrive with round r+1's replies.
 
     Notes
     -----
@@ -88,6 +93,7 @@ class DPFPLStrategy(Strategy):
         node_wait_timeout: float = 300.0,
         seed: int | None = None,
         on_round: RoundCallback | None = None,
+        fold_evaluation: bool = False,
     ) -> None:
         _validate_arguments(locals())
         if channel.secure is not self.secure_training:
@@ -105,6 +111,13 @@ class DPFPLStrategy(Strategy):
         self.final_round = final_round
         self.node_wait_timeout = float(node_wait_timeout)
         self.on_round = on_round
+        if fold_evaluation and self.secure_training:
+            raise ValueError("fold-evaluation is for plain rounds: a secure round evaluates "
+                             "through its own secure sum")
+        self.fold_evaluation = fold_evaluation
+        # fold-evaluation: the round whose evaluation rides on the next train message,
+        # with that round's training figures
+        self._pending: tuple[int, dict[str, float | int]] | None = None
         self._prompt = initial_prompt.detach().clone()
         self._seed = seed
         self._secret_noise, self._secret_nodes = NoiseSource.secure(), NoiseSource.secure()
@@ -203,7 +216,8 @@ class DPFPLStrategy(Strategy):
         Only every ``evaluate_every``-th round and the final one: with many clients an
         evaluation costs about as much as the training it checks.
         """
-        if not self.evaluates(self._round_offset + server_round):
+        round_ = self._round_offset + server_round
+        if not self.evaluates(round_) or self.folds(round_):
             self._sent = []
             return []
         return self._configure(server_round, arrays, config, grid, MessageType.EVALUATE)
@@ -211,6 +225,10 @@ class DPFPLStrategy(Strategy):
     def evaluates(self, round_: int) -> bool:
         """Whether round ``round_`` (counted across resumes) is evaluated."""
         return round_ % self.evaluate_every == 0 or round_ == self.final_round
+
+    def folds(self, round_: int) -> bool:
+        """Whether round ``round_``'s evaluation rides on the next train message."""
+        return self.fold_evaluation and round_ != self.final_round
 
     def _configure(
         self,
@@ -231,6 +249,8 @@ class DPFPLStrategy(Strategy):
         fraction = self.fraction_train if train else self.fraction_evaluate
         node_ids = self._sample_nodes(grid, fraction, message_type, round_)
         content = self._content(config, round_)
+        if train and self._pending is not None:  # evaluate the previous round first
+            content[wire.CONFIG_RECORD][wire.EVALUATE_FIRST] = self._pending[0]
         log(INFO, "%s round %d: sampled %d node(s)", message_type, round_, len(node_ids))
         self._sent = [
             Message(content, node, message_type, group_id=str(round_)) for node in node_ids
@@ -280,10 +300,13 @@ class DPFPLStrategy(Strategy):
         is; its clients' local steps still count towards the epsilon.
         """
         replies = list(replies)
+        pending, self._pending = self._pending, None
+        if pending is not None:  # the previous round's evaluation, before this round counts
+            self._report_folded(pending, replies)
         round_ = self._last_round = self._round_offset + server_round
         accepted = reply_checks.accept_train_replies(
             replies, self._sent, round_, prompt=self._prompt, dp_on=self.dp_on,
-            rate_bound=self.channel.sample_rate,
+            rate_bound=self.channel.sample_rate, folded=pending is not None,
         )
         self._note_rates(accepted, asked=max(len(replies), len(self._sent)))
         metrics: dict[str, float | int] = {
@@ -335,6 +358,9 @@ class DPFPLStrategy(Strategy):
         """
         replies = list(replies)
         round_ = self._round_offset + server_round
+        if self.evaluates(round_) and self.folds(round_):  # reported with the next round
+            self._pending, self._train_metrics = (round_, self._train_metrics), {}
+            return None
         if not self.evaluates(round_):  # the round's record holds its training only
             if self.on_round is not None:
                 self.on_round(round_, self._train_metrics)
@@ -354,12 +380,19 @@ class DPFPLStrategy(Strategy):
         A secure run overrides this: its server learns federation-wide figures only.
         """
         accepted = reply_checks.accept_evaluate_replies(replies, self._sent, round_)
-        metrics: dict[str, float | int] = {
-            wire.EVAL_ACCEPTED: len(accepted),
-            wire.EVAL_REJECTED: len(replies) - len(accepted),
-            **accuracy_means(accepted),
-        }
-        return metrics, per_client_metrics(accepted)
+        return _evaluation_figures(accepted, asked=len(replies))
+
+    def _report_folded(
+        self, pending: tuple[int, dict[str, float | int]], replies: list[Message]
+    ) -> None:
+        """Round r's evaluation from round r+1's train replies; its ``on_round`` now, while
+        the strategy's state (``p_G``, rounds done) is still round r's (its checkpoint).
+        """
+        round_, train_metrics = pending
+        accepted = reply_checks.accept_evaluate_replies(replies, self._sent, round_, folded=True)
+        metrics, per_client = _evaluation_figures(accepted, asked=len(replies))
+        if self.on_round is not None:
+            self.on_round(round_, {**train_metrics, **metrics, **per_client})
 
     # --- checkpoint ------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -408,6 +441,18 @@ class DPFPLStrategy(Strategy):
         self._last_round = self._round_offset = int(state["round"])
         self._node_rates = {int(node): float(rate) for node, rate in state["node_rates"].items()}
         self._unreported_rates = bool(state["unreported_rates"])
+
+
+def _evaluation_figures(
+    accepted: list[wire.EvaluateReply], asked: int
+) -> tuple[dict[str, float | int], dict[str, float | int]]:
+    """An evaluation's metrics (counts, accuracy means) and each client's own figures."""
+    metrics: dict[str, float | int] = {
+        wire.EVAL_ACCEPTED: len(accepted),
+        wire.EVAL_REJECTED: asked - len(accepted),
+        **accuracy_means(accepted),
+    }
+    return metrics, per_client_metrics(accepted)
 
 
 def _validate_arguments(args: dict[str, Any]) -> None:

@@ -61,6 +61,7 @@ def build_strategy(
         fraction_train=cfg.fraction_train,
         fraction_evaluate=cfg.fraction_evaluate,
         evaluate_every=cfg.evaluate_every,
+        fold_evaluation=cfg.fold_evaluation,
         final_round=cfg.num_server_rounds,
         node_wait_timeout=cfg.node_wait_timeout,
         seed=cfg.seed if cfg.reproducible_noise else None,

@@ -51,6 +51,7 @@ from dpfpl_app.method.accuracy import harmonic_mean
 ARRAYS_RECORD = "arrays"
 CONFIG_RECORD = "config"
 METRICS_RECORD = "metrics"
+EVALUATION_RECORD = "evaluation"  # fold-evaluation: the previous round's figures in a train reply
 
 # --- array keys ---------------------------------------------------------------------
 GLOBAL_PROMPT = "global-prompt"
@@ -60,6 +61,7 @@ PROMPT_DTYPE = torch.float32
 # --- config keys (server -> client) -------------------------------------------------
 SERVER_ROUND = "server-round"
 AGGREGATION = "aggregation"  # the run's resolved mode: both sides must plan the same noise
+EVALUATE_FIRST = "evaluate-first"  # fold-evaluation: evaluate this (previous) round, then train
 
 # --- metric keys (client -> server) ---------------------------------------------------
 NUM_EXAMPLES = "num-examples"
@@ -256,6 +258,11 @@ def evaluate_reply_content(
     )
 
 
+def fold_evaluation(train: RecordDict, evaluation: RecordDict) -> RecordDict:
+    """A train reply that also carries the previous round's evaluation (fold-evaluation)."""
+    return RecordDict({**dict(train.items()), EVALUATION_RECORD: evaluation[METRICS_RECORD]})
+
+
 # --- parsers (the server's trust boundary) -------------------------------------------
 def reply_array_bytes(msg: Message) -> int:
     """Bytes of all ArrayRecords in a reply (0 for an error reply)."""
@@ -300,11 +307,20 @@ def validate_grad_reply(
 
 
 def parse_train_reply(
-    msg: Message, *, expected_shape: tuple[int, ...], expected_dtype: torch.dtype, dp_on: bool
+    msg: Message,
+    *,
+    expected_shape: tuple[int, ...],
+    expected_dtype: torch.dtype,
+    dp_on: bool,
+    folded: bool = False,
 ) -> TrainReply:
-    """Check a train reply against the protocol; :class:`InvalidReply` says why not."""
+    """Check a train reply against the protocol; :class:`InvalidReply` says why not.
+
+    ``folded``: the message asked for the previous round's evaluation too, so the reply
+    may carry it (``parse_folded_evaluation`` checks it); otherwise it may not.
+    """
     _check_no_error(msg)
-    _check_records(msg.content, arrays=True)
+    _check_records(msg.content, arrays=True, folded=folded)
     grad = validate_grad_reply(
         msg.content.array_records[ARRAYS_RECORD], expected_shape, expected_dtype
     )
@@ -329,7 +345,21 @@ def parse_evaluate_reply(msg: Message) -> EvaluateReply:
     """Check an evaluate reply against the protocol; :class:`InvalidReply` says why not."""
     _check_no_error(msg)
     _check_records(msg.content, arrays=False)
-    metrics = msg.content.metric_records[METRICS_RECORD]
+    return _evaluate_reply(msg.metadata.src_node_id, msg.content.metric_records[METRICS_RECORD])
+
+
+def parse_folded_evaluation(msg: Message) -> EvaluateReply:
+    """The previous round's evaluation in a train reply (fold-evaluation), checked like an
+    evaluate reply's.
+    """
+    _check_no_error(msg)
+    metrics = msg.content.metric_records.get(EVALUATION_RECORD)
+    if metrics is None:
+        raise InvalidReply(f"no '{EVALUATION_RECORD}' record: the message asked for one")
+    return _evaluate_reply(msg.metadata.src_node_id, metrics)
+
+
+def _evaluate_reply(node_id: int, metrics: MetricRecord) -> EvaluateReply:
     _check_scalar_metrics(metrics)
     if set(metrics.keys()) != EVALUATE_METRIC_KEYS:
         raise InvalidReply(
@@ -337,7 +367,7 @@ def parse_evaluate_reply(msg: Message) -> EvaluateReply:
             f"{sorted(EVALUATE_METRIC_KEYS)}"
         )
     reply = EvaluateReply(
-        node_id=msg.metadata.src_node_id,
+        node_id=node_id,
         num_examples=_int_metric(metrics, NUM_EXAMPLES, minimum=0),
         local_acc=_float_metric(metrics, LOCAL_ACC, low=0.0, high=1.0),
         neighbour_acc=_float_metric(metrics, NEIGHBOUR_ACC, low=0.0, high=1.0),
@@ -373,9 +403,14 @@ def _check_no_error(msg: Message) -> None:
         raise InvalidReply("reply has neither content nor error")
 
 
-def _check_records(content: RecordDict, *, arrays: bool) -> None:
-    """Exactly the records of the protocol: nothing more can smuggle data out."""
-    expected = {ARRAYS_RECORD, METRICS_RECORD} if arrays else {METRICS_RECORD}
+def _check_records(content: RecordDict, *, arrays: bool, folded: bool = False) -> None:
+    """Exactly the records of the protocol: nothing more can smuggle data out.
+
+    ``folded``: a train reply may add the previous round's evaluation; a missing one is
+    the evaluation's refusal, not the training's.
+    """
+    metrics = {METRICS_RECORD, EVALUATION_RECORD} if folded else {METRICS_RECORD}
+    expected = {ARRAYS_RECORD, *metrics} if arrays else metrics
     got = set(content.keys())
     if got - expected:
         raise InvalidReply(
@@ -383,8 +418,9 @@ def _check_records(content: RecordDict, *, arrays: bool) -> None:
         )
     if arrays and set(content.array_records.keys()) != {ARRAYS_RECORD}:
         raise InvalidReply(f"expected one ArrayRecord '{ARRAYS_RECORD}', got {sorted(got)}")
-    if set(content.metric_records.keys()) != {METRICS_RECORD}:
-        raise InvalidReply(f"expected one MetricRecord '{METRICS_RECORD}', got {sorted(got)}")
+    names = set(content.metric_records.keys())
+    if METRICS_RECORD not in names or names - metrics:
+        raise InvalidReply(f"expected the MetricRecord '{METRICS_RECORD}', got {sorted(got)}")
 
 
 def _check_scalar_metrics(metrics: MetricRecord) -> None:
