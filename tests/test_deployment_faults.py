@@ -88,11 +88,13 @@ def test_supernode_killed_mid_run_rejoins_and_resumes_its_local_prompt(
 def test_node_worker_killed_mid_run_is_replaced_and_loses_nothing(
     federation: Federation,
 ) -> None:
-    # Prepare: 3 plain rounds; node 1 answers through its worker
+    # Prepare: 3 plain rounds, each one exchange (fold-evaluation: rounds 1 and 2 are
+    # evaluated inside the next round's train messages); node 1 answers through its worker
     node = federation.nodes[1]
     run_id = federation.submit(
         federation.app,
-        overrides(federation, "worker-kill", num_server_rounds=3, aggregation="'plain'"),
+        overrides(federation, "worker-kill", num_server_rounds=3, aggregation="'plain'",
+                  fold_evaluation="true"),
     )
     saved = state_file(node, "worker-kill", "meta.json")
     wait_until(saved.exists, RUN_TIMEOUT_S, "node 1's round-1 state on its disk", every=0.5)
@@ -109,7 +111,13 @@ def test_node_worker_killed_mid_run_is_replaced_and_loses_nothing(
     # the state was saved (the state is saved before replying, so none is ever lost)
     assert info["status"] == "finished:completed", info
     assert node.worker_pid not in (None, killed)
-    rows = results(federation, "worker-kill")["rounds"]
+    doc = results(federation, "worker-kill")
+    rows = doc["rounds"]
+    assert doc["config"]["fold-evaluation"] is True
+    assert [row["round"] for row in rows] == [1, 2, 3]
+    assert all(row["eval-accepted"] >= 1 for row in rows), rows  # every round evaluated
+    log = federation.server_log(run_id)
+    assert len(re.findall(r"evaluate round \d+: sampled", log)) == 1, "one evaluate exchange"
     complete = sum(1 for row in rows if row["accepted"] == NUM_NODES)
     assert complete >= 2, rows
     rounds_done = json.loads(saved.read_text())["rounds_done"]

@@ -182,7 +182,8 @@ def markdown_table(
                 _cell(agg, short) for short in ("harmonic", "local", "neighbour", "all")
             ) + " |")
     if refs:
-        lines += ["", "## References on the same test images (per seed's partition)", ""]
+        lines += ["", "## References on the images the cells evaluate on (per seed's partition)",
+                  ""]
         lines += ["| reference | harmonic | local | neighbour | all-class |",
                   "|---|---|---|---|---|"]
         for block, label in REFERENCE_BLOCKS:
