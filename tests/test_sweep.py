@@ -363,6 +363,32 @@ def test_side_by_side_cells_share_the_cores_and_all_count(
     assert "| digits | 1 | 90.0 ± 0.0 (n=3) |" in (tmp_path / "s" / "table.md").read_text()
 
 
+def test_cells_run_seed_by_seed_so_a_stopped_sweep_has_every_method_at_its_first_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Prepare: a stand-in that records the order cells are run in
+    order: list[str] = []
+
+    class Recording(_FlowerResolvingLikeASuperLink):
+        def run(self, run_config: dict, *, num_supernodes: int,
+                timeout_s: float) -> tuple[int, str]:
+            order.append(run_config["run-name"])
+            return super().run(run_config, num_supernodes=num_supernodes, timeout_s=timeout_s)
+
+    monkeypatch.setattr(sweep_module, "LocalFlower", Recording)
+    spec = SweepSpec(methods=(Method.PROMPTFL, Method.FEDOTP), epsilons=(1.0,),
+                     seeds=(3, 0), references=False)
+
+    # Execute
+    assert run_sweep(spec, tmp_path, app_dir=Path(os.path.relpath(REPO))) == []
+
+    # Assert: the grid lists method by method; the runs go seed by seed, in the spec's order
+    assert [c.name for c in spec.cells()] == [
+        "promptfl-eps1-s3", "promptfl-eps1-s0", "fedotp-eps1-s3", "fedotp-eps1-s0"]
+    assert order == ["promptfl-eps1-s3", "fedotp-eps1-s3", "promptfl-eps1-s0",
+                     "fedotp-eps1-s0"]
+
+
 def _flower_failing(times: int, cell: str | None = None) -> type[_FlowerResolvingLikeASuperLink]:
     """A stand-in whose first ``times`` runs of ``cell`` (None: of every cell) fail and
     write nothing; later ones complete.

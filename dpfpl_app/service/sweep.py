@@ -45,7 +45,8 @@ def run_sweep(
     parallel: int = 1,
     retries: int = 1,
 ) -> list[Cell]:
-    """Run every unfinished cell, ``parallel`` at a time; returns the cells that failed.
+    """Run every unfinished cell, ``parallel`` at a time, the first seed's cells first;
+    returns the cells that failed.
 
     A failed cell is run again, up to ``retries`` more times, after the cells still
     waiting: on a loaded machine a simulation can die before its first round (Ray gives
@@ -69,7 +70,10 @@ def run_sweep(
     cells = spec.cells()
     configs = {c.name: spec.run_config(c, out_dir) for c in cells}  # a bad grid stops here
     _claim(out_dir, spec)
-    todo = [c for c in cells if cell_result(out_dir, c, spec.clients) is None]
+    # seed by seed: a sweep stopped part-way has every method at its first seeds, which
+    # the paired tables (sweep_pairs) can already compare
+    todo = sorted((c for c in cells if cell_result(out_dir, c, spec.clients) is None),
+                  key=lambda c: spec.seeds.index(c.seed))
     logger.info(
         "sweep %s: %d cells, %d done, %d to run, %d at a time (DP noise seeded for "
         "reproducibility: experiments only)",
