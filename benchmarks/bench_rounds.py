@@ -55,8 +55,7 @@ from dpfpl_app.secagg import Stage  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("plain", "secure")
-STAGES = Stage.ORDER
-MESSAGES = {"plain": 2, "secure": len(STAGES) + 1}  # per client per round, with evaluate
+STAGES = Stage.ORDER  # an unsigned round (simulation) has no consistency stage
 SETTINGS = {"sim-10": 10, "sim-100": 100, "deploy-3": 3, "deploy-3-worker": 3}
 
 
@@ -91,15 +90,24 @@ def summarise(results: Path, mode: str, nodes: int) -> dict[str, Any]:
         "round-1-s": elapsed[0],
         "round-s": statistics.median(times),
         "round-s-all": [round(t, 2) for t in times],
-        "messages-per-client": MESSAGES[mode],
+        # plain: train + evaluate; secure: the training round's stages, and as many for
+        # the secure evaluation (a first attempt)
+        "messages-per-client": 2 * len(_stages(later[0])) if mode == "secure" else 2,
         "upload-kib-per-client": statistics.median(r[upload] for r in later) / nodes / 1024,
         "epsilon": rows[-1]["epsilon"],
         "local-acc": rows[-1]["local-acc"],
     }
     if mode == "secure":
-        out["stage-s"] = {s: statistics.median(r[f"{s}-s"] for r in later) for s in STAGES}
+        out["stage-s"] = {
+            s: statistics.median(r[f"{s}-s"] for r in later) for s in _stages(later[0])
+        }
         out["survivors"] = [r["survivors"] for r in rows]
     return out
+
+
+def _stages(row: dict[str, Any]) -> list[str]:
+    """The secure stages a round ran (its ``<stage>-s`` metrics)."""
+    return [s for s in STAGES if f"{s}-s" in row]
 
 
 def simulate(nodes: int, rounds: int, work: Path) -> list[dict[str, Any]]:
@@ -214,7 +222,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
     ]
     for r in rows:
         if r["mode"] == "secure":
-            cells = " | ".join(f"{r['stage-s'][s]:.1f}" for s in STAGES)
+            cells = " | ".join(
+                f"{r['stage-s'][s]:.1f}" if s in r["stage-s"] else "-" for s in STAGES
+            )
             lines.append(f"| {r['setting']} | {cells} |")
     lines += [
         "",

@@ -246,6 +246,12 @@ def test_app_image_is_built_from_the_matching_official_superexec_image() -> None
     assert f"ARG FLWR_VERSION={FLWR_VERSION}\n" in dockerfile
     assert "\nFROM flwr/superexec:${FLWR_VERSION}\n" in dockerfile
     assert 'ENTRYPOINT ["flower-superexec"]' in dockerfile
+    # bytecode compiled after the last install: every per-message process imports Flower
+    instructions = dockerfile.replace("\\\n", " ").splitlines()  # join continued lines
+    runs = [line for line in instructions if line.startswith("RUN ")]
+    installs = [i for i, line in enumerate(runs) if "pip install" in line]
+    compiles = [i for i, line in enumerate(runs) if "compileall" in line and "purelib" in line]
+    assert compiles and installs and compiles[-1] > installs[-1]
     for name in ("compose.yml", "compose.org.yml"):
         for service in _compose(name, ORG_ENV)["services"].values():
             if "build" in service:

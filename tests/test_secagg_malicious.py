@@ -15,8 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from flwr.app import Context, RecordDict
 from secagg_harness import (
     Federation,
@@ -24,6 +22,7 @@ from secagg_harness import (
     expected_integer_input,
     random_inputs,
     signing_identities,
+    write_openssh_key,
 )
 
 from dpfpl_app.federation.secure_identity import IdentityConfigError, node_identity
@@ -176,6 +175,25 @@ def test_signed_round_sums_exactly() -> None:
     result = fed.run()
     assert result.survivors == tuple(NODES) and result.faults == ()
     np.testing.assert_array_equal(result.integer_total, fed.expected_integer_total(NODES))
+    assert Stage.CONSISTENCY in {stage for stage, _, _ in fed.received}
+
+
+def test_signed_client_refuses_to_unmask_before_signing_the_survivor_list() -> None:
+    # a server that skips the consistency stage, as it may in an unsigned round, to
+    # collect shares against a survivor list no registered organisation has signed
+    fed = signed_federation()
+    server, clients = fed.server, {}
+    out = server.setup()
+    for v in NODES:
+        clients[v] = ClientRound(fed.config, v, fed.identities[v])
+    out = server.share_keys({v: clients[v].setup(out[v]) for v in NODES})
+    out = server.collect_masked({v: clients[v].share_keys(out[v]) for v in NODES})
+    for v in NODES:
+        clients[v].collect_masked(out[v], fed.inputs[v])
+    skipped = {wire.SURVIVORS: NODES, wire.DROPPED: [], wire.SIGNERS: [],
+               wire.SIGNER_KEYS: [], wire.SIGNATURES: []}
+    with pytest.raises(SecAggAbort, match="only after signing the survivor list"):
+        clients[NODES[0]].unmask(skipped)
 
 
 @pytest.mark.parametrize(
@@ -277,22 +295,6 @@ def test_signed_node_refuses_an_unsigned_round_and_vice_versa() -> None:
 
 
 # --- node config ----------------------------------------------------------------------------
-def _write_key(path: Path) -> bytes:
-    key = ec.generate_private_key(ec.SECP384R1())
-    path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.OpenSSH,
-            serialization.NoEncryption(),
-        )
-    )
-    public = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    Path(f"{path}.pub").write_bytes(public + b" comment\n")
-    return public
-
-
 def _context(node_config: dict[str, str | bool]) -> Context:
     return Context(run_id=7, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
 
@@ -300,8 +302,8 @@ def _context(node_config: dict[str, str | bool]) -> Context:
 def test_node_identity_from_the_supernode_key_and_a_registry_directory(tmp_path: Path) -> None:
     registry = tmp_path / "registry"
     registry.mkdir()
-    mine = _write_key(registry / "org-a")
-    _write_key(registry / "org-b")
+    mine = write_openssh_key(registry / "org-a")
+    write_openssh_key(registry / "org-b")
     ident = node_identity(
         _context({"secagg-signing-key": str(registry / "org-a"),
                   "secagg-registry": str(registry)}), "prompt",
@@ -318,8 +320,8 @@ def test_node_that_requires_signed_rounds_refuses_without_keys(tmp_path: Path) -
         node_identity(_context({"secagg-signing-key": str(tmp_path / "k")}), "prompt")
     other = tmp_path / "other"
     other.mkdir()
-    _write_key(other / "org-c")
-    _write_key(tmp_path / "mine")
+    write_openssh_key(other / "org-c")
+    write_openssh_key(tmp_path / "mine")
     with pytest.raises(IdentityConfigError, match="own public key is not in its registry"):
         node_identity(
             _context({"secagg-signing-key": str(tmp_path / "mine"),

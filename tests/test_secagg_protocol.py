@@ -151,16 +151,16 @@ def test_each_survivor_reveals_only_one_kind_of_share_per_owner() -> None:
         (Stage.SETUP, {11, 22}),  # before keys
         (Stage.SHARE_KEYS, {33}),  # after keys, before shares
         (Stage.COLLECT_MASKED, {44, 55, 66}),  # after shares, before the masked input
-        # after the masked input: its input still counts; unsigned, 6 answers < 7
-        # min-survivors are enough while every secret keeps t = 6 holders
-        (Stage.CONSISTENCY, {11, 22, 77, 88}),
         (Stage.UNMASK, {77, 88}),  # after the masked input: its input still counts
+        # unsigned, 6 answers < 7 min-survivors are enough while every secret keeps
+        # t = 6 holders
+        (Stage.UNMASK, {11, 22, 77, 88}),
     ],
 )
 def test_dropouts_at_each_stage_keep_the_sum_exact(stage: str, dropped: set[int]) -> None:
     fed = federation()
     result = fed.run(drop={stage: dropped})
-    late = stage in (Stage.CONSISTENCY, Stage.UNMASK)
+    late = stage == Stage.UNMASK
     expected_survivors = set(NODES) if late else set(NODES) - dropped
     assert set(result.survivors) == expected_survivors
     np.testing.assert_array_equal(
@@ -374,6 +374,27 @@ def test_client_refuses_to_unmask_below_min_survivors_or_with_overlapping_lists(
     both = {wire.SURVIVORS: NODES, wire.DROPPED: [22]}
     with pytest.raises(SecAggAbort, match=r"both survived and dropped"):
         client.unmask(both)
+    # an unsigned round's unmask stage follows the masked one: the same checks hold there
+    with pytest.raises(SecAggAbort, match="6 survivors < min_survivors 7"):
+        ClientRound.from_state(CONFIG, 11, state).unmask({**few, wire.DROPPED: []})
+    with pytest.raises(SecAggAbort, match=r"both survived and dropped"):
+        ClientRound.from_state(CONFIG, 11, state).unmask(both)
+
+
+def test_unsigned_round_has_four_stages_and_reveals_one_kind_of_share_per_owner() -> None:
+    fed = federation()
+    dropped = {NODES[0]}
+    result = fed.run(drop={Stage.COLLECT_MASKED: dropped})
+    stages = [stage for stage, _, _ in fed.received]
+    assert Stage.CONSISTENCY not in stages
+    assert sorted(set(stages), key=Stage.ORDER.index) == [
+        Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK
+    ]
+    assert set(result.survivors) == set(NODES) - dropped
+    for stage, _, reply in fed.received:
+        if stage == Stage.UNMASK:  # seeds of survivors only, the dropped node's key only
+            assert set(reply[wire.SEED_OWNERS]) <= set(result.survivors)
+            assert set(reply[wire.KEY_OWNERS]) <= dropped
 
 
 def test_stages_out_of_order_are_refused() -> None:

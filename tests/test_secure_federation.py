@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
+from secagg_harness import write_openssh_key
 
 import client_app as client_module
 import server_app as server_module
@@ -90,11 +91,19 @@ class FailingNodes(ClientApp):
         return client_module.app(message, context)
 
 
-def _run(tmp_path: Path, app: ClientApp, rounds: int) -> tuple[dict, RunConfig]:
+def _run(
+    tmp_path: Path, app: ClientApp, rounds: int, node_configs: list[dict] | None = None
+) -> tuple[dict, RunConfig]:
     cfg = federation_config(
         tmp_path, **{"min-nodes": NODES, "aggregation": "secure", "num-server-rounds": rounds}
     )
-    run = run_server_app(server_module.app, client_app=app, num_nodes=NODES, run_config=cfg)
+    run = run_server_app(
+        server_module.app,
+        client_app=app,
+        num_nodes=NODES,
+        run_config=cfg,
+        node_configs=node_configs,
+    )
     doc = json.loads((tmp_path / "runs" / "t" / "results.json").read_text())
     return {"doc": doc, "replies": run.replies, "grid": run.grid}, RunConfig.from_flower(cfg)
 
@@ -102,28 +111,30 @@ def _run(tmp_path: Path, app: ClientApp, rounds: int) -> tuple[dict, RunConfig]:
 def test_secure_federation_with_a_dropout_at_each_stage(
     digits_backbone: Path, tmp_path: Path, spy: Spy, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # Prepare: in round r, node r-1 fails at the r-th stage
-    failures = {(r + 1, stage): {node_id_of(r)} for r, stage in enumerate(Stage.ORDER)}
+    # Prepare: in round r, node r-1 fails at the r-th stage of an unsigned round (no
+    # consistency stage: the survivor list goes with the unmask request)
+    stages = (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK)
+    failures = {(r + 1, stage): {node_id_of(r)} for r, stage in enumerate(stages)}
 
     # Execute
-    out, cfg = _run(tmp_path, FailingNodes(failures), rounds=len(Stage.ORDER))
+    out, cfg = _run(tmp_path, FailingNodes(failures), rounds=len(stages))
 
     # Assert: every round released a sum of exactly its survivors' noised inputs
     doc = out["doc"]
     assert doc["status"] == "completed"
-    assert len(spy.sums) == len(Stage.ORDER)
+    assert len(spy.sums) == len(stages)
     assert all(result is not None for _, result in spy.sums)
-    for (params, result), expected in zip(spy.sums, (4, 4, 4, 5, 5), strict=True):
+    answered = {r.metadata.message_type.partition(".")[2] for r in out["replies"]}
+    assert set(stages) <= answered and Stage.CONSISTENCY not in answered
+    for (params, result), expected in zip(spy.sums, (4, 4, 4, 5), strict=True):
         assert result is not None and len(result.survivors) == expected
         inputs = [spy.inputs[(params.round_id, v)] for v in result.survivors]
         np.testing.assert_array_equal(result.integer_total, np.sum(inputs, axis=0))
     # every dropout is logged with the node and the stage it was lost at
     for (round_, stage), (node,) in failures.items():
         assert f"secure round {round_}: node {node} dropped out at {stage}" in caplog.text
-    # a node failing at consistency or unmask is still in the sum (its seed rebuilt
-    # from shares)
+    # a node failing at unmask is still in the sum (its seed rebuilt from shares)
     assert node_id_of(3) in spy.sums[3][1].survivors  # type: ignore[union-attr]
-    assert node_id_of(4) in spy.sums[4][1].survivors  # type: ignore[union-attr]
     # the printed epsilon is the plan's accountant at the actual survivors
     plan = plan_for(cfg)
     ratios = [len(r.survivors) / p.min_survivors for p, r in spy.sums if r is not None]
@@ -131,6 +142,42 @@ def test_secure_federation_with_a_dropout_at_each_stage(
         assert row["survivors"] == len(spy.sums[i][1].survivors)  # type: ignore[union-attr]
         assert row["epsilon"] == pytest.approx(plan.secure_epsilon(ratios[: i + 1]), rel=1e-12)
     assert doc["rounds"][-1]["epsilon"] <= cfg.epsilon
+
+
+def test_signed_nodes_sign_the_survivor_list_unsigned_ones_skip_that_stage(
+    digits_backbone: Path, tmp_path: Path, spy: Spy
+) -> None:
+    # Prepare: every node holds its organisation's key and the registry of all of them
+    registry = tmp_path / "registry"
+    registry.mkdir()
+    for i in range(NODES):
+        write_openssh_key(registry / f"org-{i}")
+    signed = [
+        {"secagg-signing-key": str(registry / f"org-{i}"), "secagg-registry": str(registry),
+         "secagg-require-signed": "true"}
+        for i in range(NODES)
+    ]  # fmt: skip
+
+    # Execute: one round signed, one unsigned
+    out_signed, _ = _run(tmp_path / "signed", client_module.app, rounds=1, node_configs=signed)
+    out_plain, _ = _run(tmp_path / "unsigned", client_module.app, rounds=1)
+
+    # Assert: both released the exact sum of all nodes; only the signed one had the
+    # consistency stage, once per node for training and once for the evaluation sum
+    for out in (out_signed, out_plain):
+        assert out["doc"]["status"] == "completed"
+    assert len(spy.sums) == 2
+    for params, result in spy.sums:
+        assert result is not None and len(result.survivors) == NODES
+        inputs = [spy.inputs[(params.round_id, v)] for v in result.survivors]
+        np.testing.assert_array_equal(result.integer_total, np.sum(inputs, axis=0))
+
+    def stages(out: dict) -> list[str]:
+        return [r.metadata.message_type.partition(".")[2] for r in out["replies"]]
+
+    assert stages(out_signed).count(Stage.CONSISTENCY) == 2 * NODES
+    assert Stage.CONSISTENCY not in stages(out_plain)
+    assert len(stages(out_signed)) - len(stages(out_plain)) == 2 * NODES
 
 
 def test_no_message_the_server_receives_carries_a_gradient(

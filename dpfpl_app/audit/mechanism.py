@@ -445,10 +445,9 @@ def _secure_round(
     out = server.setup()
     out = server.share_keys({n: clients[n].setup(p) for n, p in out.items()})
     out = server.collect_masked({n: clients[n].share_keys(p) for n, p in out.items()})
-    out = server.consistency(
+    out = server.survivor_list(
         {n: clients[n].collect_masked(p, vectors[n], stream=streams[n]) for n, p in out.items()}
-    )
-    out = server.unmask({n: clients[n].consistency(p) for n, p in out.items()})
+    )  # unsigned: the unmask stage follows at once
     result = server.finish({n: clients[n].unmask(p) for n, p in out.items()})
     return result.total
 

@@ -130,16 +130,17 @@ class SecureRound:
         return self.aggregate(self._grid.send_and_receive(messages, timeout=self._timeout))
 
     def aggregate(self, masked_replies: Iterable[Message]) -> AggregateResult | None:
-        """Collect the masked inputs, run the consistency and unmask exchanges, return the
-        sum (or None).
+        """Collect the masked inputs, run the consistency (signed rounds) and unmask
+        exchanges, return the sum (or None).
         """
         if self._masked_sent is not None:  # Flower sent them between our two calls
             self.record.seconds[Stage.COLLECT_MASKED] = time.perf_counter() - self._masked_sent
         try:
-            consistency = self.server.consistency(
+            unmask = self.server.survivor_list(
                 self._payloads(masked_replies, Stage.COLLECT_MASKED, self._masked)
             )
-            unmask = self.server.unmask(self._exchange(Stage.CONSISTENCY, consistency))
+            if self.server.pending == Stage.CONSISTENCY:  # signed: the survivors sign first
+                unmask = self.server.unmask(self._exchange(Stage.CONSISTENCY, unmask))
             self.record.revealed = True
             result = self.server.finish(self._exchange(Stage.UNMASK, unmask))
         except SecAggAbort as err:

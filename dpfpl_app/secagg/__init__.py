@@ -22,9 +22,14 @@ threshold=None, min_survivors=None, wrap_probability=2**-40)``
     out = server.setup()                       # {node: payload} for Stage.SETUP
     out = server.share_keys(replies)           # replies of SETUP   -> payloads for SHARE_KEYS
     out = server.collect_masked(replies)       # replies of SHARE_KEYS -> COLLECT_MASKED
-    out = server.consistency(replies)          # replies of COLLECT_MASKED -> CONSISTENCY
-    out = server.unmask(replies)               # replies of CONSISTENCY -> UNMASK
+    out = server.survivor_list(replies)        # replies of COLLECT_MASKED -> CONSISTENCY
+                                               #   (signed round) or UNMASK (unsigned)
+    out = server.unmask(replies)               # signed only: replies of CONSISTENCY -> UNMASK
     result = server.finish(replies)            # replies of UNMASK  -> AggregateResult
+
+    or, not knowing whether the round is signed: ``out = server.setup()``, then
+    ``out = server.receive(replies)`` with the replies of ``server.pending``'s stage
+    until ``server.pending == "done"`` (``out`` is then the ``AggregateResult``).
 
     ``replies`` is ``{node_id: payload}`` of the nodes that answered (leave out error
     replies and timeouts: they are dropouts). Any stage may raise ``SecAggAbort(stage,
@@ -38,7 +43,7 @@ node_id, state, identity=None)``::
     reply = client.setup(payload)                     # Stage.SETUP
     reply = client.share_keys(payload)                # Stage.SHARE_KEYS
     reply = client.collect_masked(payload, vector)    # Stage.COLLECT_MASKED (clipped floats)
-    reply = client.consistency(payload)               # Stage.CONSISTENCY (signs the survivors)
+    reply = client.consistency(payload)               # Stage.CONSISTENCY (signed rounds)
     reply = client.unmask(payload)                    # Stage.UNMASK (then the state is empty)
 
     ``identity`` (``signing.Identity``: the organisation's long-term key, the registry

@@ -24,7 +24,9 @@ shown (``consistency``) and reveals shares only once at least ``min_survivors``
 registered organisations (so at least ``threshold``) have signed that same list, and
 every forwarded signature verifies. Any mismatch is a ``SecAggAbort`` naming the node
 and the reason. Without an identity the round is the honest-but-curious protocol: the
-server is trusted to forward keys and the survivor list faithfully.
+server is trusted to forward keys and the survivor list faithfully, so the unmask stage
+may follow the masked stage directly (the consistency stage, which only collects
+signatures, is then skipped); a signed client refuses to unmask before it has signed.
 """
 
 from __future__ import annotations
@@ -95,8 +97,16 @@ class ClientRound:
     def _expect(self, stage: str) -> None:
         done = self.stage
         want = "new" if stage == Stage.SETUP else Stage.ORDER[Stage.ORDER.index(stage) - 1]
-        if done != want:
-            raise SecAggAbort(stage, f"node {self.node_id} is at stage {done!r}, expected {want!r}")
+        skipped = (
+            stage == Stage.UNMASK and done == Stage.COLLECT_MASKED and not self._state.get("signed")
+        )
+        if done != want and not skipped:
+            raise SecAggAbort(
+                stage,
+                f"node {self.node_id} is at stage {done!r}, expected {want!r}"
+                + (" (a signed round reveals shares only after signing the survivor list)"
+                   if stage == Stage.UNMASK and done == Stage.COLLECT_MASKED else ""),
+            )
         if stage != Stage.SETUP and bool(self._state.get("signed", 0)) != self.signed:
             raise SecAggAbort(
                 stage,
@@ -461,13 +471,13 @@ class ClientRound:
         try:
             survivors = set(wire.id_list(payload, wire.SURVIVORS))
             dropped = set(wire.id_list(payload, wire.DROPPED))
-            if sorted(survivors) != st["signed-survivors"]:
+            if "signed-survivors" in st and sorted(survivors) != st["signed-survivors"]:
                 raise SecAggAbort(
                     Stage.UNMASK,
                     f"node {self.node_id}: the survivor list differs from the one it signed"
                     " in the consistency stage",
                 )
-            if self.identity is not None:
+            if self.identity is not None:  # _expect: a signed client has signed a list
                 self._verify_survivor_signatures(payload, params, st["signed-survivors"])
             if survivors & dropped:
                 raise SecAggAbort(

@@ -20,7 +20,10 @@ input inside the bound can still bias the sum.
 
 Signatures (malicious-server variant): the server forwards each node's registered
 public key and signatures (key advertisement, survivor list) unread; the clients verify
-them (``client``). It needs no registry and cannot forge them.
+them (``client``). It needs no registry and cannot forge them. A round in which no node
+signed its key advertisement is the honest-but-curious protocol (Bonawitz et al. 2017
+sec. 4): there the survivor list goes straight to the unmask stage, one exchange fewer,
+since the consistency stage exists only to collect signatures of that list.
 """
 
 from __future__ import annotations
@@ -76,10 +79,16 @@ class AggregateResult:
         return self.accounting(l2_sensitivity).rdp(orders, len(self.survivors))
 
 
+DONE = "done"
+
+
 class ServerRound:
     """One round's server state machine.
 
-    ``setup`` -> ``share_keys`` -> ``collect_masked`` -> ``unmask`` -> ``finish``.
+    ``setup`` -> ``share_keys`` -> ``collect_masked`` -> ``survivor_list`` -> (``unmask``,
+    signed rounds only) -> ``finish``. ``pending`` names the stage whose payloads the last
+    call returned, and ``receive`` takes that stage's replies, so a driver need not know
+    whether the round is signed.
     """
 
     def __init__(
@@ -95,6 +104,8 @@ class ServerRound:
         self.verify_all_shares = verify_all_shares
         self.faults: list[Fault] = []
         self._next = Stage.SETUP
+        self.pending = ""  # the stage whose payloads the last call returned
+        self.signed = False  # some node signed its key advertisement (known after SETUP)
         self._pk_mask: dict[int, bytes] = {}
         self._pk_enc: dict[int, bytes] = {}
         self._commit: dict[int, bytes] = {}
@@ -165,14 +176,24 @@ class ServerRound:
                     changed = True
         return alive
 
-    def replies_steps(self) -> list[Callable[[Replies], Any]]:
-        """The methods that take each stage's replies, in ``Stage.ORDER`` (after ``setup``)."""
-        return [self.share_keys, self.collect_masked, self.consistency, self.unmask, self.finish]
+    def receive(self, replies: Replies) -> Any:
+        """The replies of the ``pending`` stage: the next stage's payloads, or the result."""
+        step = {
+            Stage.SETUP: self.share_keys,
+            Stage.SHARE_KEYS: self.collect_masked,
+            Stage.COLLECT_MASKED: self.survivor_list,
+            Stage.CONSISTENCY: self.unmask,
+            Stage.UNMASK: self.finish,
+        }.get(self.pending)
+        if step is None:
+            raise RuntimeError(f"no stage is awaiting replies (pending {self.pending!r})")
+        return step(replies)
 
     # --- stage 0 ----------------------------------------------------------------------
     def setup(self) -> Payloads:
         """Round parameters and each node's neighbours (SecAgg+ graph)."""
         self._advance(Stage.SETUP, Stage.SHARE_KEYS)
+        self.pending = Stage.SETUP
         public = self.params.to_payload()
         return {v: {**public, wire.NEIGHBOURS: list(self.graph[v])} for v in self.params.nodes}
 
@@ -180,6 +201,7 @@ class ServerRound:
     def share_keys(self, replies: Replies) -> Payloads:
         """Collect public keys; forward each node its live neighbours' keys."""
         self._advance(Stage.SHARE_KEYS, Stage.COLLECT_MASKED)
+        self.pending = Stage.SHARE_KEYS
 
         def check(node: int, p: Mapping[str, Any]) -> tuple[bytes, bytes, bytes, bytes, bytes]:
             keys = (
@@ -217,6 +239,7 @@ class ServerRound:
             self._pk_mask[node], self._pk_enc[node], self._commit[node], *signer = good[node]
             self._signer[node] = (signer[0], signer[1])
             self._peers[node] = sorted(set(self.graph[node]) & alive)
+        self.signed = any(self._signer[v][0] for v in alive)
         return {
             v: {
                 wire.PEERS: self._peers[v],
@@ -231,7 +254,8 @@ class ServerRound:
     # --- stage 2 ----------------------------------------------------------------------
     def collect_masked(self, replies: Replies) -> Payloads:
         """Collect encrypted shares; route each to its recipient."""
-        self._advance(Stage.COLLECT_MASKED, Stage.CONSISTENCY)
+        self._advance(Stage.COLLECT_MASKED, "survivors")
+        self.pending = Stage.COLLECT_MASKED
 
         def check(node: int, p: Mapping[str, Any]) -> dict[int, bytes]:
             dst = wire.id_list(p, wire.DESTINATIONS)
@@ -261,9 +285,11 @@ class ServerRound:
         return out
 
     # --- stage 3 ----------------------------------------------------------------------
-    def consistency(self, replies: Replies) -> Payloads:
-        """Collect masked inputs; show every survivor the survivor list to sign."""
-        self._advance(Stage.CONSISTENCY, Stage.UNMASK)
+    def survivor_list(self, replies: Replies) -> Payloads:
+        """Collect masked inputs; show every survivor the survivor list: to sign (signed
+        round, ``pending`` CONSISTENCY), or with the unmask request (unsigned, UNMASK).
+        """
+        self._advance("survivors", Stage.UNMASK if self.signed else "finish")
         p = self.params
 
         def check(node: int, pl: Mapping[str, Any]) -> tuple[np.ndarray, list[int]]:
@@ -295,6 +321,9 @@ class ServerRound:
         dropped = sorted({u for v in survivors for u in self._mask_set[v]} - survivors)
         self._survivors, self._dropped_keys = sorted(survivors), dropped
         self._check_holders(Stage.COLLECT_MASKED, survivors)
+        if not self.signed:
+            return self._unmask_payloads({v: b"" for v in self._survivors})
+        self.pending = Stage.CONSISTENCY
         return {v: {wire.SURVIVORS: self._survivors} for v in self._survivors}
 
     def _check_holders(self, stage: str, responders: set[int]) -> None:
@@ -329,6 +358,11 @@ class ServerRound:
         if any(signed.values()):
             self._need(Stage.CONSISTENCY, set(signed), "signed the survivor list")
         self._check_holders(Stage.CONSISTENCY, set(signed))
+        return self._unmask_payloads(signed)
+
+    def _unmask_payloads(self, signed: Mapping[int, bytes]) -> Payloads:
+        """Ask ``signed``'s nodes (every survivor, unsigned) for the shares that unmask."""
+        self.pending = Stage.UNMASK
         self._responders = sorted(signed)
         signers = {
             wire.SIGNERS: self._responders,
@@ -351,7 +385,8 @@ class ServerRound:
     # --- stage 5 ----------------------------------------------------------------------
     def finish(self, replies: Replies) -> AggregateResult:
         """Reconstruct seeds and keys, remove every mask, check and release the sum."""
-        self._advance("finish", "done")
+        self._advance("finish", DONE)
+        self.pending = DONE
         p = self.params
         seeds, keys = self._collect_shares(replies)
         total = np.zeros(p.dim, dtype=np.uint64)
