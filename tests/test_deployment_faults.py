@@ -44,7 +44,9 @@ def federation(
 def test_supernode_killed_mid_run_rejoins_and_resumes_its_local_prompt(
     federation: Federation,
 ) -> None:
-    # Prepare: 3 plain rounds; partition 2 will crash after its round 1. Every round waits
+    # Prepare: 3 plain rounds, each one exchange (fold-evaluation: a round's evaluation
+    # rides on the next round's train message); partition 2 will crash after its round 1,
+    # losing its round-2 training and its round-1 evaluation. Every round waits
     # for all three nodes to be online (min-nodes 3, a wait longer than a restart), so the
     # round that starts after the restart has the victim back whatever the machine's load;
     # the round its crash cut short runs on the two replies that came.
@@ -53,7 +55,7 @@ def test_supernode_killed_mid_run_rejoins_and_resumes_its_local_prompt(
         federation.app,
         overrides(
             federation, "fault", num_server_rounds=3, aggregation="'plain'",
-            node_wait_timeout=RUN_TIMEOUT_S,
+            node_wait_timeout=RUN_TIMEOUT_S, fold_evaluation="true",
         ),
     )  # fmt: skip
     saved = state_file(victim, "fault", "meta.json")
@@ -126,10 +128,13 @@ def test_node_worker_killed_mid_run_is_replaced_and_loses_nothing(
 
 # --- issue 12: secure aggregation across organisations, with a node lost mid-round -------
 def test_secure_round_survives_a_supernode_killed_between_stages(federation: Federation) -> None:
-    # Prepare: the default 'auto' is secure here; 2 rounds so the victim can rejoin
+    # Prepare: the default 'auto' is secure here; 2 rounds so the victim can rejoin, one
+    # secure evaluation (after round 2: a round-1 evaluation, which needs every node,
+    # would only wait for the victim's restart)
     victim = federation.nodes[1]
     run_id = federation.submit(
-        federation.app, overrides(federation, "secure-drop", num_server_rounds=2)
+        federation.app,
+        overrides(federation, "secure-drop", num_server_rounds=2, evaluate_every=2),
     )
     # Its SuperNode logs each message it receives: the masked stage comes only after every
     # node's key shares were answered, and its ClientApp process takes seconds to start.
