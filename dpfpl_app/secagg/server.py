@@ -80,6 +80,7 @@ class AggregateResult:
 
 
 DONE = "done"
+_BUSY = "a call in progress (or aborted)"
 
 
 class ServerRound:
@@ -103,8 +104,7 @@ class ServerRound:
         self.graph = neighbour_graph(self.params.nodes, self.params.degree)
         self.verify_all_shares = verify_all_shares
         self.faults: list[Fault] = []
-        self._next = Stage.SETUP
-        self.pending = ""  # the stage whose payloads the last call returned
+        self.pending = ""  # the stage whose payloads the last call returned ("": none yet)
         self.signed = False  # some node signed its key advertisement (known after SETUP)
         self._pk_mask: dict[int, bytes] = {}
         self._pk_enc: dict[int, bytes] = {}
@@ -120,10 +120,14 @@ class ServerRound:
         self._dropped_keys: list[int] = []
 
     # --- helpers ------------------------------------------------------------------------
-    def _advance(self, stage: str, following: str) -> None:
-        if self._next != stage:
-            raise RuntimeError(f"stage {stage!r} called, but the round expects {self._next!r}")
-        self._next = following
+    def _take(self, awaited: str, call: str) -> None:
+        """Refuse ``call`` unless the round awaits the replies of ``awaited``; until the
+        call returns (or forever, if it aborts) no other call is accepted.
+        """
+        if self.pending != awaited:
+            want = repr(Stage.SETUP) if not self.pending else f"the replies of {self.pending!r}"
+            raise RuntimeError(f"{call}() called, but the round expects {want}")
+        self.pending = _BUSY
 
     def _fault(self, node: int, stage: str, reason: str) -> None:
         self.faults.append(Fault(node, stage, reason))
@@ -192,7 +196,7 @@ class ServerRound:
     # --- stage 0 ----------------------------------------------------------------------
     def setup(self) -> Payloads:
         """Round parameters and each node's neighbours (SecAgg+ graph)."""
-        self._advance(Stage.SETUP, Stage.SHARE_KEYS)
+        self._take("", "setup")
         self.pending = Stage.SETUP
         public = self.params.to_payload()
         return {v: {**public, wire.NEIGHBOURS: list(self.graph[v])} for v in self.params.nodes}
@@ -200,7 +204,7 @@ class ServerRound:
     # --- stage 1 ----------------------------------------------------------------------
     def share_keys(self, replies: Replies) -> Payloads:
         """Collect public keys; forward each node its live neighbours' keys."""
-        self._advance(Stage.SHARE_KEYS, Stage.COLLECT_MASKED)
+        self._take(Stage.SETUP, "share_keys")
         self.pending = Stage.SHARE_KEYS
 
         def check(node: int, p: Mapping[str, Any]) -> tuple[bytes, bytes, bytes, bytes, bytes]:
@@ -254,7 +258,7 @@ class ServerRound:
     # --- stage 2 ----------------------------------------------------------------------
     def collect_masked(self, replies: Replies) -> Payloads:
         """Collect encrypted shares; route each to its recipient."""
-        self._advance(Stage.COLLECT_MASKED, "survivors")
+        self._take(Stage.SHARE_KEYS, "collect_masked")
         self.pending = Stage.COLLECT_MASKED
 
         def check(node: int, p: Mapping[str, Any]) -> dict[int, bytes]:
@@ -289,7 +293,7 @@ class ServerRound:
         """Collect masked inputs; show every survivor the survivor list: to sign (signed
         round, ``pending`` CONSISTENCY), or with the unmask request (unsigned, UNMASK).
         """
-        self._advance("survivors", Stage.UNMASK if self.signed else "finish")
+        self._take(Stage.COLLECT_MASKED, "survivor_list")
         p = self.params
 
         def check(node: int, pl: Mapping[str, Any]) -> tuple[np.ndarray, list[int]]:
@@ -348,7 +352,7 @@ class ServerRound:
         round needs that many answers here; an unsigned one, as before, only enough
         holders of every secret).
         """
-        self._advance(Stage.UNMASK, "finish")
+        self._take(Stage.CONSISTENCY, "unmask")
         signed = self._accept(
             Stage.CONSISTENCY,
             replies,
@@ -385,8 +389,7 @@ class ServerRound:
     # --- stage 5 ----------------------------------------------------------------------
     def finish(self, replies: Replies) -> AggregateResult:
         """Reconstruct seeds and keys, remove every mask, check and release the sum."""
-        self._advance("finish", DONE)
-        self.pending = DONE
+        self._take(Stage.UNMASK, "finish")
         p = self.params
         seeds, keys = self._collect_shares(replies)
         total = np.zeros(p.dim, dtype=np.uint64)
@@ -406,6 +409,7 @@ class ServerRound:
         self._check_sum(integer)
         survivors = tuple(self._survivors)
         self._masked = {}
+        self.pending = DONE
         return AggregateResult(
             total=fixed_point.dequantise(integer, p.scale),
             integer_total=integer,
