@@ -12,7 +12,10 @@ partitions so that 100 clients all have images):
   defaults: every message starts a fresh ClientApp process that imports torch and loads
   the model, which is what the per-stage times show;
 * ``deploy-3-worker``: the same with ``node-worker=true`` (each node's long-lived worker
-  answers) and the SuperExec polling every 0.2 s, as docs/deployment.md recommends.
+  answers) and the SuperExec polling every 0.2 s;
+* ``deploy-3-forked``: the same again with ``--isolation process`` and ``dpfpl-superexec``
+  beside each SuperNode (each message's ClientApp forked from a process that imported
+  Flower once), as docs/deployment.md recommends.
 
 Round time is read from the server's ``results.json`` (``elapsed-s`` per round; round 1
 pays start-up and feature caching, so the figure is the median of the later rounds).
@@ -56,7 +59,9 @@ from dpfpl_app.secagg import Stage  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 MODES = ("plain", "secure")
 STAGES = Stage.ORDER  # an unsigned round (simulation) has no consistency stage
-SETTINGS = {"sim-10": 10, "sim-100": 100, "deploy-3": 3, "deploy-3-worker": 3}
+SETTINGS = {
+    "sim-10": 10, "sim-100": 100, "deploy-3": 3, "deploy-3-worker": 3, "deploy-3-forked": 3
+}  # fmt: skip
 
 
 def run_config(nodes: int, rounds: int, out: Path, name: str, mode: str) -> dict[str, Any]:
@@ -129,34 +134,36 @@ def simulate(nodes: int, rounds: int, work: Path) -> list[dict[str, Any]]:
     return out
 
 
-def deploy(rounds: int, work: Path, *, worker: bool) -> list[dict[str, Any]]:
-    """3 SuperNodes on loopback; ``worker``: node-worker=true and the SuperExec's 0.2 s poll
-    (docs/deployment.md), else Flower's defaults: a fresh process per message, 1 s poll.
-    """
-    from deploy_processes import REPO, Federation, wait_until
+def deploy(rounds: int, work: Path, setting: str) -> list[dict[str, Any]]:
+    """3 SuperNodes on loopback, configured as ``setting`` says (see the module's help)."""
+    from deploy_processes import Federation, wait_until
 
-    nodes = SETTINGS["deploy-3"]
-    fed = Federation(work / ("deploy-worker" if worker else "deploy"), nodes)
+    nodes = SETTINGS[setting]
+    worker = setting != "deploy-3"
+    fed = Federation(work / setting, nodes)
     if not worker:
         fed.supernode_env = {}
     out = []
     try:
+        for node in fed.nodes:
+            node.worker = worker
+            node.forked = setting == "deploy-3-forked"
         fed.make_credentials(extra_keys=[])
         fed.start_superlink()
         for node in fed.nodes:
-            node.worker = worker
             fed.register(node)
             fed.start_supernode(node)
         expected = {node.node_id for node in fed.nodes}
         wait_until(lambda: fed.online_node_ids() == expected, 120, "3 SuperNodes online")
         roots = [node.root for node in fed.nodes]
         for mode in MODES:
-            name = f"deploy-3{'-worker' if worker else ''}-{mode}"
+            name = f"{setting}-{mode}"
             print(f"[{name}] 3 SuperNodes (TLS, node auth), {rounds} rounds ...", flush=True)
             config = run_config(nodes, rounds, fed.runs, name, mode)
             config.pop("state-dir")  # each SuperNode has its own (node config)
             before = len(timing_lines(roots))
-            run_id = fed.submit(REPO, " ".join(f"{k}={toml_value(v)}" for k, v in config.items()))
+            overrides = " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
+            run_id = fed.submit(fed.app, overrides)
             info = fed.wait_finished(run_id, 3600)
             if info.get("status") != "finished:completed":
                 raise RuntimeError(f"run {run_id}: {info}")
@@ -169,10 +176,12 @@ def deploy(rounds: int, work: Path, *, worker: bool) -> list[dict[str, Any]]:
 
 
 def timing_lines(node_roots: list[Path]) -> list[tuple[str, dict[str, float]]]:
-    """Every ``message timing`` line the SuperNodes logged so far (their ClientApps')."""
+    """Every ``message timing`` line the nodes' ClientApps logged so far (into their
+    SuperNode's log, or with ``--isolation process`` their SuperExec's).
+    """
     lines = []
     for root in node_roots:
-        for log in sorted(root.glob("supernode-*.log")):
+        for log in sorted([*root.glob("supernode-*.log"), *root.glob("superexec-*.log")]):
             lines += [t for t in map(read_line, log.read_text().splitlines()) if t]
     return lines
 
@@ -263,7 +272,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-rounds-") as tmp:
         for setting in chosen:
             run: Callable[[], list[dict[str, Any]]] = (
-                (lambda s=setting: deploy(args.rounds, Path(tmp), worker=s.endswith("worker")))
+                (lambda s=setting: deploy(args.rounds, Path(tmp), s))
                 if setting.startswith("deploy")
                 else (lambda s=setting: simulate(SETTINGS[s], args.rounds, Path(tmp) / s))
             )

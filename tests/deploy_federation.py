@@ -33,13 +33,14 @@ HEARTBEAT_GRACE_S = 120
 def three_organisations(root: Path, workers: tuple[int, ...]) -> Iterator[Federation]:
     """SuperLink + 3 registered, connected SuperNodes; an extra key that is never registered.
 
-    The nodes in ``workers`` answer through a node worker; the others keep Flower's
-    process per message (importing torch and loading the model for every message, which
-    makes their rounds about three times longer).
+    The nodes in ``workers`` run as ``docs/deployment.md`` recommends: ``dpfpl-superexec``
+    forks each message's ClientApp from a warm process, which hands the message to the
+    node worker. The others keep Flower's own ``flower-superexec`` and a process per
+    message that imports torch and loads the model (rounds about three times longer).
     """
     fed = Federation(root, NUM_NODES)
     for index in workers:
-        fed.nodes[index].worker = True
+        fed.nodes[index].worker = fed.nodes[index].forked = True
     try:
         fed.make_credentials(extra_keys=["intruder"])
         fed.start_superlink()

@@ -166,9 +166,13 @@ class Node:
     partition_id: int
     root: Path
     worker: bool = False  # node-worker=true: messages run in the node's long-lived worker
+    # --isolation process with dpfpl-superexec beside the SuperNode (ClientApps forked from
+    # a warm process, docs/deployment.md); False: Flower starts its own flower-superexec
+    forked: bool = False
     runtime_port: int = field(default_factory=free_port)
     node_id: int | None = None
     process: subprocess.Popen | None = None
+    superexec: subprocess.Popen | None = None
     starts: int = 0
 
     @property
@@ -178,6 +182,10 @@ class Node:
     @property
     def log(self) -> Path:
         return self.root / f"supernode-{self.starts}.log"
+
+    @property
+    def superexec_log(self) -> Path:
+        return self.root / f"superexec-{self.starts}.log"
 
     @property
     def worker_pid(self) -> int | None:
@@ -244,18 +252,15 @@ class Federation:
 
     # credentials and connection ------------------------------------------------------
     def make_credentials(self, extra_keys: list[str]) -> None:
-        """Run the users' script: CA, SuperLink certificate, one key per node (+ extras)."""
-        subprocess.run(
-            ["timeout", "60", "bash", str(MAKE_CERTS), "superlink", str(self.certs)],
-            check=True,
-            capture_output=True,
-        )
+        """Run the users' script: CA, SuperLink certificate, one key per node (+ extras),
+        and the SuperExec secret of each node that runs ``dpfpl-superexec``.
+        """
+        self._make_certs("superlink")
         for name in [n.name for n in self.nodes] + extra_keys:
-            subprocess.run(
-                ["timeout", "60", "bash", str(MAKE_CERTS), "node", str(self.certs), name],
-                check=True,
-                capture_output=True,
-            )
+            self._make_certs("node", name)
+        for node in self.nodes:
+            if node.forked:
+                self._make_certs("secret", f"superexec-{node.name}")
         # The named connection `flwr run . orgs` uses (Flower 1.41 reads it from here).
         (self.flwr_home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n'
@@ -334,6 +339,11 @@ class Federation:
             f"secagg-signing-key='{node_key}' secagg-registry='{self.registry}' "
             f"secagg-require-signed=true {extra}"
         )
+        isolation: list[str] = []
+        secret = self.certs / f"superexec-{node.name}.secret"
+        if node.forked:
+            isolation = ["--isolation", "process", "--superexec-auth-secret-file", str(secret)]
+        env = {**self.env(node.root / "flwr-home"), **self.supernode_env}
         node.process = self._spawn(
             [
                 str(BIN / "flower-supernode"),
@@ -341,17 +351,31 @@ class Federation:
                 "--root-certificates", str(self.certs / "ca.crt"),
                 "--auth-supernode-private-key", str(node_key),
                 "--port", str(node.runtime_port),
+                *isolation,
                 "--node-config", node_config.strip(),
             ],
             node.log.open("w"),
-            {**self.env(node.root / "flwr-home"), **self.supernode_env},
+            env,
         )  # fmt: skip
+        if node.forked:  # as the compose files run it: its own process, the shared secret
+            node.superexec = self._spawn(
+                [
+                    str(BIN / "dpfpl-superexec"),
+                    "--insecure",  # the node's Runtime API on loopback, as Flower's own
+                    "--runtime-api-address", f"127.0.0.1:{node.runtime_port}",
+                    "--superexec-auth-secret-file", str(secret),
+                ],
+                node.superexec_log.open("w"),
+                env,
+            )  # fmt: skip
 
     def kill_supernode(self, node: Node) -> None:
         """A host crash: SIGKILL the SuperNode, its SuperExec and any running ClientApp."""
         assert node.process is not None
-        end_pids(process_tree(node.process.pid), first=signal.SIGKILL)
-        node.process.wait(timeout=10)
+        roots = [p for p in (node.process, node.superexec) if p is not None]
+        end_pids([pid for p in roots for pid in process_tree(p.pid)], first=signal.SIGKILL)
+        for p in roots:
+            p.wait(timeout=10)
 
     def online_node_ids(self) -> set[int]:
         listed = self.cli_json(["supernode", "list", CONNECTION])
@@ -425,6 +449,13 @@ class Federation:
                 proc.wait(timeout=5)
         leftovers = pids_naming(tokens)
         assert not leftovers, f"processes survived teardown: {leftovers}"
+
+    def _make_certs(self, *args: str) -> None:
+        subprocess.run(
+            ["timeout", "60", "bash", str(MAKE_CERTS), args[0], str(self.certs), *args[1:]],
+            check=True,
+            capture_output=True,
+        )
 
     def _spawn(self, argv: list[str], log: Any, env: dict[str, str]) -> subprocess.Popen:
         proc = subprocess.Popen(

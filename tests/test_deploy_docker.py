@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import tomllib
 import yaml
 from cryptography import x509
 from flwr.common.config import parse_config_args
@@ -245,7 +246,10 @@ def test_app_image_is_built_from_the_matching_official_superexec_image() -> None
     dockerfile = (DOCKER / "Dockerfile").read_text()
     assert f"ARG FLWR_VERSION={FLWR_VERSION}\n" in dockerfile
     assert "\nFROM flwr/superexec:${FLWR_VERSION}\n" in dockerfile
-    assert 'ENTRYPOINT ["flower-superexec"]' in dockerfile
+    # flower-superexec's options, ClientApps forked (the command the project installs)
+    assert 'ENTRYPOINT ["dpfpl-superexec"]' in dockerfile
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["dpfpl-superexec"] == "dpfpl_app.service.fork_superexec:main"
     # bytecode compiled after the last install: every per-message process imports Flower
     instructions = dockerfile.replace("\\\n", " ").splitlines()  # join continued lines
     runs = [line for line in instructions if line.startswith("RUN ")]

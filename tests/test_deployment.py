@@ -90,9 +90,11 @@ def test_flower_processes_run_ahead_of_the_tests_computing_beside_them(
     assert session < niceness_for(real_processes=False)
     assert set(thread_niceness()) == {session}
     assert federation.superlink is not None
-    flower = [federation.superlink.pid] + [node.process.pid for node in federation.nodes
-                                           if node.process is not None]
-    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in flower] == [session] * 4
+    flower = [federation.superlink.pid] + [
+        p.pid for node in federation.nodes for p in (node.process, node.superexec) if p is not None
+    ]
+    assert len(flower) == 6  # the SuperLink, 3 SuperNodes, 2 dpfpl-superexecs
+    assert [os.getpriority(os.PRIO_PROCESS, pid) for pid in flower] == [session] * 6
 
 
 # --- issue 5: faults, part 1 (the SuperLink side) ----------------------------------------
@@ -194,6 +196,12 @@ def test_tls_and_node_auth_run_completes_withresults(
         assert stat.S_IMODE(sock.stat().st_mode) == 0o600, oct(sock.stat().st_mode)
         assert stat.S_IMODE(sock.parent.stat().st_mode) == 0o700
     assert not (federation.nodes[0].state_dir / "workers").exists()
+    # Their ClientApps were forked by dpfpl-superexec's zygote, one per message (a
+    # signed secure round and its evaluation: 6 each); node 0's Flower spawned its own.
+    for node in federation.nodes[1:]:
+        forks = re.findall(r"forked the ClientApp of task \d+", node.superexec_log.read_text())
+        assert len(forks) >= 6, (node.name, forks)
+    assert not list(federation.nodes[0].root.glob("superexec-*.log"))
 
 
 # --- issue 7: secrets stay secret -------------------------------------------------------
@@ -204,6 +212,7 @@ def test_no_key_material_or_local_prompt_in_logs_orresults(
     certs = federation.certs
     secret_files = [certs / "ca.key", certs / "superlink.key"]
     secret_files += [certs / node.name for node in federation.nodes]
+    secret_files += [certs / f"superexec-{node.name}.secret" for node in federation.nodes[1:]]
     needles = {f"{p.name}: key line": line for p in secret_files for line in _key_body(p)}
     for node in federation.nodes:
         for key, tensor in load_file(state_file(node, "honest", "private.safetensors")).items():
