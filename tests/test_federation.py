@@ -59,6 +59,9 @@ def test_dpfpl_federation_learns_and_writes_results(digits_backbone: Path, tmp_p
     doc = _results(tmp_path)
     assert doc["status"] == "completed"
     assert [r["round"] for r in doc["rounds"]] == list(range(1, 9))
+    # which build of the backbone (builds on two machines differ in their last bits)
+    built = json.loads((digits_backbone / "dpfpl_backbone.json").read_text())
+    assert f"weights sha256 {built['weights_sha256'][:16]}" in doc["notes"]["backbone"]
     # against the frozen run, not a figure of one machine's trajectory (float order and
     # the locally built backbone differ between CPUs): round 1's loss is taken before any
     # update, so it is the same; later rounds' losses on the same minibatches and the

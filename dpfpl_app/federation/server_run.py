@@ -6,6 +6,7 @@ runtime (see ``tests/flower_harness.py``).
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from logging import INFO
@@ -17,7 +18,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.superlink.grid import HttpGrid
 
-from dpfpl_app.backbones.backbone_build import BACKBONES
+from dpfpl_app.backbones.backbone_build import BACKBONES, METADATA_FILE, ensure_backbone
 from dpfpl_app.cache import CACHE_ENV, cache_root
 from dpfpl_app.config import Aggregation, RunConfig
 from dpfpl_app.federation import wire
@@ -65,11 +66,19 @@ def privacy_notes(cfg: RunConfig) -> dict[str, str]:
 
 
 def backbone_note(cfg: RunConfig) -> str:
+    """What the run's accuracies can be compared with.
+
+    A project backbone is pretrained on the machine that first needs it, and two
+    machines' builds differ in their last bits (float order), enough to move zero-shot
+    accuracy by about a point: the note names the weights this run used.
+    """
     if cfg.model in BACKBONES:
+        built = json.loads((ensure_backbone(cfg.model) / METADATA_FILE).read_text())
         return (
             f"backbone {cfg.model!r} is a tiny CLIP this project pretrains offline on images "
             "disjoint from the federated data; accuracies are only comparable with each other, "
-            "not with ViT-B/16 figures"
+            "not with ViT-B/16 figures, and only between runs of the same build (weights "
+            f"sha256 {built['weights_sha256'][:16]})"
         )
     return f"backbone {cfg.model!r}"
 
