@@ -36,10 +36,14 @@ part() {
         dirichlet) sweep dirichlet --methods "$METHODS" --epsilons 4 \
             --set partitioner=dirichlet --set dirichlet-alpha=0.3 --set max-sample-rate=0.1 ;;
         rank) sweep rank --methods dpfpl,dplora --epsilons 4 --ranks 8,1 ;;
-        *) echo "unknown part '$1' (eps4 eps1 nodp paper dirichlet rank)" >&2; exit 2 ;;
+        # every prompt starts as the hand-written template: 4 context vectors, the words of
+        # "a photo of a" (an untrained prompt is zero-shot), so rank at most 4
+        template) sweep template --methods "$METHODS" --epsilons 4 --ranks 2 \
+            --set n-ctx=4 --set "ctx-init=a photo of a" ;;
+        *) echo "unknown part '$1' (eps4 eps1 nodp paper dirichlet rank template)" >&2; exit 2 ;;
     esac
 }
 
-for name in "${@:-eps4 eps1 nodp paper dirichlet rank}"; do
+for name in "${@:-eps4 eps1 nodp paper dirichlet rank template}"; do
     for one in $name; do part "$one"; done
 done
