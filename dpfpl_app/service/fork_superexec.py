@@ -152,7 +152,7 @@ def _zygote(tasks: IO[bytes]) -> NoReturn:
     os._exit(0)
 
 
-def _child(spec: dict[str, Any], run_clientapp: Any, certificates: Any) -> NoReturn:
+def _child(spec: dict[str, Any], run_clientapp: Any, resolve_certificates: Any) -> NoReturn:
     """Become what ``flwr-clientapp --token`` would be for this task, then exit."""
     code = 1
     try:
@@ -169,7 +169,7 @@ def _child(spec: dict[str, Any], run_clientapp: Any, certificates: Any) -> NoRet
             runtime_api_address=spec["runtime_api_address"],
             token=spec["token"],
             insecure=spec["insecure"],
-            certificates=certificates(spec["root_certificates_path"], spec["insecure"]),
+            certificates=resolve_certificates(spec["root_certificates_path"], spec["insecure"]),
             parent_pid=spec["parent_pid"],
             runtime_dependency_install=spec["runtime_dependency_install"],
         )
