@@ -27,7 +27,6 @@ def test_a_dead_zygote_is_replaced_and_closing_the_executor_ends_its_zygote() ->
     # Prepare: an executor whose zygote has died (e.g. killed by an operator)
     executor = ForkingExecutor()
     first = executor._zygote
-    assert first is not None
     first.kill()
     first.wait()
     gone = subprocess.Popen(["true"])  # a parent that has exited: the child stops at once
@@ -51,7 +50,7 @@ def test_a_dead_zygote_is_replaced_and_closing_the_executor_ends_its_zygote() ->
 
     # Assert: accepted by a new zygote, which ended when the executor closed
     assert result.status is LaunchResultStatus.ACCEPTED, result
-    assert second is not None and second.pid != first.pid
+    assert second.pid != first.pid
     assert second.returncode is not None
 
 

@@ -52,16 +52,8 @@ class ForkingExecutor(SubprocessExecutor):
     """Flower's subprocess executor, except that ClientApp tasks are forked by the zygote."""
 
     def __init__(self) -> None:
-        self._zygote: subprocess.Popen[bytes] | None = None
         self._lock = threading.Lock()
-        self._start_zygote()  # now, so its imports overlap the wait for the first message
-
-    def _start_zygote(self) -> None:
-        self._zygote = subprocess.Popen(
-            # -P: the working directory must not shadow Flower or the app, as it cannot
-            # in the flwr-clientapp script
-            [sys.executable, "-P", "-m", __name__, ZYGOTE_FLAG], stdin=subprocess.PIPE
-        )
+        self._zygote = _start_zygote()  # now, so its imports overlap the wait for a message
 
     def launch(self, spec: ExecutionSpec) -> LaunchResult:
         if spec.task_type is not TaskType.CLIENT_APP:
@@ -70,16 +62,15 @@ class ForkingExecutor(SubprocessExecutor):
         with self._lock:
             for attempt in range(2):  # a zygote that died is replaced once per task
                 zygote = self._zygote
-                assert zygote is not None and zygote.stdin is not None
                 if zygote.poll() is None:
                     try:
-                        zygote.stdin.write(line)
-                        zygote.stdin.flush()
+                        zygote.stdin.write(line)  # type: ignore[union-attr]  # stdin=PIPE
+                        zygote.stdin.flush()  # type: ignore[union-attr]
                         return LaunchResult.accepted()
                     except BrokenPipeError:
                         pass
                 if attempt == 0:
-                    self._start_zygote()
+                    self._zygote = _start_zygote()
         return LaunchResult.failed(
             "the ClientApp zygote exited and so did its replacement: see this SuperExec's "
             "log for their traceback"
@@ -92,10 +83,8 @@ class ForkingExecutor(SubprocessExecutor):
         after 10 s holds nothing yet (no task, no child), so it is killed.
         """
         zygote = self._zygote
-        if zygote is None or zygote.stdin is None:
-            return
         try:
-            zygote.stdin.close()
+            zygote.stdin.close()  # type: ignore[union-attr]  # stdin=PIPE
         except BrokenPipeError:
             pass
         try:
@@ -103,6 +92,14 @@ class ForkingExecutor(SubprocessExecutor):
         except subprocess.TimeoutExpired:
             zygote.kill()
             zygote.wait()
+
+
+def _start_zygote() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        # -P: the working directory must not shadow Flower or the app, as it cannot in
+        # the flwr-clientapp script
+        [sys.executable, "-P", "-m", __name__, ZYGOTE_FLAG], stdin=subprocess.PIPE
+    )
 
 
 def _forking_executor(
